@@ -1,0 +1,125 @@
+"""The `qlora` command line. Each command loads the recipe and calls one function.
+
+torch, transformers and friends are imported inside the commands, so `qlora --help` and
+`qlora schema` start instantly.
+
+Exit codes: 0 success, 2 bad input (recipe, data, path, flag; printed without a traceback),
+1 an unexpected internal error (printed with its traceback: it is a bug worth reporting).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from qlora_cli.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, UserError
+
+app = typer.Typer(
+    name="qlora",
+    help="Fine-tune causal language models with QLoRA (4-bit NF4 base + LoRA adapters) from one YAML recipe.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+SET_HELP = "Override a recipe key, e.g. --set lora.r=8 --set data.sources[0].path=x.jsonl (repeatable)."
+
+
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="Path to the YAML recipe."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (overrides output.dir)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty run directory."),
+):
+    """Quantize the base model to 4 bits, attach LoRA, train, and write a run directory."""
+    from qlora_cli.config import load_recipe
+    from qlora_cli.train import train as run_training
+
+    _quiet_libraries()
+    result = run_training(load_recipe(recipe, set_ or []), output_dir=output_dir, overwrite=overwrite, console=err)
+    s = result.summary
+    if s:
+        err.print(
+            f"[green]done[/] {s['steps']} steps in {s['runtime_s']:.1f}s, "
+            f"loss {s['first_train_loss']:.4g} -> {s['last_train_loss']:.4g}"
+            + (f", eval loss {s['eval_loss']:.4g}" if s.get("eval_loss") is not None else "")
+        )
+        typer.echo(str(result.run_dir.path))
+
+
+@app.command()
+def validate(
+    recipe: str = typer.Argument(..., help="Path to the YAML recipe."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Check a recipe without training: schema, paths, tokenizer, template and every data row."""
+    from qlora_cli.config import load_recipe
+    from qlora_cli.data.pipeline import build_datasets
+    from qlora_cli.modeling import check_model_path
+    from qlora_cli.train import prepare_tokenizer
+
+    _quiet_libraries()
+    r = load_recipe(recipe, set_ or [])
+    check_model_path(r.model)
+    tokenizer, template = prepare_tokenizer(r)
+    _, _, stats = build_datasets(r.data, tokenizer, seed=r.train.seed)
+    err.print(
+        f"[green]ok[/] {recipe}: {stats.train_rows} train rows, {stats.val_rows} validation rows, "
+        f"template {template.name if template else 'none (text)'}, "
+        f"{stats.over_max_len} rows longer than max_seq_len={r.data.max_seq_len}"
+    )
+
+
+@app.command()
+def schema():
+    """Print the recipe's JSON Schema (for editor completion and validation)."""
+    from qlora_cli.config import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (info logs, tqdm bars) out of the progress display; warnings still show."""
+    import logging
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def main() -> None:
+    """Console-script entry point: run the app and map errors to exit codes."""
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        err.print(f"[bold red]error:[/] {exc.render()}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USER_ERROR)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click's own usage errors are handled below; anything else is our bug
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        traceback.print_exc()
+        err.print(f"[bold red]internal error[/] ({type(exc).__name__}); this is a bug in qlora, please report it")
+        sys.exit(EXIT_INTERNAL_ERROR)

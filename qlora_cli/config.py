@@ -1,0 +1,487 @@
+"""The recipe: its schema, and how a YAML file plus `--set` overrides become one validated object.
+
+    recipe = load_recipe("configs/tiny.yaml", overrides=["lora.r=8", "train.max_steps=20"])
+    recipe.lora.r            # 8, typed
+    recipe.to_yaml()         # the fully resolved recipe, defaults included
+
+Precedence is explicit: schema default < YAML < `--set`, and validation happens once, on the
+merged result. Every problem is collected and reported at once, each with its dotted key, the
+YAML line it sits on, and what to do (`UserError`, exit 2). Unknown keys are rejected with a
+near-match suggestion, because a silently ignored typo (`lora.alpah: 64`) is the single most
+common way a fine-tuning run quietly does the wrong thing.
+
+The schema is the documentation: every field has a type, a default and a description, and the
+JSON Schema (`qlora schema`) is generated from these classes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from qlora_cli.errors import Problem, UserError
+
+DType = Literal["bfloat16", "float16", "float32"]
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, and defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(Section):
+    """The base model to fine-tune."""
+
+    name_or_path: str = Field(
+        description="Hugging Face hub id (e.g. mistralai/Mistral-7B-v0.1) or a local directory holding config.json."
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit to load. Ignored for local paths.")
+    dtype: DType = Field(
+        "bfloat16",
+        description="dtype of the layers that are not quantized (embeddings, norms, lm_head).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped inside the repository. Only enable for repositories you trust."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel. null lets transformers pick (sdpa where available)."
+    )
+
+
+class QuantSection(Section):
+    """How the frozen base weights are quantized by bitsandbytes."""
+
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type. nf4 (NormalFloat) is the QLoRA paper's choice and the better one."
+    )
+    double_quant: bool = Field(
+        True, description="Also quantize the quantization constants (saves about 0.4 bits per parameter)."
+    )
+    compute_dtype: DType = Field(
+        "bfloat16",
+        description="dtype the 4-bit weights are dequantized to for matmuls. Also sets mixed precision for training.",
+    )
+    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="Container dtype for packed 4-bit weights. Use the model dtype when sharding with FSDP."
+    )
+
+
+class LoraSection(Section):
+    """The low-rank adapters trained on top of the frozen base."""
+
+    r: int = Field(16, ge=1, description="Rank of the update matrices. Higher = more capacity and memory.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input during training.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: 'all-linear' (every linear layer but the output head, as in the "
+        "QLoRA paper) or a list of module names such as [q_proj, v_proj].",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (e.g. [lm_head, embed_tokens]).",
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA). Slower, sometimes better.")
+    use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha / sqrt(r) instead of alpha / r.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+
+DataFormat = Literal["alpaca", "messages", "prompt_completion", "text"]
+
+
+class DataSource(Section):
+    """One dataset: a local file or a hub dataset id."""
+
+    path: str = Field(description="Local .json/.jsonl/.csv/.parquet file, or a hub dataset id.")
+    format: DataFormat = Field(
+        description="Row layout. alpaca: instruction/input/output. messages: a list of {role, content}. "
+        "prompt_completion: prompt/completion strings. text: plain text, trained in full."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map this format's field names to the columns in your file, e.g. {instruction: question}.",
+    )
+    split: str = Field("train", description="Split to read (hub datasets; local files have only 'train').")
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    revision: str | None = Field(None, description="Hub dataset branch, tag or commit.")
+
+
+class DataSection(Section):
+    """What the model is trained on, and how rows become tokens."""
+
+    sources: list[DataSource] = Field(min_length=1, description="Datasets to train on (concatenated).")
+    template: str | None = Field(
+        None,
+        description="Prompt template: alpaca, chatml, raw, 'tokenizer' (the tokenizer's own chat template) or a "
+        "path to a .jinja file. null picks per format: alpaca -> alpaca, messages -> chatml, "
+        "prompt_completion -> raw. Not used by the text format.",
+    )
+    max_seq_len: int = Field(2048, ge=8, description="Longest sequence in tokens; longer examples are truncated.")
+    train_on_inputs: bool = Field(
+        False, description="Also compute the loss on prompt/user tokens. Default: only responses (and their EOS)."
+    )
+    val_size: float = Field(
+        0.0,
+        ge=0,
+        description="Held-out validation rows: a fraction (0 < x < 1) or a whole count (x >= 1). 0 = none.",
+    )
+
+    @field_validator("val_size")
+    @classmethod
+    def _fraction_or_count(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError("must be a fraction below 1 (e.g. 0.05) or a whole number of rows (e.g. 200)")
+        return v
+
+
+Optimizer = Literal[
+    "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"
+]
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+]
+
+
+class TrainSection(Section):
+    """The optimisation loop (run by TRL's SFTTrainer)."""
+
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data. Ignored when max_steps is set.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate for the adapter weights.")
+    lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    warmup_steps: int = Field(0, ge=0, description="Warmup in steps; when > 0, used instead of warmup_ratio.")
+    batch_size: int = Field(4, ge=1, description="Examples per device per forward pass.")
+    gradient_accumulation_steps: int = Field(
+        4, ge=1, description="Forward passes per optimizer step. Effective batch = batch_size x this x devices."
+    )
+    optimizer: Optimizer = Field(
+        "paged_adamw_8bit", description="Optimizer. paged_* variants spill state to CPU instead of running out of memory."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay on adapter weights.")
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm (0.3 as in the QLoRA paper).")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: much less memory, about 30% slower."
+    )
+    seed: int = Field(42, description="Seed for adapter init, data order and dropout.")
+    logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and throughput every N steps.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate on the validation rows every N steps (always once at the end)."
+    )
+    eval_on_start: bool = Field(
+        True, description="Also evaluate before the first step, so the log shows the base model's loss to beat."
+    )
+    save_steps: int = Field(200, ge=1, description="Write a checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints (oldest deleted).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="Experiment trackers to send metrics to, besides metrics.jsonl."
+    )
+
+
+class OutputSection(Section):
+    """Where the run directory goes."""
+
+    dir: str = Field("runs/qlora", description="Run directory. Must not exist yet, or be empty.")
+
+
+class Recipe(Section):
+    """A complete QLoRA fine-tuning run."""
+
+    model: ModelSection
+    quant: QuantSection = Field(default_factory=QuantSection, description="4-bit quantization of the base model.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings.")
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection, description="Training loop settings.")
+    output: OutputSection = Field(default_factory=OutputSection, description="Run directory.")
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe (defaults included), in section order, loadable by `load_recipe`."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field rules. Each returns the problems it finds; each message says what to do.
+# They run only when every field is individually valid, so they can trust the types.
+
+
+def _rule_eval_needs_validation_rows(r: Recipe):
+    if r.train.eval_steps is not None and r.data.val_size == 0:
+        yield Problem("train.eval_steps", "is set but there are no validation rows: set data.val_size (e.g. 0.05)")
+
+
+def _rule_one_warmup(r: Recipe):
+    if r.train.warmup_steps > 0 and r.train.warmup_ratio > 0:
+        yield Problem("train.warmup_steps", "set either warmup_steps or warmup_ratio, not both (set the other to 0)")
+
+
+def _rule_text_has_no_template(r: Recipe):
+    if r.data.template is not None and all(s.format == "text" for s in r.data.sources):
+        yield Problem("data.template", "the text format is trained as plain text and uses no template: remove it")
+
+
+def _rule_one_template_family(r: Recipe):
+    # One run, one template: generate/eval must render prompts exactly as training did. Mixing
+    # plain text with templated rows is fine; mixing two formats with different default
+    # templates needs an explicit choice.
+    defaults = {_DEFAULT_TEMPLATE[s.format] for s in r.data.sources if s.format != "text"}
+    if r.data.template is None and len(defaults) > 1:
+        yield Problem(
+            "data.template",
+            f"the sources' formats imply different templates ({', '.join(sorted(defaults))}): set one explicitly",
+        )
+
+
+def _rule_dora_bias(r: Recipe):
+    if r.lora.use_dora and r.lora.bias != "none":
+        yield Problem("lora.bias", "DoRA does not support training biases in PEFT: set lora.bias to none")
+
+
+RULES = [
+    _rule_eval_needs_validation_rows,
+    _rule_one_warmup,
+    _rule_text_has_no_template,
+    _rule_one_template_family,
+    _rule_dora_bias,
+]
+
+# Which template each format gets when data.template is null (data/templates.py defines them).
+_DEFAULT_TEMPLATE = {"alpaca": "alpaca", "messages": "chatml", "prompt_completion": "raw"}
+
+
+def default_template(recipe: Recipe) -> str | None:
+    """The template a recipe trains with: data.template, or the default of its formats."""
+    if recipe.data.template is not None:
+        return recipe.data.template
+    for source in recipe.data.sources:
+        if source.format != "text":
+            return _DEFAULT_TEMPLATE[source.format]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML (with line numbers) -> overrides -> one validation.
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe. Raises `UserError` listing every problem found."""
+    path = Path(path)
+    data, lines = _read_yaml(path)
+    overridden = _apply_overrides(data, overrides)
+    return validate_recipe(data, lines, overridden)
+
+
+def validate_recipe(data: dict, lines: dict[tuple, int] | None = None, overridden: set[tuple] = frozenset()) -> Recipe:
+    """Validate a recipe mapping; `lines` maps key paths to YAML lines for the messages."""
+    lines = lines or {}
+
+    def locate(loc: tuple) -> tuple[str, int | None]:
+        where = _dotted(loc)
+        if any(loc[:i] in overridden for i in range(1, len(loc) + 1)):
+            return where + " (from --set)", None
+        for i in range(len(loc), 0, -1):  # the deepest key that exists in the file
+            if loc[:i] in lines:
+                return where, lines[loc[:i]]
+        return where, None
+
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            # Pydantic reports union members as extra loc parts ("list[str]", "literal[...]");
+            # drop them, they are not keys the user wrote.
+            loc = tuple(p for p in loc if isinstance(p, int) or not any(c in str(p) for c in "[]"))
+            where, line = locate(loc)
+            problems.append(Problem(where, _message(err, loc), line))
+        raise UserError(_dedupe(problems), header="The recipe has problems:") from None
+
+    problems = []
+    for rule in RULES:
+        for p in rule(recipe):
+            where, line = locate(tuple(_parse_key(p.where)))
+            problems.append(Problem(where, p.message, line))
+    if problems:
+        raise UserError(problems, header="The recipe has problems:")
+    return recipe
+
+
+def _message(err: dict, loc: tuple) -> str:
+    """Turn a pydantic error into a sentence that says what to do."""
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        key = str(loc[-1])
+        known = list(parent.model_fields) if parent else []
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"did you mean '{near[0]}'?" if near else f"valid keys here: {', '.join(known)}"
+        return f"unknown key — {hint}"
+    if kind == "missing":
+        field = _field_at(loc)
+        desc = f" ({field.description})" if field is not None and field.description else ""
+        return f"required key is missing{desc}"
+    if kind == "literal_error":
+        return f"{err['msg'].replace('Input should be', 'must be one of')}; got {err['input']!r}"
+    if kind == "value_error":
+        return err["msg"].removeprefix("Value error, ")
+    # Type and range errors: "must be greater than 0; got -1".
+    return f"{err['msg'].replace('Input should be', 'must be')}; got {err.get('input')!r}"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that the key path `loc` points into (None if it is not a section)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = _section_type(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _field_at(loc: tuple):
+    parent = _model_at(loc[:-1])
+    return parent.model_fields.get(loc[-1]) if parent is not None else None
+
+
+def _section_type(annotation):
+    """Unwrap list[X] / X | None to the section class X, if any."""
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(recipe)"
+
+
+def _parse_key(dotted: str) -> list:
+    """'data.sources[0].path' -> ['data', 'sources', 0, 'path']"""
+    parts: list = []
+    for chunk in dotted.split("."):
+        name, *idx = chunk.replace("]", "").split("[")
+        if name:
+            parts.append(name)
+        parts += [int(i) for i in idx]
+    return parts
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen, out = set(), []
+    for p in problems:
+        if (p.where, p.message) not in seen:
+            seen.add((p.where, p.message))
+            out.append(p)
+    return out
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
+    """Parse the recipe safely and record the line of every key, for error messages."""
+    if not path.is_file():
+        hint = "it is a directory" if path.is_dir() else "no such file"
+        raise UserError.single(str(path), f"cannot read recipe: {hint}. Pass the path of a .yaml recipe")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError.single(str(path), "is not a text file: a recipe is UTF-8 YAML") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError.single(where, f"invalid YAML: {problem}. Check indentation and quoting") from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise UserError.single(str(path), f"a recipe must be a mapping of sections (model:, data:, ...); this is {kind}")
+    lines: dict[tuple, int] = {}
+    _collect_lines(node, (), lines)
+    return data, lines
+
+
+def _collect_lines(node, prefix: tuple, out: dict) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = prefix + (key.value,)
+            out[path] = key.start_mark.line + 1
+            _collect_lines(value, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[prefix + (i,)] = item.start_mark.line + 1
+            _collect_lines(item, prefix + (i,), out)
+
+
+def _apply_overrides(data: dict, overrides) -> set[tuple]:
+    """Apply `--set a.b.c=value` in order. Values are parsed as YAML: 8 -> int, true -> bool, [a, b] -> list."""
+    touched: set[tuple] = set()
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(Problem(f"--set {item}", "expected KEY=VALUE with a dotted key, e.g. lora.r=8"))
+            continue
+        try:
+            path = _parse_key(key.strip())
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except (ValueError, yaml.YAMLError):
+            problems.append(Problem(f"--set {item}", "could not parse; expected e.g. data.sources[0].path=x.jsonl"))
+            continue
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            nxt = path[i + 1]
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    problems.append(Problem(f"--set {item}", f"{_dotted(tuple(path[: i + 1]))} does not exist"))
+                    break
+                node = node[part]
+                continue
+            if not isinstance(node, dict):
+                problems.append(Problem(f"--set {item}", f"{_dotted(tuple(path[:i]))} is not a section"))
+                break
+            if node.get(part) is None:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+        else:
+            last = path[-1]
+            if isinstance(last, int):
+                if isinstance(node, list) and last < len(node):
+                    node[last] = value
+                else:
+                    problems.append(Problem(f"--set {item}", f"{_dotted(tuple(path))} does not exist"))
+                    continue
+            elif isinstance(node, dict):
+                node[last] = value
+            else:
+                problems.append(Problem(f"--set {item}", f"{_dotted(tuple(path[:-1]))} is not a section"))
+                continue
+            touched.add(tuple(path))
+    if problems:
+        raise UserError(problems, header="Bad --set overrides:")
+    return touched
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a recipe, for editors and `qlora schema`."""
+    return Recipe.model_json_schema()

@@ -1,0 +1,1 @@
+"""The data path: row formats (formats.py), prompt templates (templates.py), tokenization and masks (pipeline.py)."""

@@ -1,0 +1,54 @@
+"""User-facing errors.
+
+Anything the user can fix (a recipe key, a data file, a path, a flag) is raised as a
+`UserError` carrying one or more `Problem`s. The CLI prints them all and exits with code 2,
+without a traceback. Everything else is a bug in this tool and exits with code 1.
+
+    raise UserError([Problem("lora.r", "must be at least 1", line=12)])
+    raise UserError.single("data.sources[0].path", "file not found: x.jsonl")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the user's input.
+
+    `where` is a dotted recipe key (`lora.alpha`), a file (`data.jsonl:17`) or a flag (`--set`).
+    `line` is the recipe line the key sits on, when known.
+    """
+
+    where: str
+    message: str
+    line: int | None = None
+    source: str | None = None  # the file `line` refers to; None = the recipe
+
+    def render(self) -> str:
+        loc = self.where
+        if self.line is not None:
+            loc += f" (line {self.line})" if self.source is None else f" ({self.source}:{self.line})"
+        return f"{loc}: {self.message}"
+
+
+class UserError(Exception):
+    """Input the user must fix. Printed as a list of problems; exit code 2."""
+
+    def __init__(self, problems: list[Problem], header: str | None = None):
+        self.problems = problems
+        self.header = header
+        super().__init__(self.render())
+
+    @classmethod
+    def single(cls, where: str, message: str, line: int | None = None) -> "UserError":
+        return cls([Problem(where, message, line)])
+
+    def render(self) -> str:
+        lines = [self.header] if self.header else []
+        lines += [f"  - {p.render()}" if len(self.problems) > 1 or self.header else p.render() for p in self.problems]
+        return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""Model-side builders: recipe sections -> bitsandbytes/PEFT/transformers objects.
+
+    bnb = build_bnb_config(recipe.quant)                 # pure, no model needed
+    lora = build_lora_config(recipe.lora)                # pure
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_base_model(recipe.model, recipe.quant)  # 4-bit, on the GPU if there is one
+    model = attach_lora(model, recipe.lora, gradient_checkpointing=True)
+
+Loading failures that the user can fix (a missing directory, a hub id that cannot be reached)
+become `UserError`s that name the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qlora_cli.errors import UserError
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+
+
+def device_map() -> dict:
+    """Put the whole model on this process's GPU, or on the CPU when there is none.
+
+    bitsandbytes >= 0.50 runs NF4 on the CPU, so the CPU path is real QLoRA, just slow.
+    Under a distributed launcher each process takes the GPU of its LOCAL_RANK.
+    """
+    import os
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def build_bnb_config(quant):
+    """The 4-bit quantization settings for `from_pretrained`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=TORCH_DTYPES[quant.compute_dtype],
+        bnb_4bit_quant_storage=TORCH_DTYPES[quant.storage_dtype],
+    )
+
+
+def build_lora_config(lora):
+    """The PEFT adapter settings."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=list(lora.modules_to_save) or None,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_model_path(model, where: str = "model.name_or_path") -> None:
+    """A local-looking model path must be a directory with config.json (checked before any work)."""
+    path = Path(model.name_or_path).expanduser()
+    looks_local = path.exists() or model.name_or_path.startswith((".", "/", "~")) or model.name_or_path.count("/") > 1
+    if not looks_local:
+        return  # a hub id: checked when loading
+    if not path.is_dir():
+        raise UserError.single(where, f"model directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise UserError.single(where, f"{path} has no config.json: point at a saved transformers model directory")
+
+
+def load_tokenizer(model):
+    """Load the tokenizer, with a pad token (EOS when the model has none, as for Llama and Mistral).
+
+    Padding with EOS is safe here because labels are built before padding: pad positions get
+    -100 from the collator, while the real EOS at the end of each response keeps its label.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError.single("model.name_or_path", f"could not load the tokenizer: {_first_line(exc)}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError.single(
+            "model.name_or_path", "needs a fast (Rust) tokenizer to compute loss masks; this model has only a slow one"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model, quant):
+    """Load the base model with its linear layers quantized to 4 bits."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            model.name_or_path,
+            revision=model.revision,
+            quantization_config=build_bnb_config(quant),
+            dtype=TORCH_DTYPES[model.dtype],
+            device_map=device_map(),
+            trust_remote_code=model.trust_remote_code,
+            attn_implementation=model.attn_implementation,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError.single("model.name_or_path", f"could not load the model: {_first_line(exc)}") from None
+    disable_cpu_weight_repacking(loaded)
+    return loaded
+
+
+def disable_cpu_weight_repacking(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights in place on AVX512-BF16 CPUs.
+
+    bitsandbytes 0.50 converts a Linear4bit's weight to a CPU-specific packed layout the first
+    time it runs without gradients (e.g. an evaluation), and keeps it that way. Later training
+    steps then go through `gemv_4bit`, which has no autograd formula: the gradient through the
+    frozen base weights is silently dropped, so only the last adapters learn. Turning the
+    repacking off keeps the standard layout, which trains correctly, everywhere.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def attach_lora(model, lora, gradient_checkpointing: bool):
+    """Prepare the quantized model for training and wrap it with fresh LoRA adapters.
+
+    `prepare_model_for_kbit_training` freezes the base, upcasts the small unquantized layers
+    (norms, embeddings) to fp32 for stable training, and turns on gradient checkpointing.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    try:
+        return get_peft_model(model, build_lora_config(lora))
+    except ValueError as exc:  # e.g. a target module name that matches nothing
+        raise UserError.single("lora.target_modules", _first_line(exc)) from None
+
+
+def keep_adapter_fp32(model) -> None:
+    """Hold trainable (adapter) weights in fp32.
+
+    TRL casts them to bf16 for quantized models. Mixed precision still runs the matmuls in the
+    compute dtype, but fp32 master weights keep small optimizer updates from rounding away, and
+    match what `PeftModel.from_pretrained` loads (it upcasts adapters to fp32), so a reloaded
+    adapter reproduces the trained model's logits. The memory cost is small: adapters are ~1%
+    of the parameters.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

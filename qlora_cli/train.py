@@ -1,0 +1,192 @@
+"""`qlora train`: the whole run, readable top to bottom.
+
+    recipe = load_recipe("configs/tiny.yaml")
+    result = train(recipe)              # writes the run directory; returns the trainer too
+    result.run_dir, result.summary
+
+Order matters for safety: everything that can fail because of user input (paths, tokenizer,
+template, data rows, model loading) happens before the run directory is created, so a bad
+recipe never leaves a half-made directory behind.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_cli.config import Recipe, default_template
+from qlora_cli.data.pipeline import build_datasets
+from qlora_cli.data.templates import apply_template, resolve_template
+from qlora_cli.modeling import (
+    attach_lora,
+    check_model_path,
+    keep_adapter_fp32,
+    load_base_model,
+    load_tokenizer,
+)
+from qlora_cli.rundir import RunDir
+
+
+@dataclass
+class TrainResult:
+    run_dir: RunDir
+    summary: dict
+    trainer: object  # the SFTTrainer, for callers (tests, notebooks) that want the live model
+
+
+def prepare_tokenizer(recipe: Recipe):
+    """Load the tokenizer and install the run's template on it. Returns (tokenizer, template or None)."""
+    tokenizer = load_tokenizer(recipe.model)
+    name = default_template(recipe)
+    if name is None:  # text only: no template
+        return tokenizer, None
+    template = resolve_template(name, tokenizer, needs_masks=not recipe.data.train_on_inputs)
+    apply_template(template, tokenizer)
+    return tokenizer, template
+
+
+def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template):
+    """Recipe -> TRL's SFTConfig. Pure apart from asking whether a GPU is present."""
+    from trl import SFTConfig
+
+    t, cuda = recipe.train, torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=str(run.checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        # transformers 5 takes a ratio below 1 or a step count in the same field.
+        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        optim=t.optimizer,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,  # so the summary's first loss is the loss before any update
+        eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
+        eval_steps=t.eval_steps,
+        eval_on_start=has_eval and t.eval_on_start,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=list(t.report_to) or "none",
+        # Mixed precision follows the 4-bit compute dtype. fp16 autocast needs a GPU.
+        bf16=recipe.quant.compute_dtype == "bfloat16",
+        fp16=recipe.quant.compute_dtype == "float16" and cuda,
+        use_cpu=not cuda,
+        max_length=recipe.data.max_seq_len,
+        include_num_input_tokens_seen="non_padding",
+        eos_token=template.stop if template and template.stop else None,
+        disable_tqdm=True,  # RichProgress replaces tqdm
+        dataloader_pin_memory=cuda,
+    )
+
+
+def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, console=None) -> TrainResult:
+    """Run one QLoRA fine-tune as the recipe describes and write the run directory."""
+    from transformers import set_seed
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
+
+    from qlora_cli.progress import MetricsLog, RichProgress
+
+    if output_dir is not None:
+        recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": output_dir})})
+    run = RunDir(recipe.output.dir)
+
+    # 1. Checks and loading that can fail on user input: before anything is written.
+    run.check_available(overwrite)
+    check_model_path(recipe.model)
+    set_seed(recipe.train.seed)
+    tokenizer, template = prepare_tokenizer(recipe)
+    train_ds, eval_ds, data_stats = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+    model = load_base_model(recipe.model, recipe.quant)
+    model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
+
+    # 2. The run directory, starting with the fully resolved recipe.
+    run.create(overwrite)
+    run.write_recipe(recipe)
+
+    # 3. Train. SFTTrainer owns the loop, checkpointing, mixed precision and distributed launch.
+    trainer = SFTTrainer(
+        model=model,
+        args=build_sft_config(recipe, run, has_eval=eval_ds is not None, template=template),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=[MetricsLog(run), RichProgress(console)],
+    )
+    trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
+    keep_adapter_fp32(trainer.model)  # after SFTTrainer, which casts adapters to bf16 for 4-bit models
+    started = time.perf_counter()
+    output = trainer.train()
+    final_eval = trainer.evaluate() if eval_ds is not None else {}
+    runtime = time.perf_counter() - started
+
+    # 4. Artifacts: adapter and tokenizer in the standard layout, then summary.json last.
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(run.path)
+        tokenizer.save_pretrained(run.path)
+        summary = build_summary(run, trainer, output, final_eval, runtime, data_stats, template)
+        run.write_summary(summary)
+    else:
+        summary = {}
+    return TrainResult(run_dir=run, summary=summary, trainer=trainer)
+
+
+def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float, data_stats, template) -> dict:
+    """The facts a user wants after a run, from metrics.jsonl and the trainer state."""
+    metrics = run.read_metrics()
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    return {
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "first_train_loss": losses[0] if losses else None,
+        "last_train_loss": losses[-1] if losses else None,
+        "mean_train_loss": output.training_loss,
+        "first_eval_loss": evals[0] if len(evals) > 1 else None,
+        "eval_loss": final_eval.get("eval_loss"),
+        "runtime_s": round(runtime, 2),
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "template": template.name if template else None,
+        "data": vars(data_stats),
+        "peak_memory": peak_memory(),
+        "versions": library_versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_dir": str(Path(run.path).resolve()),
+    }
+
+
+def peak_memory() -> dict:
+    """Peak accelerator memory when on a GPU, and the process's peak resident memory in any case."""
+    out = {"cpu_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if torch.cuda.is_available():
+        out["gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        out["gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    return out
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("qlora-cli", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
