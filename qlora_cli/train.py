@@ -132,7 +132,7 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     keep_adapter_fp32(trainer.model)  # after SFTTrainer, which casts adapters to bf16 for 4-bit models
     started = time.perf_counter()
     output = trainer.train()
-    final_eval = trainer.evaluate() if eval_ds is not None else {}
+    final_eval = final_evaluation(trainer) if eval_ds is not None else {}
     runtime = time.perf_counter() - started
 
     # 4. Artifacts: adapter and tokenizer in the standard layout, then summary.json last.
@@ -144,6 +144,14 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     else:
         summary = {}
     return TrainResult(run_dir=run, summary=summary, trainer=trainer)
+
+
+def final_evaluation(trainer) -> dict:
+    """Eval metrics of the final weights; reuses the periodic evaluation when it ran on the last step."""
+    for record in reversed(trainer.state.log_history):
+        if "eval_loss" in record and record.get("step") == trainer.state.global_step:
+            return record
+    return trainer.evaluate()
 
 
 def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float, data_stats, template) -> dict:

@@ -1,0 +1,64 @@
+"""Shared fixtures: the tiny offline model and data, built once per session, and recipe helpers.
+
+Nothing here touches the network or ../shared: the model, tokenizer and data are generated
+by scripts/build_tiny.py, deterministically, in a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying a hub that is not there
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """Directory with model/, alpaca.jsonl and chat.jsonl (see scripts/build_tiny.py)."""
+    import build_tiny
+
+    return build_tiny.build(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture()
+def write_recipe(tiny, tmp_path):
+    """write_recipe({"lora": {"r": 4}}) -> path of configs/tiny.yaml pointed at the session's tiny
+    model and data, with the given sections merged in, and output.dir under tmp_path."""
+
+    def write(changes: dict | None = None, name: str = "recipe.yaml") -> Path:
+        recipe = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+        recipe["model"]["name_or_path"] = str(tiny / "model")
+        recipe["data"]["sources"][0]["path"] = str(tiny / "alpaca.jsonl")
+        recipe["output"]["dir"] = str(tmp_path / "run")
+        for section, values in (changes or {}).items():
+            if isinstance(values, dict) and isinstance(recipe.get(section), dict):
+                recipe[section].update(values)
+            else:
+                recipe[section] = values
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return write
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m qlora_cli ARGS` the way a user would, capturing output."""
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_cli", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
