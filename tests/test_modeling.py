@@ -1,0 +1,82 @@
+"""Builders map recipe sections to library objects; the loaded model trains through every layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_cli.config import LoraSection, ModelSection, QuantSection
+from qlora_cli.errors import UserError
+from qlora_cli.modeling import attach_lora, build_bnb_config, build_lora_config, load_base_model
+
+
+def test_bnb_config_follows_quant_section():
+    cfg = build_bnb_config(QuantSection(quant_type="fp4", double_quant=False, compute_dtype="float16",
+                                        storage_dtype="bfloat16"))
+    assert cfg.load_in_4bit and not cfg.load_in_8bit
+    assert cfg.bnb_4bit_quant_type == "fp4" and cfg.bnb_4bit_use_double_quant is False
+    assert cfg.bnb_4bit_compute_dtype == torch.float16 and cfg.bnb_4bit_quant_storage == torch.bfloat16
+    default = build_bnb_config(QuantSection())
+    assert default.bnb_4bit_quant_type == "nf4" and default.bnb_4bit_use_double_quant
+    assert default.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_lora_config_follows_lora_section():
+    cfg = build_lora_config(LoraSection(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"],
+                                        modules_to_save=["lm_head"], use_dora=True, use_rslora=True))
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (8, 16, 0.1)
+    assert set(cfg.target_modules) == {"q_proj", "v_proj"} and cfg.modules_to_save == ["lm_head"]
+    assert cfg.use_dora and cfg.use_rslora and cfg.task_type == "CAUSAL_LM"
+    assert build_lora_config(LoraSection()).target_modules == "all-linear"
+
+
+@pytest.fixture()
+def base(tiny):
+    return load_base_model(ModelSection(name_or_path=str(tiny / "model"), dtype="float32"),
+                           QuantSection(compute_dtype="float32"))
+
+
+def test_model_is_quantized_to_4bit_except_head_and_norms(base):
+    import bitsandbytes as bnb
+
+    linear4 = [n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4) == 14 and not any("lm_head" in n for n in linear4)
+    assert base.model.layers[0].self_attn.q_proj.weight.quant_state.quant_type == "nf4"
+
+
+def test_adapters_go_only_where_asked(base):
+    model = attach_lora(base, LoraSection(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                                          use_dora=True), gradient_checkpointing=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapted = {n.split(".lora_")[0] for n in trainable if ".lora_" in n}
+    assert {a.rsplit(".", 2)[-1] for a in adapted} == {"q_proj", "v_proj"}
+    assert any("lora_magnitude_vector" in n for n in trainable)  # DoRA
+    assert any("lm_head.modules_to_save" in n for n in trainable)
+    assert not any("mlp" in n for n in trainable)
+
+
+def test_unknown_target_module_is_a_user_error(base):
+    with pytest.raises(UserError) as err:
+        attach_lora(base, LoraSection(target_modules=["nonexistent_proj"]), gradient_checkpointing=False)
+    assert err.value.problems[0].where == "lora.target_modules"
+
+
+def test_gradients_reach_the_first_layer_after_an_evaluation(base):
+    """An evaluation (no-grad forward) must not switch bitsandbytes to a kernel without autograd.
+
+    On AVX512-BF16 CPUs, bitsandbytes repacks weights on the first no-grad forward and later
+    backward passes drop the gradient through the base weights: the first layers stop learning.
+    """
+    model = attach_lora(base, LoraSection(r=4), gradient_checkpointing=False)
+    ids = torch.tensor([[1, 20, 30, 40, 50, 2]])
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    # Give B a value so A receives gradient (B starts at zero).
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    model(input_ids=ids, labels=ids).loss.backward()
+    first = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert first.grad is not None and first.grad.abs().sum() > 0
