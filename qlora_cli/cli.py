@@ -89,15 +89,21 @@ def _quiet_libraries() -> None:
     """Keep library chatter (info logs, tqdm bars) out of the progress display; warnings still show."""
     import logging
     import os
+    import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Library deprecation notices (e.g. transformers renaming gradient_checkpointing) are for
+    # this tool's developers, not its users; the test suite still shows them.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ recipe never leaves a half-made directory behind.
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import time
@@ -29,6 +30,7 @@ from qlora_cli.modeling import (
     load_base_model,
     load_tokenizer,
 )
+from qlora_cli.errors import UserError
 from qlora_cli.rundir import RunDir
 
 
@@ -107,17 +109,21 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     run = RunDir(recipe.output.dir)
 
     # 1. Checks and loading that can fail on user input: before anything is written.
-    run.check_available(overwrite)
+    if is_main_process():
+        run.check_available(overwrite)
     check_model_path(recipe.model)
+    check_compute_dtype(recipe.quant)
     set_seed(recipe.train.seed)
     tokenizer, template = prepare_tokenizer(recipe)
     train_ds, eval_ds, data_stats = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
     model = load_base_model(recipe.model, recipe.quant)
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
 
-    # 2. The run directory, starting with the fully resolved recipe.
-    run.create(overwrite)
-    run.write_recipe(recipe)
+    # 2. The run directory, starting with the fully resolved recipe (main process only).
+    if is_main_process():
+        run.create(overwrite)
+        run.write_recipe(recipe)
+        _announce(console, recipe, model, data_stats, template)
 
     # 3. Train. SFTTrainer owns the loop, checkpointing, mixed precision and distributed launch.
     trainer = SFTTrainer(
@@ -144,6 +150,41 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     else:
         summary = {}
     return TrainResult(run_dir=run, summary=summary, trainer=trainer)
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed launch (torchrun sets RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_compute_dtype(quant) -> None:
+    """bf16 compute needs a GPU that has it (Ampere or newer); say so before loading 7B weights."""
+    if quant.compute_dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError.single(
+            "quant.compute_dtype", f"{torch.cuda.get_device_name()} has no bfloat16 support: use float16"
+        )
+
+
+def _announce(console, recipe: Recipe, model, data_stats, template) -> None:
+    """One paragraph saying what is about to happen, so a wrong setting is caught in the first second."""
+    if console is None:
+        return
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # A 4-bit parameter's numel() counts packed bytes (two weights each); its quant_state knows the real shape.
+    total = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) else p.numel() for p in model.parameters())
+    q, lora = recipe.quant, recipe.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    console.print(
+        f"[bold]qlora[/] {recipe.model.name_or_path} in 4-bit {q.quant_type}"
+        f"{' + double quant' if q.double_quant else ''}, {q.compute_dtype} compute, on {model.device}\n"
+        f"  LoRA r={lora.r} alpha={lora.alpha:g} on {targets}: {trainable:,} trainable of {total:,} parameters\n"
+        f"  data: {data_stats.train_rows} train / {data_stats.val_rows} validation rows, "
+        f"template {template.name if template else 'none (text)'}, "
+        f"{data_stats.over_max_len} longer than max_seq_len {recipe.data.max_seq_len} (truncated)\n"
+        f"  run directory: {recipe.output.dir}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def final_evaluation(trainer) -> dict:
