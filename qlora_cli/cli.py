@@ -107,25 +107,20 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
-    """Console-script entry point: run the app and map errors to exit codes."""
+    """Console-script entry point: run the app and map errors to exit codes.
+
+    Typer's standalone mode handles usage errors (unknown flag, missing argument: exit 2) and
+    --help itself; what reaches us is either a UserError (exit 2) or a bug (exit 1).
+    """
     try:
-        app(standalone_mode=False)
+        app(prog_name="qlora")
     except UserError as exc:
         err.print(f"[bold red]error:[/] {exc.render()}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
-    except SystemExit:
-        raise
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click's own usage errors are handled below; anything else is our bug
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
+    except Exception as exc:
         traceback.print_exc()
         err.print(f"[bold red]internal error[/] ({type(exc).__name__}); this is a bug in qlora, please report it")
         sys.exit(EXIT_INTERNAL_ERROR)

@@ -31,7 +31,7 @@ DType = Literal["bfloat16", "float16", "float32"]
 class Section(BaseModel):
     """Base for every recipe section: unknown keys are errors, and defaults are validated too."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -199,10 +199,10 @@ class OutputSection(Section):
 class Recipe(Section):
     """A complete QLoRA fine-tuning run."""
 
-    model: ModelSection
+    model: ModelSection = Field(description="Which base model to load, and how (hub id or local directory, dtype).")
     quant: QuantSection = Field(default_factory=QuantSection, description="4-bit quantization of the base model.")
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings.")
-    data: DataSection
+    data: DataSection = Field(description="Training data: sources, template, sequence length, validation rows.")
     train: TrainSection = Field(default_factory=TrainSection, description="Training loop settings.")
     output: OutputSection = Field(default_factory=OutputSection, description="Run directory.")
 
@@ -222,8 +222,10 @@ def _rule_eval_needs_validation_rows(r: Recipe):
 
 
 def _rule_one_warmup(r: Recipe):
-    if r.train.warmup_steps > 0 and r.train.warmup_ratio > 0:
-        yield Problem("train.warmup_steps", "set either warmup_steps or warmup_ratio, not both (set the other to 0)")
+    # warmup_ratio has a default, so only an explicitly written ratio conflicts with warmup_steps.
+    t = r.train
+    if t.warmup_steps > 0 and t.warmup_ratio > 0 and "warmup_ratio" in t.model_fields_set:
+        yield Problem("train.warmup_steps", "set either warmup_steps or warmup_ratio, not both (remove one)")
 
 
 def _rule_text_has_no_template(r: Recipe):
@@ -298,15 +300,20 @@ def validate_recipe(data: dict, lines: dict[tuple, int] | None = None, overridde
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
+        problems, seen = [], set()
+        for err in sorted(exc.errors(), key=lambda e: e["type"] != "literal_error"):
             loc = tuple(err["loc"])
             # Pydantic reports union members as extra loc parts ("list[str]", "literal[...]");
-            # drop them, they are not keys the user wrote.
+            # drop them, they are not keys the user wrote. One message per key: for a union,
+            # the literal choice ("must be one of 'all-linear'") is the most useful one.
             loc = tuple(p for p in loc if isinstance(p, int) or not any(c in str(p) for c in "[]"))
+            if loc in seen:
+                continue
+            seen.add(loc)
             where, line = locate(loc)
             problems.append(Problem(where, _message(err, loc), line))
-        raise UserError(_dedupe(problems), header="The recipe has problems:") from None
+        problems.sort(key=lambda p: p.line if p.line is not None else float("inf"))  # file order
+        raise UserError(problems, header="The recipe has problems:") from None
 
     problems = []
     for rule in RULES:
@@ -387,15 +394,6 @@ def _parse_key(dotted: str) -> list:
     return parts
 
 
-def _dedupe(problems: list[Problem]) -> list[Problem]:
-    seen, out = set(), []
-    for p in problems:
-        if (p.where, p.message) not in seen:
-            seen.add((p.where, p.message))
-            out.append(p)
-    return out
-
-
 def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     """Parse the recipe safely and record the line of every key, for error messages."""
     if not path.is_file():
@@ -414,23 +412,29 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
         problem = getattr(exc, "problem", None) or str(exc)
         raise UserError.single(where, f"invalid YAML: {problem}. Check indentation and quoting") from None
     if not isinstance(data, dict):
-        kind = "empty" if data is None else f"a {type(data).__name__}"
+        kind = "empty" if data is None else f"a value of type {type(data).__name__}"
         raise UserError.single(str(path), f"a recipe must be a mapping of sections (model:, data:, ...); this is {kind}")
     lines: dict[tuple, int] = {}
-    _collect_lines(node, (), lines)
+    duplicates: list[Problem] = []
+    _collect_lines(node, (), lines, duplicates)
+    if duplicates:  # PyYAML silently keeps the last of two equal keys; that hides edits
+        raise UserError(duplicates, header="The recipe has problems:")
     return data, lines
 
 
-def _collect_lines(node, prefix: tuple, out: dict) -> None:
+def _collect_lines(node, prefix: tuple, out: dict, duplicates: list) -> None:
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             path = prefix + (key.value,)
-            out[path] = key.start_mark.line + 1
-            _collect_lines(value, path, out)
+            line = key.start_mark.line + 1
+            if path in out:
+                duplicates.append(Problem(_dotted(path), f"appears twice (also on line {out[path]}): keep one", line))
+            out[path] = line
+            _collect_lines(value, path, out, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[prefix + (i,)] = item.start_mark.line + 1
-            _collect_lines(item, prefix + (i,), out)
+            _collect_lines(item, prefix + (i,), out, duplicates)
 
 
 def _apply_overrides(data: dict, overrides) -> set[tuple]:

@@ -1,0 +1,214 @@
+"""Bad input through the real command line, in a subprocess: exit code 2, the offending key or file
+named on stderr, no traceback, and nothing written. Every case fails before training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+from qlora_cli.config import json_schema
+
+QLORA = Path(sys.executable).with_name("qlora")  # the console script installed next to this interpreter
+HEAVY_MODULES = ("torch", "transformers", "datasets", "trl", "peft", "bitsandbytes")
+
+
+def run_qlora(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run the `qlora` console script, as a user would type it."""
+    assert QLORA.is_file(), f"console script not found at {QLORA}"
+    return subprocess.run(
+        [str(QLORA), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env()
+    )
+
+
+def _env() -> dict:
+    return {**os.environ, "COLUMNS": "200"}
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit 2, a plain error message naming what to fix, no traceback, nothing on stdout."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "internal error" not in proc.stderr
+    assert re.search(r"^error: ", proc.stderr, re.MULTILINE), proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, f"{needle!r} not in stderr:\n{proc.stderr[-3000:]}"
+    assert proc.stdout == ""  # the run directory is printed only after a successful run
+
+
+def alpaca_rows(tiny: Path) -> list[dict]:
+    return [json.loads(line) for line in (tiny / "alpaca.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad recipes: each one is reported before anything is written.
+
+
+def _misspelled_key(tiny, tmp_path):
+    return {"lora": {"alpah": 64}}, ["lora.alpah", "unknown key", "did you mean 'alpha'"]
+
+
+def _wrong_type(tiny, tmp_path):
+    return {"lora": {"r": "abc"}}, ["lora.r", "integer", "'abc'"]
+
+
+def _missing_data_file(tiny, tmp_path):
+    missing = tmp_path / "no-such-data.jsonl"
+    sources = [{"path": str(missing), "format": "alpaca"}]
+    return {"data": {"sources": sources}}, ["data.sources[0].path", "data file not found", str(missing)]
+
+
+def _missing_model_dir(tiny, tmp_path):
+    missing = tmp_path / "no-such-model"
+    return {"model": {"name_or_path": str(missing)}}, [
+        "model.name_or_path", "model directory not found", str(missing),
+    ]
+
+
+def _model_dir_without_config(tiny, tmp_path):
+    model = tmp_path / "not-a-model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"\0" * 16)
+    return {"model": {"name_or_path": str(model)}}, ["model.name_or_path", "has no config.json", str(model)]
+
+
+def _unknown_template(tiny, tmp_path):
+    return {"data": {"template": "alpacca"}}, ["data.template", "unknown template 'alpacca'", "did you mean 'alpaca'"]
+
+
+def _missing_column(tiny, tmp_path):
+    sources = [{"path": str(tiny / "alpaca.jsonl"), "format": "alpaca", "columns": {"instruction": "question"}}]
+    return {"data": {"sources": sources}}, ["data.sources[0].columns", "no column 'question'", "alpaca.jsonl"]
+
+
+def _row_without_output(tiny, tmp_path):
+    rows = alpaca_rows(tiny)
+    del rows[2]["output"]
+    path = tmp_path / "bad-rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources = [{"path": str(path), "format": "alpaca"}]
+    return {"data": {"sources": sources}}, [
+        "1 bad row(s)", f"{path}: row 3", "field 'output' is missing or empty",
+    ]
+
+
+BAD_RECIPES = [
+    _misspelled_key,
+    _wrong_type,
+    _missing_data_file,
+    _missing_model_dir,
+    _model_dir_without_config,
+    _unknown_template,
+    _missing_column,
+    _row_without_output,
+]
+
+
+@pytest.mark.parametrize("case", BAD_RECIPES, ids=[c.__name__.strip("_") for c in BAD_RECIPES])
+def test_bad_recipe_exits_2_and_writes_nothing(write_recipe, tiny, tmp_path, case):
+    changes, needles = case(tiny, tmp_path)
+    recipe = write_recipe(changes)
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", str(recipe), timeout=180)
+    assert_user_error(proc, *needles)
+    assert not run_dir.exists()
+
+
+def test_misspelled_set_key_exits_2(write_recipe, tmp_path):
+    proc = run_cli("train", str(write_recipe()), "--set", "lora.r=8", "--set", "lora.alpah=64", timeout=180)
+    assert_user_error(proc, "lora.alpah (from --set)", "did you mean 'alpha'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_non_empty_output_dir_is_left_untouched(write_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    keep = run_dir / "keep.txt"
+    keep.write_text("an earlier run's results\n")
+    before = keep.stat().st_mtime_ns
+    proc = run_cli("train", str(write_recipe()), timeout=180)
+    assert_user_error(proc, "output.dir", str(run_dir), "already exists and is not empty", "--overwrite")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["keep.txt"]
+    assert keep.read_text() == "an earlier run's results\n"
+    assert keep.stat().st_mtime_ns == before
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line itself
+
+
+def test_help_is_quick_and_lists_the_commands():
+    started = time.perf_counter()
+    proc = run_qlora("--help", timeout=60)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage:" in proc.stdout
+    for command in ("train", "validate", "schema"):
+        assert command in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 3.0, f"qlora --help took {elapsed:.1f}s"
+
+
+def test_help_imports_no_heavy_library():
+    code = (
+        "import sys\n"
+        "from qlora_cli.cli import main\n"
+        "sys.argv = ['qlora', '--help']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        f"print('HEAVY', sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "HEAVY []"
+
+
+def test_module_help_matches_console_script_help_but_for_the_program_name():
+    console = run_qlora("--help", timeout=60)
+    module = run_cli("--help", timeout=60)
+    assert console.returncode == module.returncode == 0
+    assert "Usage: qlora " in console.stdout
+
+    def lines(text: str) -> list[str]:  # rich pads each line to the terminal width
+        return [line.rstrip() for line in text.splitlines()]
+
+    assert lines(module.stdout.replace("python -m qlora_cli", "qlora")) == lines(console.stdout)
+
+
+def test_module_help_equals_console_script_help():
+    assert run_cli("--help", timeout=60).stdout == run_qlora("--help", timeout=60).stdout
+
+
+@pytest.mark.parametrize("entry", ["console-script", "python-m"])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "{recipe}", "--no-such-flag"], "--no-such-flag"),
+        (["train"], "recipe"),
+        (["no-such-command"], "no-such-command"),
+    ],
+    ids=["unknown-flag", "missing-argument", "unknown-command"],
+)
+def test_usage_errors_exit_2_without_traceback(write_recipe, tmp_path, entry, args, needle):
+    args = [a.format(recipe=write_recipe()) for a in args]
+    proc = run_qlora(*args, timeout=60) if entry == "console-script" else run_cli(*args, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert needle in proc.stderr.lower()
+    assert not (tmp_path / "run").exists()
+
+
+def test_schema_prints_the_recipe_json_schema():
+    proc = run_qlora("schema", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    schema = json.loads(proc.stdout)
+    assert schema == json.loads(json.dumps(json_schema()))
+    assert schema["title"] == "Recipe"
+    assert {"model", "data", "lora"} <= set(schema["properties"])

@@ -1,0 +1,37 @@
+"""Exit codes of the entry point: an internal error is 1 with a traceback, a UserError 2 without."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from qlora_cli import cli
+from qlora_cli.errors import UserError
+
+
+def _run_main(monkeypatch, argv):
+    monkeypatch.setattr(sys, "argv", ["qlora", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return exit_info.value.code
+
+
+def test_internal_error_exits_1_with_traceback(monkeypatch, capsys):
+    def boom():
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr("qlora_cli.config.json_schema", boom)
+    assert _run_main(monkeypatch, ["schema"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "kaboom" in err and "internal error" in err
+
+
+def test_user_error_exits_2_without_traceback(monkeypatch, capsys):
+    def bad():
+        raise UserError.single("lora.r", "must be at least 1", line=3)
+
+    monkeypatch.setattr("qlora_cli.config.json_schema", bad)
+    assert _run_main(monkeypatch, ["schema"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.r (line 3): must be at least 1" in err and "Traceback" not in err
