@@ -30,16 +30,22 @@ def tiny(tmp_path_factory) -> Path:
     return build_tiny.build(tmp_path_factory.mktemp("tiny"))
 
 
+def tiny_recipe(tiny: Path, output_dir: Path) -> dict:
+    """configs/tiny.yaml as shipped, pointed at a built tiny model/data and an output directory."""
+    recipe = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    recipe["model"]["name_or_path"] = str(tiny / "model")
+    recipe["data"]["sources"][0]["path"] = str(tiny / "alpaca.jsonl")
+    recipe["output"]["dir"] = str(output_dir)
+    return recipe
+
+
 @pytest.fixture()
 def write_recipe(tiny, tmp_path):
     """write_recipe({"lora": {"r": 4}}) -> path of configs/tiny.yaml pointed at the session's tiny
     model and data, with the given sections merged in, and output.dir under tmp_path."""
 
     def write(changes: dict | None = None, name: str = "recipe.yaml") -> Path:
-        recipe = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-        recipe["model"]["name_or_path"] = str(tiny / "model")
-        recipe["data"]["sources"][0]["path"] = str(tiny / "alpaca.jsonl")
-        recipe["output"]["dir"] = str(tmp_path / "run")
+        recipe = tiny_recipe(tiny, tmp_path / "run")
         for section, values in (changes or {}).items():
             if isinstance(values, dict) and isinstance(recipe.get(section), dict):
                 recipe[section].update(values)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import run_cli, tiny_recipe
 from qlora_cli.config import load_recipe
 
 RUN_FILES = {
@@ -29,12 +29,9 @@ RUN_FILES = {
 def cli_run(tiny, tmp_path_factory):
     """`qlora train` on configs/tiny.yaml as shipped (only paths changed), in a subprocess."""
     tmp = tmp_path_factory.mktemp("cli_run")
-    recipe = yaml.safe_load(open("configs/tiny.yaml"))
-    recipe["model"]["name_or_path"] = str(tiny / "model")
-    recipe["data"]["sources"][0]["path"] = str(tiny / "alpaca.jsonl")
     path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    run_dir = tmp / "run"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny, tmp / "elsewhere")))
+    run_dir = tmp / "run"  # --output-dir wins over output.dir
     proc = run_cli("train", str(path), "--output-dir", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
@@ -43,6 +40,7 @@ def cli_run(tiny, tmp_path_factory):
 def test_run_directory_holds_exactly_the_expected_files(cli_run):
     run_dir, proc = cli_run
     assert {p.name for p in run_dir.iterdir()} == RUN_FILES
+    assert not (run_dir.parent / "elsewhere").exists()  # --output-dir replaced output.dir
     assert proc.stdout.strip() == str(run_dir)  # stdout is just the run dir, for scripts
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
     assert checkpoints == ["checkpoint-100", "checkpoint-200"]
@@ -96,15 +94,13 @@ def trained(tiny, tmp_path_factory):
     from qlora_cli.train import train
 
     tmp = tmp_path_factory.mktemp("inproc")
-    recipe = yaml.safe_load(open("configs/tiny.yaml"))
-    recipe["model"]["name_or_path"] = str(tiny / "model")
-    recipe["data"]["sources"][0]["path"] = str(tiny / "alpaca.jsonl")
+    recipe = tiny_recipe(tiny, tmp / "run")
     recipe["train"].update(max_steps=30, eval_steps=None, save_steps=1000)
     recipe["data"]["val_size"] = 0
     recipe["lora"]["dropout"] = 0.1  # dropout must be off at inference: reload must still match
     path = tmp / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    return train(load_recipe(path), output_dir=str(tmp / "run"))
+    return train(load_recipe(path))
 
 
 def _fresh_base(recipe):
