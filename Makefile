@@ -13,10 +13,10 @@ TORCH_VERSION ?= 2.13.0
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Stamp file: reinstall only when the package metadata changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Stamp file: reinstall only when the package metadata or the pinned versions change.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
