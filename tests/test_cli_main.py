@@ -35,3 +35,13 @@ def test_user_error_exits_2_without_traceback(monkeypatch, capsys):
     assert _run_main(monkeypatch, ["schema"]) == 2
     err = capsys.readouterr().err
     assert "lora.r (line 3): must be at least 1" in err and "Traceback" not in err
+
+
+def test_validate_checks_everything_but_trains_nothing(write_recipe, tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("validate", str(write_recipe()), "--set", "data.val_size=100", "--set", "data.max_seq_len=64")
+    assert proc.returncode == 0, proc.stderr
+    assert "300 train rows, 100 validation rows, template alpaca" in proc.stderr
+    assert "rows longer than max_seq_len=64" in proc.stderr
+    assert not (tmp_path / "run").exists()
