@@ -4,9 +4,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU build of torch. Installed before the package so pip does not pull several GB of
-# CUDA wheels; on a GPU machine, install the torch build you want first and `make install` keeps it.
+# torch is installed before the package, and only when .venv has none, so a GPU build you put
+# there first is kept. On this project's machines `torch==2.13.0` resolves to a CPU wheel on
+# disk. Elsewhere on Linux, PyPI's torch is the CUDA build (several GB): for a CPU-only machine
+# run `make TORCH_INDEX=https://download.pytorch.org/whl/cpu demo`.
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
 
 .PHONY: install demo test clean
 
@@ -15,7 +18,7 @@ $(BIN)/python:
 
 # Stamp file: reinstall only when the package metadata or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 

@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from qlora_cli.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, UserError
 
@@ -71,9 +72,11 @@ def validate(
     tokenizer, template = prepare_tokenizer(r)
     _, _, stats = build_datasets(r.data, tokenizer, seed=r.train.seed)
     err.print(
-        f"[green]ok[/] {recipe}: {stats.train_rows} train rows, {stats.val_rows} validation rows, "
+        f"[green]ok[/] {escape(recipe)}: {stats.train_rows} train rows, {stats.val_rows} validation rows, "
         f"template {template.name if template else 'none (text)'}, "
-        f"{stats.over_max_len} rows longer than max_seq_len={r.data.max_seq_len}"
+        f"{stats.over_max_len} rows longer than max_seq_len={r.data.max_seq_len} (truncated), "
+        f"{stats.dropped_no_response} left out (response beyond max_seq_len)",
+        soft_wrap=True,
     )
 
 
@@ -115,7 +118,8 @@ def main() -> None:
     try:
         app(prog_name="qlora")
     except UserError as exc:
-        err.print(f"[bold red]error:[/] {exc.render()}", highlight=False, soft_wrap=True)
+        err.print("[bold red]error:[/] ", end="")
+        err.print(exc.render(), markup=False, highlight=False, soft_wrap=True)  # user text: no markup
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         err.print("interrupted")

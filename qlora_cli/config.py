@@ -175,7 +175,7 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in the backward pass: much less memory, about 30% slower."
     )
-    seed: int = Field(42, description="Seed for adapter init, data order and dropout.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for adapter init, data order and dropout.")
     logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and throughput every N steps.")
     eval_steps: int | None = Field(
         None, ge=1, description="Evaluate on the validation rows every N steps (always once at the end)."
@@ -228,6 +228,15 @@ def _rule_one_warmup(r: Recipe):
         yield Problem("train.warmup_steps", "set either warmup_steps or warmup_ratio, not both (remove one)")
 
 
+def _rule_no_adapter_on_output_head(r: Recipe):
+    targets = r.lora.target_modules
+    if isinstance(targets, list) and "lm_head" in targets:
+        yield Problem(
+            "lora.target_modules",
+            "PEFT cannot put an adapter on lm_head: list it under lora.modules_to_save to train it in full",
+        )
+
+
 def _rule_text_has_no_template(r: Recipe):
     if r.data.template is not None and all(s.format == "text" for s in r.data.sources):
         yield Problem("data.template", "the text format is trained as plain text and uses no template: remove it")
@@ -253,6 +262,7 @@ def _rule_dora_bias(r: Recipe):
 RULES = [
     _rule_eval_needs_validation_rows,
     _rule_one_warmup,
+    _rule_no_adapter_on_output_head,
     _rule_text_has_no_template,
     _rule_one_template_family,
     _rule_dora_bias,
@@ -386,11 +396,16 @@ def _dotted(loc: tuple) -> str:
 def _parse_key(dotted: str) -> list:
     """'data.sources[0].path' -> ['data', 'sources', 0, 'path']"""
     parts: list = []
-    for chunk in dotted.split("."):
+    for i, chunk in enumerate(dotted.split(".")):
         name, *idx = chunk.replace("]", "").split("[")
         if name:
             parts.append(name)
-        parts += [int(i) for i in idx]
+        elif i > 0 or not idx:  # 'lora..r' or '.r': an empty key
+            raise ValueError(f"empty key in {dotted!r}")
+        indices = [int(j) for j in idx]
+        if any(j < 0 for j in indices):
+            raise ValueError(f"negative index in {dotted!r}")
+        parts += indices
     return parts
 
 
@@ -406,6 +421,11 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+        lines: dict[tuple, int] = {}
+        duplicates: list[Problem] = []
+        _collect_lines(node, (), lines, duplicates)
+    except RecursionError:
+        raise UserError.single(str(path), "a YAML alias refers to itself: remove the recursive anchor") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -414,9 +434,6 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a value of type {type(data).__name__}"
         raise UserError.single(str(path), f"a recipe must be a mapping of sections (model:, data:, ...); this is {kind}")
-    lines: dict[tuple, int] = {}
-    duplicates: list[Problem] = []
-    _collect_lines(node, (), lines, duplicates)
     if duplicates:  # PyYAML silently keeps the last of two equal keys; that hides edits
         raise UserError(duplicates, header="The recipe has problems:")
     return data, lines

@@ -115,6 +115,9 @@ def load_base_model(model, quant):
         )
     except (OSError, ValueError) as exc:
         raise UserError.single("model.name_or_path", f"could not load the model: {_first_line(exc)}") from None
+    except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
+        where = "model.attn_implementation" if model.attn_implementation else "model.name_or_path"
+        raise UserError.single(where, f"a package the model needs is missing: {_first_line(exc)}") from None
     disable_cpu_weight_repacking(loaded)
     return loaded
 
@@ -145,9 +148,17 @@ def attach_lora(model, lora, gradient_checkpointing: bool):
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     try:
-        return get_peft_model(model, build_lora_config(lora))
+        peft_model = get_peft_model(model, build_lora_config(lora))
     except ValueError as exc:  # e.g. a target module name that matches nothing
         raise UserError.single("lora.target_modules", _first_line(exc)) from None
+    # PEFT accepts a modules_to_save name that matches nothing and then trains nothing extra.
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    unmatched = [m for m in lora.modules_to_save if not any(f"{m}.modules_to_save." in n for n in trainable)]
+    if unmatched:
+        raise UserError.single(
+            "lora.modules_to_save", f"no module of this model is called {', '.join(map(repr, unmatched))}"
+        )
+    return peft_model
 
 
 def keep_adapter_fp32(model) -> None:

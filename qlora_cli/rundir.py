@@ -7,12 +7,14 @@
     RUN/summary.json     written last: its presence means the run completed
     RUN/checkpoints/     trainer checkpoints (adapter, optimizer, scheduler, RNG state)
 
-`merge`, `eval` and `generate` need nothing but this directory's path.
+Everything a later command needs (the adapter, the tokenizer with its template, the recipe) is
+here, so a run can be used given nothing but this directory's path.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -37,16 +39,36 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
 
-    def check_available(self, overwrite: bool, flag: str = "--output-dir") -> None:
-        """Refuse to train into a non-empty directory, so an earlier run is never clobbered by accident."""
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError.single(flag, f"{self.path} exists and is not a directory: choose another output.dir")
-        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+    def check_available(self, overwrite: bool, protected: tuple[Path, ...] = ()) -> None:
+        """Refuse an output directory that would clobber something, before any work is done.
+
+        A non-empty directory is refused unless --overwrite; and --overwrite only ever replaces an
+        earlier run directory (one with recipe.yaml), never one that holds the model, the data or
+        the working directory, so a mistyped path cannot delete your inputs.
+        """
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise UserError.single("output.dir", f"{path} exists and is a file: choose another output.dir")
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
+        if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+            raise UserError.single("output.dir", f"cannot create {path}: {parent} is not a writable directory")
+        if not (path.is_dir() and any(path.iterdir())):
+            return
+        if not overwrite:
             raise UserError.single(
                 "output.dir",
-                f"{self.path} already exists and is not empty: choose another output.dir (or --output-dir), "
-                "or pass --overwrite to replace it",
+                f"{path} already exists and is not empty: choose another output.dir (or --output-dir), "
+                "or pass --overwrite to replace an earlier run",
             )
+        if not (path / RECIPE).is_file():
+            raise UserError.single(
+                "output.dir", f"--overwrite only replaces an earlier run directory, and {path} has no {RECIPE}"
+            )
+        here = path.resolve()
+        for inside in (Path.cwd(), *protected):
+            inside = Path(inside).resolve()
+            if inside == here or here in inside.parents:
+                raise UserError.single("output.dir", f"--overwrite would delete {inside}, which this run needs")
 
     def create(self, overwrite: bool) -> None:
         if overwrite and self.path.is_dir():

@@ -110,8 +110,10 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
 
     # 1. Checks and loading that can fail on user input: before anything is written.
     if is_main_process():
-        run.check_available(overwrite)
+        inputs = [Path(recipe.model.name_or_path)] + [Path(src.path) for src in recipe.data.sources]
+        run.check_available(overwrite, protected=tuple(p for p in inputs if p.exists()))
     check_model_path(recipe.model)
+    check_trackers(recipe.train)
     check_compute_dtype(recipe.quant)
     set_seed(recipe.train.seed)
     tokenizer, template = prepare_tokenizer(recipe)
@@ -119,13 +121,8 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     model = load_base_model(recipe.model, recipe.quant)
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
 
-    # 2. The run directory, starting with the fully resolved recipe (main process only).
-    if is_main_process():
-        run.create(overwrite)
-        run.write_recipe(recipe)
-        _announce(console, recipe, model, data_stats, template)
-
-    # 3. Train. SFTTrainer owns the loop, checkpointing, mixed precision and distributed launch.
+    # 2. The trainer. SFTTrainer owns the loop, checkpointing, mixed precision and distributed
+    # launch. Built before the run directory, so a setting it rejects leaves nothing behind.
     trainer = SFTTrainer(
         model=model,
         args=build_sft_config(recipe, run, has_eval=eval_ds is not None, template=template),
@@ -136,6 +133,12 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     keep_adapter_fp32(trainer.model)  # after SFTTrainer, which casts adapters to bf16 for 4-bit models
+
+    # 3. The run directory, starting with the fully resolved recipe (main process only); then train.
+    if is_main_process():
+        run.create(overwrite)
+        run.write_recipe(recipe)
+        _announce(console, recipe, model, data_stats, template)
     started = time.perf_counter()
     output = trainer.train()
     final_eval = final_evaluation(trainer) if eval_ds is not None else {}
@@ -157,6 +160,18 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def check_trackers(train_section) -> None:
+    """Each experiment tracker in train.report_to must be installed (transformers fails late otherwise)."""
+    from importlib.util import find_spec
+
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+    missing = [name for name in train_section.report_to if find_spec(modules[name]) is None]
+    if missing:
+        raise UserError.single(
+            "train.report_to", f"{', '.join(missing)} is not installed: pip install {' '.join(missing)}, or remove it"
+        )
+
+
 def check_compute_dtype(quant) -> None:
     """bf16 compute needs a GPU that has it (Ampere or newer); say so before loading 7B weights."""
     if quant.compute_dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
@@ -169,19 +184,22 @@ def _announce(console, recipe: Recipe, model, data_stats, template) -> None:
     """One paragraph saying what is about to happen, so a wrong setting is caught in the first second."""
     if console is None:
         return
+    from rich.markup import escape
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # A 4-bit parameter's numel() counts packed bytes (two weights each); its quant_state knows the real shape.
     total = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) else p.numel() for p in model.parameters())
     q, lora = recipe.quant, recipe.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
     console.print(
-        f"[bold]qlora[/] {recipe.model.name_or_path} in 4-bit {q.quant_type}"
+        f"[bold]qlora[/] {escape(recipe.model.name_or_path)} in 4-bit {q.quant_type}"
         f"{' + double quant' if q.double_quant else ''}, {q.compute_dtype} compute, on {model.device}\n"
         f"  LoRA r={lora.r} alpha={lora.alpha:g} on {targets}: {trainable:,} trainable of {total:,} parameters\n"
         f"  data: {data_stats.train_rows} train / {data_stats.val_rows} validation rows, "
         f"template {template.name if template else 'none (text)'}, "
-        f"{data_stats.over_max_len} longer than max_seq_len {recipe.data.max_seq_len} (truncated)\n"
-        f"  run directory: {recipe.output.dir}",
+        f"{data_stats.over_max_len} truncated to max_seq_len {recipe.data.max_seq_len}, "
+        f"{data_stats.dropped_no_response} left out (response beyond max_seq_len)\n"
+        f"  run directory: {escape(recipe.output.dir)}",
         highlight=False,
         soft_wrap=True,
     )
@@ -199,14 +217,14 @@ def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float
     """The facts a user wants after a run, from metrics.jsonl and the trainer state."""
     metrics = run.read_metrics()
     losses = [m["loss"] for m in metrics if "loss" in m]
-    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    before = [m["eval_loss"] for m in metrics if "eval_loss" in m and m["step"] == 0]
     return {
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "first_train_loss": losses[0] if losses else None,
         "last_train_loss": losses[-1] if losses else None,
         "mean_train_loss": output.training_loss,
-        "first_eval_loss": evals[0] if len(evals) > 1 else None,
+        "first_eval_loss": before[0] if before else None,  # at step 0: the base model's loss to beat
         "eval_loss": final_eval.get("eval_loss"),
         "runtime_s": round(runtime, 2),
         "tokens_seen": trainer.state.num_input_tokens_seen,

@@ -3,12 +3,12 @@ named on stderr, no traceback, and nothing written. Every case fails before trai
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -99,7 +99,47 @@ def _row_without_output(tiny, tmp_path):
     ]
 
 
+def _markup_in_path(tiny, tmp_path):
+    # Rich markup in user text must be printed literally, not interpreted (or crash the printer).
+    missing = tmp_path / "[/x]" / "[bold]d.jsonl"
+    return {"data": {"sources": [{"path": str(missing), "format": "alpaca"}]}}, [str(missing)]
+
+
+def _negative_seed(tiny, tmp_path):
+    return {"train": {"seed": -5}}, ["train.seed", "greater than or equal to 0"]
+
+
+def _adapter_on_lm_head(tiny, tmp_path):
+    return {"lora": {"target_modules": ["q_proj", "lm_head"]}}, ["lora.target_modules", "modules_to_save"]
+
+
+def _unknown_modules_to_save(tiny, tmp_path):
+    return {"lora": {"modules_to_save": ["nope"]}}, ["lora.modules_to_save", "'nope'"]
+
+
+def _missing_tracker(tiny, tmp_path):
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    return {"train": {"report_to": ["mlflow"]}}, ["train.report_to", "mlflow is not installed"]
+
+
+def _responses_beyond_max_seq_len(tiny, tmp_path):
+    return {"data": {"max_seq_len": 8}}, ["data.max_seq_len", "nothing would be trained"]
+
+
+def _output_dir_under_a_file(tiny, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    return {"output": {"dir": str(tmp_path / "afile" / "run")}}, ["output.dir", "not a writable directory"]
+
+
 BAD_RECIPES = [
+    _markup_in_path,
+    _negative_seed,
+    _adapter_on_lm_head,
+    _unknown_modules_to_save,
+    _missing_tracker,
+    _responses_beyond_max_seq_len,
+    _output_dir_under_a_file,
     _misspelled_key,
     _wrong_type,
     _missing_data_file,
@@ -140,20 +180,46 @@ def test_existing_non_empty_output_dir_is_left_untouched(write_recipe, tmp_path)
     assert keep.stat().st_mtime_ns == before
 
 
+def test_overwrite_never_deletes_a_directory_that_is_not_an_earlier_run(write_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine\n")
+    proc = run_cli("train", str(write_recipe()), "--overwrite", timeout=180)
+    assert_user_error(proc, "output.dir", "--overwrite only replaces an earlier run directory")
+    assert (run_dir / "notes.txt").read_text() == "mine\n"
+
+
+def test_overwrite_never_deletes_the_runs_own_inputs(write_recipe, tiny, tmp_path):
+    # An earlier run directory that (wrongly) also holds this run's data: the data must survive.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text("model: {}\n")
+    data = run_dir / "data.jsonl"
+    data.write_text((tiny / "alpaca.jsonl").read_text())
+    recipe = write_recipe({"data": {"sources": [{"path": str(data), "format": "alpaca"}]}})
+    proc = run_cli("train", str(recipe), "--overwrite", timeout=180)
+    assert_user_error(proc, "output.dir", "--overwrite would delete", str(data))
+    assert data.read_text() == (tiny / "alpaca.jsonl").read_text()
+
+
+def test_recursive_yaml_alias_exits_2(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("a: &x [*x]\n")
+    assert_user_error(run_cli("validate", str(recipe), timeout=60), "refers to itself")
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line itself
 
 
-def test_help_is_quick_and_lists_the_commands():
-    started = time.perf_counter()
+def test_help_lists_the_commands():
+    # That --help stays instant is checked by what it imports (below), not by a timer.
     proc = run_qlora("--help", timeout=60)
-    elapsed = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr
     assert "Usage:" in proc.stdout
     for command in ("train", "validate", "schema"):
         assert command in proc.stdout
     assert "Traceback" not in proc.stderr
-    assert elapsed < 3.0, f"qlora --help took {elapsed:.1f}s"
 
 
 def test_help_imports_no_heavy_library():

@@ -42,6 +42,8 @@ def test_validate_checks_everything_but_trains_nothing(write_recipe, tmp_path):
 
     proc = run_cli("validate", str(write_recipe()), "--set", "data.val_size=100", "--set", "data.max_seq_len=64")
     assert proc.returncode == 0, proc.stderr
-    assert "300 train rows, 100 validation rows, template alpaca" in proc.stderr
-    assert "rows longer than max_seq_len=64" in proc.stderr
+    # At 64 tokens, the 200 rows with an `input` (the longer Alpaca prompt) have no response
+    # token left: they are counted and left out, not trained on as prompt-only rows.
+    assert "100 train rows, 100 validation rows, template alpaca" in proc.stderr
+    assert "200 left out (response beyond max_seq_len)" in proc.stderr
     assert not (tmp_path / "run").exists()

@@ -124,3 +124,17 @@ def test_stats_count_trained_tokens_and_long_rows(tok, tmp_path):
     assert stats.over_max_len == 1
     assert stats.trained_tokens == sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in col(train, "labels"))
     assert stats.train_tokens == sum(len(ids) for ids in col(train))
+
+
+def test_rows_whose_response_is_cut_off_are_left_out_and_counted(tok, tmp_path):
+    long_prompt = {"instruction": "Count. " * 60, "input": "", "output": "1 2"}
+    path = _write(tmp_path / "d.jsonl", ROWS + [long_prompt])
+    train, _, stats = build_datasets(_data(path, max_seq_len=100), tok, seed=0)
+    assert stats.dropped_no_response == 1 and stats.train_rows == 4 == len(train)
+    assert all(any(t != IGNORE_INDEX for t in lab[:100]) for lab in col(train, "labels"))
+
+
+def test_nothing_left_to_train_is_a_user_error(tok, tmp_path):
+    with pytest.raises(UserError) as err:
+        build_datasets(_data(_write(tmp_path / "d.jsonl", ROWS), max_seq_len=8), tok, seed=0)
+    assert err.value.problems[0].where == "data.max_seq_len"

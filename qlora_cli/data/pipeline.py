@@ -3,8 +3,9 @@
     train_ds, eval_ds, stats = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
 
 Each output row has `input_ids` and `labels`, with -100 on every token that carries no loss.
-TRL's SFTTrainer accepts such a pre-tokenized dataset as is: it only truncates to max_length and
-pads (labels with -100), so the masks computed here are exactly the ones trained on.
+TRL's SFTTrainer accepts such a pre-tokenized dataset as is: it truncates to max_length, drops
+rows left with no trained token, and pads (labels with -100), so the masks computed here are
+exactly the ones trained on. The rows it would drop are dropped (and counted) here first.
 
 Steps, per source: load (datasets) -> rename mapped columns -> canonical form (formats.py) ->
 render with the template and tokenize (templates.py, via the tokenizer's chat template) -> mask.
@@ -33,7 +34,8 @@ class DataStats:
     val_rows: int = 0
     train_tokens: int = 0  # tokens per epoch, before truncation
     trained_tokens: int = 0  # tokens with a loss, per epoch, before truncation
-    over_max_len: int = 0  # examples that will be truncated to max_seq_len
+    over_max_len: int = 0  # train examples that will be truncated to max_seq_len
+    dropped_no_response: int = 0  # rows left out: their response starts beyond max_seq_len
 
 
 def is_local(path: str) -> bool:
@@ -75,6 +77,20 @@ def build_datasets(data, tokenizer, seed: int):
         parts.append(rows)
     full = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
+    # Rows whose response starts beyond max_seq_len keep no trained token after truncation. TRL
+    # would drop them silently (from train and validation alike); drop them here, where they
+    # can be counted and reported, and refuse a run that would have nothing left.
+    limit = data.max_seq_len
+    keep = [i for i, labels in enumerate(full["labels"]) if any(t != IGNORE_INDEX for t in labels[:limit])]
+    stats.dropped_no_response = len(full) - len(keep)
+    if not keep:
+        raise UserError.single(
+            "data.max_seq_len",
+            f"every example's response starts after token {limit}, so nothing would be trained: raise it",
+        )
+    if stats.dropped_no_response:
+        full = full.select(keep)
+
     eval_ds = None
     if data.val_size > 0:
         n_val = int(data.val_size) if data.val_size >= 1 else max(1, round(len(full) * data.val_size))
@@ -90,7 +106,7 @@ def build_datasets(data, tokenizer, seed: int):
     stats.val_rows = len(eval_ds) if eval_ds is not None else 0
     stats.train_tokens = sum(lengths)
     stats.trained_tokens = sum(sum(1 for t in labels if t != IGNORE_INDEX) for labels in full["labels"])
-    stats.over_max_len = sum(1 for n in lengths if n > data.max_seq_len)
+    stats.over_max_len = sum(1 for n in lengths if n > limit)
     return full, eval_ds, stats
 
 
@@ -101,8 +117,12 @@ def _load_source(source, where: str):
     try:
         if is_local(source.path):
             path = Path(source.path)
+            if path.is_dir():
+                raise UserError.single(f"{where}.path", f"{path} is a directory: name a data file inside it")
             if not path.is_file():
                 raise UserError.single(f"{where}.path", f"data file not found: {path}")
+            if path.stat().st_size == 0:
+                raise UserError.single(f"{where}.path", f"{path} is empty")
             builder = LOCAL_FORMATS.get(path.suffix)
             if builder is None:
                 raise UserError.single(
