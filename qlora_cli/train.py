@@ -98,8 +98,7 @@ def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template):
 
 def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, console=None) -> TrainResult:
     """Run one QLoRA fine-tune as the recipe describes and write the run directory."""
-    from transformers import set_seed
-    from transformers import PrinterCallback
+    from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
     from qlora_cli.progress import MetricsLog, RichProgress
