@@ -128,7 +128,12 @@ class DataSection(Section):
         "path to a .jinja file. null picks per format: alpaca -> alpaca, messages -> chatml, "
         "prompt_completion -> raw. Not used by the text format.",
     )
-    max_seq_len: int = Field(2048, ge=8, description="Longest sequence in tokens; longer examples are truncated.")
+    max_seq_len: int = Field(
+        2048,
+        ge=8,
+        description="Longest sequence in tokens. Longer examples are truncated; those whose response starts "
+        "beyond it would train nothing and are left out (counted in the summary).",
+    )
     train_on_inputs: bool = Field(
         False, description="Also compute the loss on prompt/user tokens. Default: only responses (and their EOS)."
     )

@@ -26,13 +26,12 @@ class Problem:
 
     where: str
     message: str
-    line: int | None = None
-    source: str | None = None  # the file `line` refers to; None = the recipe
+    line: int | None = None  # the recipe line the key sits on
 
     def render(self) -> str:
         loc = self.where
         if self.line is not None:
-            loc += f" (line {self.line})" if self.source is None else f" ({self.source}:{self.line})"
+            loc += f" (line {self.line})"
         return f"{loc}: {self.message}"
 
 
