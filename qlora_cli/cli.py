@@ -63,6 +63,7 @@ def validate(
     """Check a recipe without training: schema, paths, tokenizer, template and every data row."""
     from qlora_cli.config import load_recipe
     from qlora_cli.data.pipeline import build_datasets
+    from qlora_cli.data.report import data_warnings
     from qlora_cli.modeling import check_model_path
     from qlora_cli.train import prepare_tokenizer
 
@@ -70,14 +71,66 @@ def validate(
     r = load_recipe(recipe, set_ or [])
     check_model_path(r.model)
     tokenizer, template = prepare_tokenizer(r)
-    _, _, stats = build_datasets(r.data, tokenizer, seed=r.train.seed)
+    stats = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size).stats
     err.print(
         f"[green]ok[/] {escape(recipe)}: {stats.train_rows} train rows, {stats.val_rows} validation rows, "
         f"template {template.name if template else 'none (text)'}, "
-        f"{stats.over_max_len} rows longer than max_seq_len={r.data.max_seq_len} (truncated), "
-        f"{stats.dropped_no_response} left out (response beyond max_seq_len)",
+        f"{stats.truncated} truncated to max_seq_len={r.data.max_seq_len}, "
+        f"{stats.dropped_too_long + stats.dropped_no_response} dropped, {stats.bad_rows} bad rows skipped",
         soft_wrap=True,
     )
+    for line in data_warnings(stats):
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def data(
+    recipe: str = typer.Argument(..., help="Path to the YAML recipe."),
+    n: int = typer.Option(3, "--n", min=0, help="How many rendered training examples to show."),
+    stats: bool = typer.Option(False, "--stats", help="Show the full statistics table and length histogram."),
+    as_json: bool = typer.Option(False, "--json", help="Print examples and statistics as JSON on stdout."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Preview the training data: rendered examples with trained tokens highlighted, and statistics."""
+    from qlora_cli.config import load_recipe
+    from qlora_cli.data.pipeline import build_datasets
+    from qlora_cli.data.report import data_warnings, example_segments, render_example, render_stats
+    from qlora_cli.modeling import check_model_path
+    from qlora_cli.train import prepare_tokenizer
+
+    _quiet_libraries()
+    r = load_recipe(recipe, set_ or [])
+    check_model_path(r.model)
+    tokenizer, template = prepare_tokenizer(r)
+    prepared = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size)
+    examples = example_segments(prepared.train, tokenizer, n)
+    files = [s.files for s in prepared.stats.sources]
+    for ex in examples:
+        ex["file"] = files[ex["source"]][ex["file"]]
+    if as_json:
+        out = {"template": template.name if template else None, "examples": examples, "stats": prepared.stats.to_dict()}
+        typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(
+        f"[bold]{len(examples)} of {prepared.stats.train_rows} training examples[/], template "
+        f"{escape(template.name) if template else 'none (text)'}: "
+        f"[bold green]trained tokens[/] are bright, [dim]masked tokens[/] are dim\n"
+    )
+    for ex in examples:
+        label = "line" if ex["file"].endswith((".jsonl", ".txt")) else "row"
+        out.print(render_example(ex, f"{ex['file']} {label} {ex['row']}"))
+    if stats:
+        out.print(render_stats(prepared.stats, r.data))
+    else:
+        st = prepared.stats
+        out.print(
+            f"{st.train_rows} train / {st.val_rows} validation rows, {st.train_tokens:,} tokens per epoch, "
+            f"{st.truncated} truncated, {st.dropped_too_long + st.dropped_no_response} dropped, "
+            f"{st.bad_rows} bad rows skipped (--stats for more)"
+        )
+    for line in data_warnings(prepared.stats):
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -98,20 +98,46 @@ class LoraSection(Section):
         return v
 
 
-DataFormat = Literal["alpaca", "messages", "prompt_completion", "text"]
+DataFormat = Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+# The roles a conversation may hold once converted (data/formats.py); `roles:` maps other names onto them.
+CanonicalRole = Literal["system", "user", "assistant", "tool"]
 
 
 class DataSource(Section):
-    """One dataset: a local file or a hub dataset id."""
+    """One dataset: local file(s) or a hub dataset id."""
 
-    path: str = Field(description="Local .json/.jsonl/.csv/.parquet file, or a hub dataset id.")
+    path: str = Field(
+        description="A local .json/.jsonl/.csv/.parquet/.txt file, a glob (data/*.jsonl), a directory (every "
+        "file of those types inside it, recursively), or a hub dataset id."
+    )
     format: DataFormat = Field(
-        description="Row layout. alpaca: instruction/input/output. messages: a list of {role, content}. "
-        "prompt_completion: prompt/completion strings. text: plain text, trained in full."
+        description="Row layout. alpaca: instruction/input/output. sharegpt: conversations of {from, value}. "
+        "messages: a list of {role, content}. prompt_completion: prompt/completion strings. "
+        "text: plain text, trained in full."
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map this format's field names to the columns in your file, e.g. {instruction: question}.",
+    )
+    roles: dict[str, CanonicalRole] = Field(
+        default_factory=dict,
+        description="sharegpt/messages: map role names in the data to system, user, assistant or tool, e.g. "
+        "{function_call: assistant, observation: tool}. human/gpt/system are known already.",
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Scale this source's share of the training rows: 0.5 uses a seeded half of its rows, 2 uses "
+        "every row twice. null = each row once.",
+    )
+    samples: int | None = Field(
+        None,
+        ge=1,
+        description="Use exactly this many training rows from this source (seeded sample; repeats rows when it "
+        "has fewer). Instead of weight.",
+    )
+    sample_by: Literal["line", "paragraph", "document"] = Field(
+        "line", description=".txt files: one example per line, per blank-line-separated paragraph, or per file."
     )
     split: str = Field("train", description="Split to read (hub datasets; local files have only 'train').")
     subset: str | None = Field(None, description="Hub dataset configuration name.")
@@ -121,18 +147,28 @@ class DataSource(Section):
 class DataSection(Section):
     """What the model is trained on, and how rows become tokens."""
 
-    sources: list[DataSource] = Field(min_length=1, description="Datasets to train on (concatenated).")
+    sources: list[DataSource] = Field(min_length=1, description="Datasets to train on, mixed and shuffled together.")
+    val_sources: list[DataSource] = Field(
+        default_factory=list,
+        description="Datasets to validate on, instead of holding out val_size rows of the training sources.",
+    )
     template: str | None = Field(
         None,
-        description="Prompt template: alpaca, chatml, raw, 'tokenizer' (the tokenizer's own chat template) or a "
-        "path to a .jinja file. null picks per format: alpaca -> alpaca, messages -> chatml, "
-        "prompt_completion -> raw. Not used by the text format.",
+        description="Prompt template: alpaca, chatml, llama3, raw, 'tokenizer' (the tokenizer's own chat "
+        "template) or a path to a .jinja file. null picks per format: alpaca -> alpaca, sharegpt and "
+        "messages -> chatml, prompt_completion -> raw. Not used by the text format.",
     )
-    max_seq_len: int = Field(
-        2048,
-        ge=8,
-        description="Longest sequence in tokens. Longer examples are truncated; those whose response starts "
-        "beyond it would train nothing and are left out (counted in the summary).",
+    max_seq_len: int = Field(2048, ge=8, description="Longest sequence in tokens. See on_too_long.")
+    on_too_long: Literal["truncate", "drop", "error"] = Field(
+        "truncate",
+        description="Examples longer than max_seq_len: truncate them (keep the start), drop them, or stop with "
+        "an error naming them. Truncated examples left with no response token are dropped either way. "
+        "Counts go to the run summary.",
+    )
+    on_bad_row: Literal["skip", "error"] = Field(
+        "skip",
+        description="Rows that do not fit their format (malformed JSON, missing or non-string field): skip them "
+        "(counted, first few shown) or stop with an error listing them.",
     )
     train_on_inputs: bool = Field(
         False, description="Also compute the loss on prompt/user tokens. Default: only responses (and their EOS)."
@@ -141,6 +177,19 @@ class DataSection(Section):
         0.0,
         ge=0,
         description="Held-out validation rows: a fraction (0 < x < 1) or a whole count (x >= 1). 0 = none.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several examples into each max_seq_len row (TRL best-fit decreasing, padding-free, "
+        "with per-example position ids so examples do not attend to each other). Fewer, fuller steps.",
+    )
+    cache: bool = Field(
+        True,
+        description="Reuse the tokenized dataset of an earlier run when the data files, template, tokenizer and "
+        "every data setting are unchanged. Stored under $QLORA_CACHE_DIR (default ~/.cache/qlora).",
+    )
+    num_proc: int | None = Field(
+        None, ge=1, description="Processes for tokenization. null = one per CPU core, at most 8."
     )
 
     @field_validator("val_size")
@@ -222,8 +271,30 @@ class Recipe(Section):
 
 
 def _rule_eval_needs_validation_rows(r: Recipe):
-    if r.train.eval_steps is not None and r.data.val_size == 0:
-        yield Problem("train.eval_steps", "is set but there are no validation rows: set data.val_size (e.g. 0.05)")
+    if r.train.eval_steps is not None and r.data.val_size == 0 and not r.data.val_sources:
+        yield Problem(
+            "train.eval_steps",
+            "is set but there are no validation rows: set data.val_size (e.g. 0.05) or data.val_sources",
+        )
+
+
+def _rule_one_validation_set(r: Recipe):
+    if r.data.val_size > 0 and r.data.val_sources:
+        yield Problem("data.val_sources", "set either val_sources or val_size, not both (remove one)")
+
+
+def _rule_weight_or_samples(r: Recipe):
+    for key in ("sources", "val_sources"):
+        for i, s in enumerate(getattr(r.data, key)):
+            if s.weight is not None and s.samples is not None:
+                yield Problem(f"data.{key}[{i}].samples", "set either weight or samples, not both (remove one)")
+
+
+def _rule_roles_need_conversations(r: Recipe):
+    for key in ("sources", "val_sources"):
+        for i, s in enumerate(getattr(r.data, key)):
+            if s.roles and s.format not in ("sharegpt", "messages"):
+                yield Problem(f"data.{key}[{i}].roles", f"only sharegpt and messages data have roles, not {s.format}")
 
 
 def _rule_one_warmup(r: Recipe):
@@ -243,7 +314,7 @@ def _rule_no_adapter_on_output_head(r: Recipe):
 
 
 def _rule_text_has_no_template(r: Recipe):
-    if r.data.template is not None and all(s.format == "text" for s in r.data.sources):
+    if r.data.template is not None and all(s.format == "text" for s in [*r.data.sources, *r.data.val_sources]):
         yield Problem("data.template", "the text format is trained as plain text and uses no template: remove it")
 
 
@@ -251,7 +322,8 @@ def _rule_one_template_family(r: Recipe):
     # One run, one template: generate/eval must render prompts exactly as training did. Mixing
     # plain text with templated rows is fine; mixing two formats with different default
     # templates needs an explicit choice.
-    defaults = {_DEFAULT_TEMPLATE[s.format] for s in r.data.sources if s.format != "text"}
+    sources = [*r.data.sources, *r.data.val_sources]
+    defaults = {_DEFAULT_TEMPLATE[s.format] for s in sources if s.format != "text"}
     if r.data.template is None and len(defaults) > 1:
         yield Problem(
             "data.template",
@@ -266,6 +338,9 @@ def _rule_dora_bias(r: Recipe):
 
 RULES = [
     _rule_eval_needs_validation_rows,
+    _rule_one_validation_set,
+    _rule_weight_or_samples,
+    _rule_roles_need_conversations,
     _rule_one_warmup,
     _rule_no_adapter_on_output_head,
     _rule_text_has_no_template,
@@ -274,14 +349,14 @@ RULES = [
 ]
 
 # Which template each format gets when data.template is null (data/templates.py defines them).
-_DEFAULT_TEMPLATE = {"alpaca": "alpaca", "messages": "chatml", "prompt_completion": "raw"}
+_DEFAULT_TEMPLATE = {"alpaca": "alpaca", "sharegpt": "chatml", "messages": "chatml", "prompt_completion": "raw"}
 
 
 def default_template(recipe: Recipe) -> str | None:
     """The template a recipe trains with: data.template, or the default of its formats."""
     if recipe.data.template is not None:
         return recipe.data.template
-    for source in recipe.data.sources:
+    for source in [*recipe.data.sources, *recipe.data.val_sources]:
         if source.format != "text":
             return _DEFAULT_TEMPLATE[source.format]
     return None

@@ -47,7 +47,7 @@ def prepare_tokenizer(recipe: Recipe):
     name = default_template(recipe)
     if name is None:  # text only: no template
         return tokenizer, None
-    template = resolve_template(name, tokenizer, needs_masks=not recipe.data.train_on_inputs)
+    template = resolve_template(name, tokenizer)
     apply_template(template, tokenizer)
     return tokenizer, template
 
@@ -89,6 +89,10 @@ def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template):
         fp16=recipe.quant.compute_dtype == "float16" and cuda,
         use_cpu=not cuda,
         max_length=recipe.data.max_seq_len,
+        # Best-fit-decreasing packing; TRL then runs padding-free, with position ids restarting at
+        # each example, which the attention mask is built from, so packed examples stay separate.
+        packing=recipe.data.packing,
+        packing_strategy="bfd",
         include_num_input_tokens_seen="non_padding",
         eos_token=template.stop if template and template.stop else None,
         disable_tqdm=True,  # RichProgress replaces tqdm
@@ -109,14 +113,19 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
 
     # 1. Checks and loading that can fail on user input: before anything is written.
     if is_main_process():
-        inputs = [Path(recipe.model.name_or_path)] + [Path(src.path) for src in recipe.data.sources]
+        sources = [*recipe.data.sources, *recipe.data.val_sources]
+        inputs = [Path(recipe.model.name_or_path)] + [Path(src.path) for src in sources]
         run.check_available(overwrite, protected=tuple(p for p in inputs if p.exists()))
     check_model_path(recipe.model)
     check_trackers(recipe.train)
     check_compute_dtype(recipe.quant)
     set_seed(recipe.train.seed)
     tokenizer, template = prepare_tokenizer(recipe)
-    train_ds, eval_ds, data_stats = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+    prepared = build_datasets(
+        recipe.data, tokenizer, template, seed=recipe.train.seed, batch_size=recipe.train.batch_size
+    )
+    data_stats = prepared.stats
+    train_ds, eval_ds = prepared.for_trainer()
     model = load_base_model(recipe.model, recipe.quant)
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
 
@@ -185,6 +194,8 @@ def _announce(console, recipe: Recipe, model, data_stats, template) -> None:
         return
     from rich.markup import escape
 
+    from qlora_cli.data.report import data_warnings
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # A 4-bit parameter's numel() counts packed bytes (two weights each); its quant_state knows the real shape.
     total = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) else p.numel() for p in model.parameters())
@@ -195,13 +206,16 @@ def _announce(console, recipe: Recipe, model, data_stats, template) -> None:
         f"{' + double quant' if q.double_quant else ''}, {q.compute_dtype} compute, on {model.device}\n"
         f"  LoRA r={lora.r} alpha={lora.alpha:g} on {targets}: {trainable:,} trainable of {total:,} parameters\n"
         f"  data: {data_stats.train_rows} train / {data_stats.val_rows} validation rows, "
-        f"template {template.name if template else 'none (text)'}, "
-        f"{data_stats.over_max_len} truncated to max_seq_len {recipe.data.max_seq_len}, "
-        f"{data_stats.dropped_no_response} left out (response beyond max_seq_len)\n"
+        f"template {template.name if template else 'none (text)'}, {data_stats.truncated} truncated to "
+        f"max_seq_len {recipe.data.max_seq_len}, {data_stats.dropped_too_long + data_stats.dropped_no_response} "
+        f"dropped, {data_stats.bad_rows} bad rows skipped, packing {'on' if recipe.data.packing else 'off'} "
+        f"(cache {data_stats.cache})\n"
         f"  run directory: {escape(recipe.output.dir)}",
         highlight=False,
         soft_wrap=True,
     )
+    for line in data_warnings(data_stats):
+        console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def final_evaluation(trainer) -> dict:
@@ -229,11 +243,30 @@ def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "template": template.name if template else None,
-        "data": vars(data_stats),
+        "data": {**data_stats.to_dict(), "trained_batches": trained_batching(trainer)},
         "peak_memory": peak_memory(),
         "versions": library_versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_dir": str(Path(run.path).resolve()),
+    }
+
+
+def trained_batching(trainer) -> dict:
+    """Real-token fraction of the rows the trainer actually iterated over (packed or not).
+
+    With packing, TRL's packed dataset has one row per pack with `seq_lengths`; the fraction of
+    each max_length row holding real tokens is the packing efficiency.
+    """
+    ds = trainer.train_dataset
+    max_len = trainer.args.max_length
+    if "seq_lengths" not in ds.column_names:
+        return {"packed": False, "rows": len(ds)}
+    tokens = sum(sum(s) for s in ds["seq_lengths"])
+    return {
+        "packed": True,
+        "rows": len(ds),
+        "examples": sum(len(s) for s in ds["seq_lengths"]),
+        "packing_efficiency": round(tokens / (len(ds) * max_len), 4),
     }
 
 

@@ -8,7 +8,7 @@ No network and no randomness beyond fixed seeds: the same files every time, in a
 The model is a random 2-layer Llama (hidden size 64, so every linear layer quantizes into whole
 64-value NF4 blocks). The tokenizer is a byte-level BPE trained in memory on the data, so it can
 encode any text, has Llama-style <s>/</s> and no pad token (pad == eos, as for Llama and Mistral),
-plus the ChatML markers as single tokens so the chatml template works too.
+plus the ChatML and Llama 3 markers as single tokens so the chatml and llama3 templates work too.
 
 The task is one a random model learns visibly in a minute on a laptop CPU: short deterministic
 answers (counting, reversing a list, repeating a word, antonyms), in both Alpaca variants (with and
@@ -25,7 +25,8 @@ from pathlib import Path
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "light", "table", "water", "paper", "bread", "smile"]
 ANTONYMS = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "light": "dark", "early": "late",
             "happy": "sad", "open": "closed", "full": "empty", "old": "new", "high": "low", "wet": "dry"}
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHAT_MARKERS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", *CHAT_MARKERS]
 
 
 def alpaca_rows(n: int, seed: int) -> list[dict]:
@@ -85,7 +86,7 @@ def build_tokenizer(corpus: list[str]):
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=512,
+        additional_special_tokens=CHAT_MARKERS, model_max_length=512,
     )
 
 

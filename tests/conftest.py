@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying a hub that is not there
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tokenized-data cache of the suite lives apart from the user's (~/.cache/qlora), and is fresh
+# each session; tests/test_cache.py points it at a per-test directory where that matters.
+os.environ["QLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="qlora-test-cache-")
 
 
 @pytest.fixture(scope="session")

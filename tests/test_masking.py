@@ -1,4 +1,8 @@
-"""Loss masks, token by token: exactly the response tokens plus the stop token carry a label."""
+"""Loss masks, token by token: exactly the response tokens plus the stop token carry a label.
+
+`tokenize_example` below is the pipeline's own path (canonical form -> Renderer -> encode), one row
+at a time.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,20 @@ import torch
 
 from qlora_cli.config import ModelSection
 from qlora_cli.data.formats import ALPACA_SYSTEM_NO_INPUT, ALPACA_SYSTEM_WITH_INPUT, to_canonical
-from qlora_cli.data.pipeline import IGNORE_INDEX, tokenize_example
-from qlora_cli.data.templates import apply_template, resolve_template
+from qlora_cli.data.templates import BUILTINS, Renderer, Template, apply_template, resolve_template
+from qlora_cli.data.tokenize import IGNORE_INDEX, encode, encode_text
 from qlora_cli.modeling import load_tokenizer
+
+
+def tokenize_example(example: dict, tok, train_on_inputs: bool, template: Template | None = None) -> dict:
+    if "text" in example:
+        ids, labels = encode_text(tok, [example["text"]])
+    else:
+        installed = next((t for t in BUILTINS.values() if t.jinja == tok.chat_template), None)
+        template = template or installed or Template("installed", tok.chat_template)
+        text, spans = Renderer(template, tok).render(example["messages"])
+        ids, labels = encode(tok, [text], [spans], train_on_inputs)
+    return {"input_ids": ids[0], "labels": labels[0]}
 
 
 @pytest.fixture()
@@ -26,7 +41,7 @@ def trained(example: dict) -> list[int]:
     return [t for t in example["labels"] if t != IGNORE_INDEX]
 
 
-def encode(tok, text: str) -> list[int]:
+def tokens(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
@@ -49,7 +64,7 @@ def test_alpaca_masks_exactly_response_and_eos(tokenizer_with, row, system, user
     expected_text = f"<s>{system}\n\n### Instruction:\n{user}\n\n### Response:\n{row['output']}</s>"
     assert tok.decode(ex["input_ids"]) == expected_text
 
-    response = encode(tok, row["output"]) + [tok.eos_token_id]
+    response = tokens(tok, row["output"]) + [tok.eos_token_id]
     assert trained(ex) == response
     # ...and they are the contiguous tail of the sequence: nothing in the prompt is trained.
     n = len(response)
@@ -70,7 +85,7 @@ def test_multi_turn_messages_train_every_assistant_turn_only(tokenizer_with):
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert tok.eos_token_id == im_end  # ChatML stops on <|im_end|>: that is the EOS learned
 
-    assert trained(ex) == encode(tok, "1 2 3") + [im_end] + encode(tok, "cold") + [im_end]
+    assert trained(ex) == tokens(tok, "1 2 3") + [im_end] + tokens(tok, "cold") + [im_end]
     # Position by position: a token is trained iff it lies inside an assistant reply.
     text = tok.decode(ex["input_ids"])
     assert text.count("<|im_start|>assistant\n") == 2
@@ -90,7 +105,7 @@ def test_multi_turn_with_alpaca_template_ends_each_reply_with_eos(tokenizer_with
     ]}
     ex = tokenize_example(to_canonical(row, "messages"), tok, train_on_inputs=False)
     eos = tok.eos_token_id
-    assert trained(ex) == encode(tok, "1 2 3") + [eos] + encode(tok, "3 2 1") + [eos]
+    assert trained(ex) == tokens(tok, "1 2 3") + [eos] + tokens(tok, "3 2 1") + [eos]
 
 
 def test_train_on_inputs_trains_every_token(tokenizer_with):
@@ -109,14 +124,14 @@ def test_prompt_completion_raw_trains_completion_and_eos(tokenizer_with):
         train_on_inputs=False,
     )
     assert tok.decode(ex["input_ids"]) == "<s>Q: opposite of up?\nA:\ndown</s>"
-    assert trained(ex) == encode(tok, "down") + [tok.eos_token_id]
+    assert trained(ex) == tokens(tok, "down") + [tok.eos_token_id]
 
 
 def test_text_is_trained_in_full_with_eos(tokenizer_with):
     tok = tokenizer_with("alpaca")
     ex = tokenize_example(to_canonical({"text": "green water light"}, "text"), tok, train_on_inputs=False)
     assert ex["labels"] == ex["input_ids"]
-    assert ex["input_ids"] == [tok.bos_token_id] + encode(tok, "green water light") + [tok.eos_token_id]
+    assert ex["input_ids"] == [tok.bos_token_id] + tokens(tok, "green water light") + [tok.eos_token_id]
 
 
 def test_eos_keeps_its_label_when_pad_equals_eos(tokenizer_with):
@@ -135,3 +150,137 @@ def test_eos_keeps_its_label_when_pad_equals_eos(tokenizer_with):
     assert ids[n:].eq(tok.pad_token_id).all() and labels[n:].eq(IGNORE_INDEX).all()  # padding is not
     assert batch["attention_mask"][0, n:].sum().item() == 0
     assert torch.equal(batch["labels"][1], torch.tensor(long["labels"]))
+
+
+MULTI_TURN = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Count from 1 to 3."},
+    {"role": "assistant", "content": "1 2 3"},
+    {"role": "user", "content": "What is the opposite of hot?"},
+    {"role": "assistant", "content": "cold"},
+]
+
+
+def test_llama3_trains_every_assistant_turn_and_eot(tokenizer_with):
+    tok = tokenizer_with("llama3")
+    ex = tokenize_example({"messages": MULTI_TURN}, tok, train_on_inputs=False)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert tok.eos_token_id == eot
+    assert trained(ex) == tokens(tok, "1 2 3") + [eot] + tokens(tok, "cold") + [eot]
+    assert tok.decode(ex["input_ids"]).startswith(
+        "<s><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nCount from 1 to 3.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n1 2 3<|eot_id|>"
+    )
+
+
+@pytest.mark.parametrize("name", ["alpaca", "chatml", "llama3"])
+def test_batched_masks_equal_transformers_assistant_masks(tokenizer_with, name):
+    """Our offset-based masks are the ones apply_chat_template(return_assistant_tokens_mask=True) gives."""
+    tok = tokenizer_with(name)
+    conversations = [MULTI_TURN, MULTI_TURN[1:3], [*MULTI_TURN[1:3], {"role": "user", "content": "\n  spaced  "},
+                                                   {"role": "assistant", "content": "  \nodd spacing\n"}]]
+    for messages in conversations:
+        ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ex = tokenize_example({"messages": messages}, tok, train_on_inputs=False)
+        assert ex["input_ids"] == list(ref["input_ids"])
+        assert [int(label != IGNORE_INDEX) for label in ex["labels"]] == list(ref["assistant_masks"])
+
+
+def _without_generation_blocks(jinja: str) -> str:
+    import re
+
+    return re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", jinja)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "alpaca"])
+def test_template_without_generation_blocks_gets_the_same_masks_from_prefix_renders(tokenizer_with, name):
+    """The tokenizer's own template (or a custom one) rarely has {% generation %}: masks must not change."""
+    tok = tokenizer_with(name)
+    plain = Template("custom", _without_generation_blocks(BUILTINS[name].jinja))
+    assert not plain.has_generation_blocks
+    messages = MULTI_TURN if name != "alpaca" else MULTI_TURN[:3] + MULTI_TURN[3:]
+    expected = tokenize_example({"messages": messages}, tok, train_on_inputs=False)
+    got = tokenize_example({"messages": messages}, tok, train_on_inputs=False, template=plain)
+    assert got == expected
+
+
+def test_template_that_rewrites_earlier_turns_is_rejected(tokenizer_with):
+    from qlora_cli.data.templates import TemplateMismatch
+
+    tok = tokenizer_with("chatml")
+    # Renders the conversation newest-first, so a shorter conversation is not a prefix of a longer one.
+    reversed_template = Template(
+        "reversed", "{%- for m in messages | reverse %}{{ m['role'] + ': ' + m['content'] + eos_token }}{%- endfor %}"
+    )
+    with pytest.raises(TemplateMismatch, match="differently from its beginning"):
+        tokenize_example({"messages": MULTI_TURN}, tok, False, template=reversed_template)
+
+
+def test_a_template_that_drops_a_message_is_rejected(tokenizer_with):
+    from qlora_cli.data.templates import TemplateMismatch
+
+    tok = tokenizer_with("chatml")
+    no_system = Template(
+        "no-system",
+        "{%- for m in messages %}{%- if m['role'] != 'system' %}{{ m['role'] + ': ' + m['content'] + eos_token }}"
+        "{%- endif %}{%- endfor %}",
+    )
+    with pytest.raises(TemplateMismatch, match="dropped a 'system' message"):
+        tokenize_example({"messages": MULTI_TURN}, tok, False, template=no_system)
+    # built-ins declare what they render: alpaca has no place for a tool result
+    with pytest.raises(TemplateMismatch, match="no place for a 'tool' message"):
+        tokenize_example(
+            {"messages": [*MULTI_TURN[:3], {"role": "tool", "content": "42"}, *MULTI_TURN[3:]]},
+            tok, False, template=BUILTINS["alpaca"],
+        )
+
+
+def test_masks_come_from_the_joint_tokenization_not_separate_pieces(tokenizer_with):
+    """The boundary bug: tokenizing prompt and response apart gives different tokens at the seam."""
+    tok = tokenizer_with("raw")
+    # The response completes a word, so BPE merges across the seam into one token " apple".
+    prompt, response = "Spell it: appl", "e"
+    separate = tokens(tok, "<s>" + prompt) + tokens(tok, response + "</s>")
+    joint = tokens(tok, "<s>" + prompt + response + "</s>")
+    assert separate != joint  # a real boundary case for this tokenizer
+    ex = tokenize_example(
+        {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}, tok, False
+    )
+    assert ex["input_ids"] == joint  # what is trained is the joint tokenization...
+    # ...and the mask is computed on it: from the token holding the response's first character
+    # (" apple", which the model must emit) through EOS; the prompt-only tokens before it are masked.
+    assert [tok.decode([t]) for t in trained(ex)] == [" apple", "</s>"]
+    assert ex["labels"][: -2] == [IGNORE_INDEX] * (len(joint) - 2)
+
+
+def test_sharegpt_roles_are_mapped_or_rejected():
+    from qlora_cli.data.formats import UnmappedRole
+
+    row = {"conversations": [
+        {"from": "system", "value": "Use tools."},
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"temp": 21}'},
+        {"from": "gpt", "value": "21 degrees."},
+    ]}
+    with pytest.raises(UnmappedRole) as info:
+        to_canonical(row, "sharegpt")
+    assert info.value.roles == ["function_call", "observation"]  # every unmapped role in the row, at once
+    out = to_canonical(row, "sharegpt", roles={"function_call": "assistant", "observation": "tool"})
+    assert [m["role"] for m in out["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    assert [m["content"] for m in out["messages"]] == [t["value"] for t in row["conversations"]]
+
+
+def test_mapped_tool_calls_are_trained_and_tool_results_are_not(tokenizer_with):
+    tok = tokenizer_with("chatml")
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "CALL weather Paris"},
+        {"role": "tool", "content": "RESULT 21"},
+        {"role": "assistant", "content": "21 degrees."},
+    ]
+    ex = tokenize_example({"messages": messages}, tok, train_on_inputs=False)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert trained(ex) == tokens(tok, "CALL weather Paris") + [im_end] + tokens(tok, "21 degrees.") + [im_end]
+    assert "<|im_start|>tool\nRESULT 21<|im_end|>" in tok.decode(ex["input_ids"])

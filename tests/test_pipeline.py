@@ -1,8 +1,9 @@
-"""The data pipeline: file types, column mapping, validation split, bad rows."""
+"""The data pipeline: sources, formats, mixing, validation sets, policies, statistics."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -22,9 +23,19 @@ ROWS = [
 
 @pytest.fixture()
 def tok(tiny):
+    return tokenizer(tiny, "alpaca")
+
+
+def tokenizer(tiny, template: str):
     t = load_tokenizer(ModelSection(name_or_path=str(tiny / "model")))
-    apply_template(resolve_template("alpaca", t), t)
+    apply_template(resolve_template(template, t), t)
     return t
+
+
+def build(data: DataSection, tok, seed: int = 0, template: str | None = "alpaca"):
+    """build_datasets without the cache (tests/test_cache.py covers it)."""
+    t = resolve_template(template, tok) if template else None
+    return build_datasets(data, tok, t, seed=seed, use_cache=False)
 
 
 def _write(path, rows):
@@ -51,90 +62,309 @@ def _data(path, fmt="alpaca", **kw):
     return DataSection(sources=[source], **kw)
 
 
+# ---------------------------------------------------------------------------------------------
+# Sources and formats
+
+
 def test_every_file_type_gives_the_same_tokens(tok, tmp_path):
     results = {}
     for suffix in (".json", ".jsonl", ".csv", ".parquet"):
-        train, _, stats = build_datasets(_data(_write(tmp_path / f"d{suffix}", ROWS)), tok, seed=0)
-        results[suffix] = (col(train), col(train, "labels"))
-        assert stats.train_rows == 4
+        p = build(_data(_write(tmp_path / f"d{suffix}", ROWS)), tok)
+        results[suffix] = (sorted(col(p.train)), sorted(col(p.train, "labels")))
+        assert p.stats.train_rows == 4
     assert len({json.dumps(r) for r in results.values()}) == 1
+
+
+def test_numeric_csv_cells_are_read_as_text(tok, tmp_path):
+    path = tmp_path / "n.csv"
+    path.write_text("instruction,input,output\nWhat is 2 + 3?,,5\nAnd 10 + 2?,,12\n")
+    p = build(_data(path), tok)
+    assert p.stats.bad_rows == 0 and p.stats.train_rows == 2
+    assert {tok.decode([t for t in lab if t != IGNORE_INDEX]) for lab in col(p.train, "labels")} == {"5</s>", "12</s>"}
+
+
+def test_txt_files_are_text_rows_and_blank_lines_are_not_examples(tok, tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("green water light\n\nbig table\n   \nstone river\n")
+    p = build(_data(path, fmt="text"), tok, template=None)
+    texts = sorted(tok.decode(ids, skip_special_tokens=True) for ids in col(p.train))
+    assert texts == ["big table", "green water light", "stone river"]
+    assert all(ids == lab for ids, lab in zip(col(p.train), col(p.train, "labels")))  # text: every token trained
+    whole = build(_data(path, fmt="text", source={"sample_by": "document"}), tok, template=None)
+    assert whole.stats.train_rows == 1
+
+
+def test_txt_needs_the_text_format(tok, tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("hello\n")
+    with pytest.raises(UserError) as err:
+        build(_data(path), tok)
+    assert err.value.problems[0].where == "data.sources[0].format"
+
+
+def test_globs_and_directories_read_every_data_file_in_order(tok, tmp_path):
+    shard_dir = tmp_path / "shards"
+    (shard_dir / "nested").mkdir(parents=True)
+    _write(shard_dir / "a.jsonl", ROWS[:2])
+    _write(shard_dir / "nested" / "b.jsonl", ROWS[2:])
+    (shard_dir / "README.md").write_text("not data")
+    by_dir = build(_data(shard_dir), tok)
+    by_glob = build(_data(str(shard_dir / "**" / "*.jsonl")), tok)
+    single = build(_data(_write(tmp_path / "all.jsonl", ROWS)), tok)
+    assert by_dir.stats.sources[0].files == [str(shard_dir / "a.jsonl"), str(shard_dir / "nested" / "b.jsonl")]
+    assert by_glob.stats.sources[0].files == by_dir.stats.sources[0].files
+    assert sorted(col(by_dir.train)) == sorted(col(by_glob.train)) == sorted(col(single.train))
+    # each example remembers its file and line, for `qlora data` and error messages
+    assert sorted((r["file"], r["row"]) for r in by_dir.train) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("path, message", [("nothing/*.jsonl", "holds no data files"), ("missing.jsonl", "not found")])
+def test_sources_that_name_no_data_are_user_errors(tok, tmp_path, path, message):
+    with pytest.raises(UserError) as err:
+        build(_data(tmp_path / path), tok)
+    assert err.value.problems[0].where == "data.sources[0].path" and message in err.value.problems[0].message
 
 
 def test_column_mapping_reads_custom_field_names(tok, tmp_path):
     renamed = [{"question": r["instruction"], "context": r["input"], "answer": r["output"]} for r in ROWS]
     path = _write(tmp_path / "custom.jsonl", renamed)
     mapped = _data(path, source={"columns": {"instruction": "question", "input": "context", "output": "answer"}})
-    train, _, _ = build_datasets(mapped, tok, seed=0)
-    reference, _, _ = build_datasets(_data(_write(tmp_path / "ref.jsonl", ROWS)), tok, seed=0)
-    assert col(train) == col(reference) and len(col(train)) == 4
+    reference = build(_data(_write(tmp_path / "ref.jsonl", ROWS)), tok)
+    assert col(build(mapped, tok).train) == col(reference.train) and len(reference.train) == 4
 
 
 def test_optional_input_column_may_be_absent(tok, tmp_path):
     rows = [{"instruction": r["instruction"], "output": r["output"]} for r in ROWS]
-    train, _, _ = build_datasets(_data(_write(tmp_path / "noinput.jsonl", rows)), tok, seed=0)
-    assert len(train) == 4
+    assert len(build(_data(_write(tmp_path / "noinput.jsonl", rows)), tok).train) == 4
 
 
-@pytest.mark.parametrize("val_size, n_val", [(0.25, 1), (2, 2)])
+SHAREGPT = [
+    {"conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"temp": 21}'},
+        {"from": "gpt", "value": "21 degrees."},
+    ]},
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+]
+
+
+def test_sharegpt_tool_roles_must_be_mapped_and_the_error_names_them(tiny, tmp_path):
+    tok = tokenizer(tiny, "chatml")
+    path = _write(tmp_path / "tools.json", SHAREGPT)
+    with pytest.raises(UserError) as err:
+        build(_data(path, fmt="sharegpt"), tok, template="chatml")
+    problem = err.value.problems[0]
+    assert problem.where == "data.sources[0].roles"
+    assert "'function_call' (1 rows)" in problem.message and "'observation' (1 rows)" in problem.message
+    assert "row 1" in problem.message
+
+    mapped = _data(path, fmt="sharegpt", source={"roles": {"function_call": "assistant", "observation": "tool"}})
+    p = build(mapped, tok, template="chatml")
+    assert p.stats.train_rows == 2 and p.stats.bad_rows == 0
+    text = next(tok.decode(ids) for ids in col(p.train) if len(ids) > 30)
+    assert "<|im_start|>tool\n{\"temp\": 21}<|im_end|>" in text and '"city": "Paris"' in text
+
+
+def test_a_role_the_template_cannot_render_stops_the_run(tok, tmp_path):
+    path = _write(tmp_path / "tools.json", SHAREGPT)
+    mapped = _data(path, fmt="sharegpt", source={"roles": {"function_call": "assistant", "observation": "tool"}})
+    with pytest.raises(UserError) as err:
+        build(mapped, tok, template="alpaca")
+    assert "no place for a 'tool' message" in err.value.problems[0].message
+    assert err.value.problems[0].where == f"{path}: row 1"
+
+
+def test_an_unknown_non_tool_role_is_a_bad_row(tok, tmp_path):
+    rows = [*ROWS[:0], {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
+            {"messages": [{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "ok"}]}]
+    p = build(_data(_write(tmp_path / "m.jsonl", rows), fmt="messages"), tok, template="chatml")
+    assert p.stats.bad_rows == 1 and "unknown role 'usr'" in p.stats.bad_row_examples[0]
+    assert "line 2" in p.stats.bad_row_examples[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixing and validation sets
+
+
+def _many(tmp_path, name: str, n: int, word: str):
+    rows = [{"instruction": f"Say {word} {i}.", "input": "", "output": f"{word} {i}"} for i in range(n)]
+    return _write(tmp_path / name, rows)
+
+
+def _origin(p, tok) -> Counter:
+    return Counter(tok.decode(lab).split()[0] for lab in ([t for t in row if t != IGNORE_INDEX]
+                                                          for row in col(p.train, "labels")))
+
+
+def test_sources_are_mixed_by_weight_and_sample_count(tok, tmp_path):
+    a, b, c = _many(tmp_path, "a.jsonl", 20, "apple"), _many(tmp_path, "b.jsonl", 10, "river"), _many(
+        tmp_path, "c.jsonl", 8, "stone")
+    data = DataSection(sources=[
+        {"path": str(a), "format": "alpaca", "weight": 0.5},
+        {"path": str(b), "format": "alpaca", "weight": 2},
+        {"path": str(c), "format": "alpaca", "samples": 12},
+    ])
+    p = build(data, tok, seed=1)
+    assert _origin(p, tok) == {"apple": 10, "river": 20, "stone": 12}
+    assert [s.used for s in p.stats.sources] == [10, 20, 12]
+    rows = Counter(tuple(ids) for ids in col(p.train))
+    assert all(rows[tuple(ids)] == 2 for ids in col(p.train) if tok.decode(ids).count("river"))  # each row twice
+    # stone: 8 rows once, then 4 more of them: every row at least once, none more than twice
+    assert sorted(n for ids, n in rows.items() if "stone" in tok.decode(list(ids)))[0] >= 1
+
+    again = build(data, tok, seed=1)
+    other = build(data, tok, seed=2)
+    assert col(again.train) == col(p.train)  # deterministic from the seed...
+    assert col(other.train) != col(p.train)  # ...and the seed matters
+
+
+def test_sources_are_shuffled_together(tok, tmp_path):
+    a, b = _many(tmp_path, "a.jsonl", 20, "apple"), _many(tmp_path, "b.jsonl", 20, "river")
+    p = build(DataSection(sources=[{"path": str(a), "format": "alpaca"}, {"path": str(b), "format": "alpaca"}]), tok)
+    first_half = [row["source"] for row in p.train][:20]
+    assert 0 < sum(first_half) < 20  # not all of source 0 then all of source 1
+
+
+@pytest.mark.parametrize("val_size, n_val", [(0.25, 5), (7, 7)])
 def test_validation_split_by_fraction_or_count_is_seeded(tok, tmp_path, val_size, n_val):
-    path = _write(tmp_path / "d.jsonl", ROWS)
-    train, val, stats = build_datasets(_data(path, val_size=val_size), tok, seed=3)
-    assert (len(train), len(val)) == (4 - n_val, n_val) and stats.val_rows == n_val
-    again, val_again, _ = build_datasets(_data(path, val_size=val_size), tok, seed=3)
-    assert col(val) == col(val_again) and col(train) == col(again)
-    assert not set(map(tuple, col(train))) & set(map(tuple, col(val)))
+    path = _many(tmp_path, "d.jsonl", 20, "apple")
+    p = build(_data(path, val_size=val_size), tok, seed=3)
+    assert (len(p.train), len(p.val)) == (20 - n_val, n_val) and p.stats.val_rows == n_val
+    again = build(_data(path, val_size=val_size), tok, seed=3)
+    assert col(p.val) == col(again.val) and col(p.train) == col(again.train)
+    assert not set(map(tuple, col(p.train))) & set(map(tuple, col(p.val)))
+
+
+def test_validation_rows_are_held_out_before_sources_are_repeated(tok, tmp_path):
+    data = DataSection(sources=[{"path": str(_many(tmp_path, "d.jsonl", 20, "apple")), "format": "alpaca",
+                                 "weight": 3}], val_size=5)
+    p = build(data, tok)
+    assert len(p.val) == 5 and len(p.train) == 45 and p.stats.sources[0].held_out == 5
+    assert not set(map(tuple, col(p.train))) & set(map(tuple, col(p.val)))
+
+
+def test_validation_from_its_own_source(tok, tmp_path):
+    data = DataSection(
+        sources=[{"path": str(_many(tmp_path, "t.jsonl", 12, "apple")), "format": "alpaca"}],
+        val_sources=[{"path": str(_many(tmp_path, "v.jsonl", 6, "river")), "format": "alpaca"}],
+    )
+    p = build(data, tok)
+    assert len(p.train) == 12 and len(p.val) == 6
+    assert all("river" in tok.decode(ids) for ids in col(p.val))
+    assert p.stats.val_sources[0].used == 6
 
 
 def test_validation_larger_than_data_is_a_user_error(tok, tmp_path):
     with pytest.raises(UserError) as err:
-        build_datasets(_data(_write(tmp_path / "d.jsonl", ROWS), val_size=4), tok, seed=0)
+        build(_data(_write(tmp_path / "d.jsonl", ROWS), val_size=4), tok)
     assert err.value.problems[0].where == "data.val_size"
 
 
-def test_bad_rows_are_reported_with_row_numbers(tok, tmp_path):
+# ---------------------------------------------------------------------------------------------
+# Bad rows: on_bad_row
+
+
+BAD_JSONL = "\n".join([
+    json.dumps(ROWS[0]),
+    '{"instruction": oops}',                                           # line 2: malformed JSON
+    json.dumps({"instruction": "x", "input": "", "output": ""}),       # line 3: empty field
+    "",                                                                # blank lines are not rows
+    json.dumps({"instruction": 5, "input": "", "output": "y"}),        # line 5: not a string
+    json.dumps({"input": "", "output": "y"}),                          # line 6: missing field
+    json.dumps(ROWS[1]),
+]) + "\n"
+
+
+def test_bad_rows_are_skipped_counted_and_located_by_default(tok, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(BAD_JSONL)
+    p = build(_data(path), tok)
+    assert p.stats.train_rows == 2 and p.stats.bad_rows == 4 and p.stats.sources[0].rows == 6
+    assert p.stats.bad_row_examples == [
+        f"{path}: line 2: malformed JSON: Expecting value at column 17",
+        f"{path}: line 3: field 'output' is missing or empty",
+        f"{path}: line 5: field 'instruction' must be a string, got int",
+        f"{path}: line 6: field 'instruction' is missing or empty",
+    ]
+
+
+def test_bad_rows_stop_the_run_with_on_bad_row_error(tok, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(BAD_JSONL)
+    with pytest.raises(UserError) as err:
+        build(_data(path, on_bad_row="error"), tok)
+    assert [p.where for p in err.value.problems] == [f"{path}: line {n}" for n in (2, 3, 5, 6)]
+    assert "4 bad row(s)" in err.value.header
+
+
+def test_bad_rows_in_a_json_array_are_located_by_row(tok, tmp_path):
     rows = ROWS + [{"instruction": "x", "input": "", "output": ""}, {"instruction": 5, "input": "", "output": "y"}]
     path = _write(tmp_path / "bad.json", rows)
+    p = build(_data(path), tok)
+    assert p.stats.bad_row_examples[0] == f"{path}: row 5: field 'output' is missing or empty"
+    assert p.stats.bad_row_examples[1].startswith(f"{path}: row 6: ")
+
+
+def test_a_broken_json_array_names_the_line(tok, tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n{"instruction": "a", "output": "b"},\n{"instruction": oops}\n]')
     with pytest.raises(UserError) as err:
-        build_datasets(_data(path), tok, seed=0)
-    found = [(p.where, p.message) for p in err.value.problems]
-    assert found[0] == (f"{path}: row 5", "field 'output' is missing or empty")
-    assert found[1][0] == f"{path}: row 6"
+        build(_data(path), tok)
+    assert err.value.problems[0].where == "data.sources[0].path" and "at line 3" in err.value.problems[0].message
 
 
-def test_messages_with_unknown_role_are_rejected_not_dropped(tok, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "function_call", "content": "{}"},
-                          {"role": "assistant", "content": "ok"}]}]
+# ---------------------------------------------------------------------------------------------
+# Length: on_too_long, and examples whose response starts too late
+
+
+LONG = {"instruction": "Count.", "input": "", "output": " ".join(["1"] * 200)}
+
+
+def test_too_long_examples_are_truncated_by_default(tok, tmp_path):
+    p = build(_data(_write(tmp_path / "d.jsonl", ROWS + [LONG]), max_seq_len=128), tok)
+    assert p.stats.truncated == 1 and p.stats.train_rows == 5
+    assert max(len(ids) for ids in col(p.train)) == 128
+    long_row = next(r for r in p.train if r["length"] > 128)
+    assert len(long_row["input_ids"]) == 128 and long_row["trained"] > 0
+    assert p.stats.train_tokens == sum(len(ids) for ids in col(p.train))
+    assert p.stats.trained_tokens == sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in col(p.train, "labels"))
+
+
+def test_too_long_examples_can_be_dropped(tok, tmp_path):
+    p = build(_data(_write(tmp_path / "d.jsonl", ROWS + [LONG]), max_seq_len=128, on_too_long="drop"), tok)
+    assert p.stats.dropped_too_long == 1 and p.stats.truncated == 0 and p.stats.train_rows == 4
+    assert max(len(ids) for ids in col(p.train)) < 128
+
+
+def test_too_long_examples_can_stop_the_run(tok, tmp_path):
+    path = _write(tmp_path / "d.jsonl", ROWS + [LONG])
     with pytest.raises(UserError) as err:
-        build_datasets(_data(_write(tmp_path / "m.jsonl", rows), fmt="messages", template="alpaca"), tok, seed=0)
-    assert "unknown role 'function_call'" in err.value.problems[0].message
-
-
-def test_malformed_json_names_the_file(tok, tmp_path):
-    path = tmp_path / "broken.jsonl"
-    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
-    with pytest.raises(UserError) as err:
-        build_datasets(_data(path), tok, seed=0)
-    assert err.value.problems[0].where == "data.sources[0].path" and str(path) in err.value.problems[0].message
-
-
-def test_stats_count_trained_tokens_and_long_rows(tok, tmp_path):
-    rows = ROWS + [{"instruction": "Count.", "input": "", "output": " ".join(["1"] * 200)}]
-    train, _, stats = build_datasets(_data(_write(tmp_path / "d.jsonl", rows), max_seq_len=128), tok, seed=0)
-    assert max(len(ids) for ids in col(train)[:4]) < 128 < len(col(train)[4])
-    assert stats.over_max_len == 1
-    assert stats.trained_tokens == sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in col(train, "labels"))
-    assert stats.train_tokens == sum(len(ids) for ids in col(train))
+        build(_data(path, max_seq_len=128, on_too_long="error"), tok)
+    assert err.value.problems[0].where == f"{path}: line 5"
+    assert "more than max_seq_len=128" in err.value.problems[0].message
 
 
 def test_rows_whose_response_is_cut_off_are_left_out_and_counted(tok, tmp_path):
     long_prompt = {"instruction": "Count. " * 60, "input": "", "output": "1 2"}
-    path = _write(tmp_path / "d.jsonl", ROWS + [long_prompt])
-    train, _, stats = build_datasets(_data(path, max_seq_len=100), tok, seed=0)
-    assert stats.dropped_no_response == 1 and stats.train_rows == 4 == len(train)
-    assert all(any(t != IGNORE_INDEX for t in lab[:100]) for lab in col(train, "labels"))
+    p = build(_data(_write(tmp_path / "d.jsonl", ROWS + [long_prompt]), max_seq_len=100), tok)
+    assert p.stats.dropped_no_response == 1 and p.stats.train_rows == 4 == len(p.train)
+    assert all(any(t != IGNORE_INDEX for t in lab) for lab in col(p.train, "labels"))
 
 
 def test_nothing_left_to_train_is_a_user_error(tok, tmp_path):
     with pytest.raises(UserError) as err:
-        build_datasets(_data(_write(tmp_path / "d.jsonl", ROWS), max_seq_len=8), tok, seed=0)
-    assert err.value.problems[0].where == "data.max_seq_len"
+        build(_data(_write(tmp_path / "d.jsonl", ROWS), max_seq_len=8), tok)
+    assert err.value.problems[0].where == "data.sources[0].path" and "raise" in err.value.problems[0].message
+
+
+def test_length_and_batching_statistics(tok, tmp_path):
+    p = build(_data(_many(tmp_path, "d.jsonl", 30, "apple"), max_seq_len=128), tok)
+    lengths = sorted(len(ids) for ids in col(p.train))
+    assert p.stats.lengths["min"] == lengths[0] and p.stats.lengths["max"] == lengths[-1]
+    assert sum(c for _, c in p.stats.histogram) == 30
+    b = p.stats.batching
+    # packing puts two-plus of these ~45-token examples in each 128-token row
+    assert b["packed_rows"] <= 30 / 2 and b["packed_batches_per_epoch"] < b["batches_per_epoch"]
+    assert b["packing_efficiency"] == pytest.approx(sum(lengths) / (b["packed_rows"] * 128), abs=1e-4)
+    assert 0 < b["padding_efficiency"] <= 1

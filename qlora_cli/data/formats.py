@@ -10,7 +10,9 @@ Every supported layout becomes either a conversation or plain text:
 Conversations are rendered later by a template (templates.py); keeping one canonical form means
 masking, rendering at inference and statistics are written once, not once per format.
 A row that does not fit its format raises `BadRow` with the reason; the pipeline adds the file
-and row number.
+and row number. A tool-call role (function_call, observation, ...) that the recipe has not mapped
+raises `UnmappedRole` instead: that is a recipe problem, not a row problem, and it always stops the
+run, because skipping those rows would silently drop every tool call in the data.
 """
 
 from __future__ import annotations
@@ -26,11 +28,25 @@ ALPACA_SYSTEM_WITH_INPUT = (
     "Write a response that appropriately completes the request."
 )
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+
+# Role names understood without a `roles:` mapping. ShareGPT's human/gpt are its standard names.
+KNOWN_ROLES = {
+    "sharegpt": {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"},
+    "messages": {r: r for r in ROLES},
+}
+
+# Role names that carry tool calls or tool results in common datasets (Glaive, ToolACE, xLAM,
+# OpenAI). Which canonical role they should become depends on the template and on whether the
+# calls should be trained, so the recipe must say (`roles:`); they are never guessed or dropped.
+TOOL_ROLE_NAMES = {
+    "function_call", "function", "observation", "tool", "tool_call", "tool_calls", "tool_response", "ipython",
+}
 
 # The fields each format reads, in the names used by `columns:` in a recipe.
 FIELDS = {
     "alpaca": ("instruction", "input", "output"),
+    "sharegpt": ("conversations",),
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
@@ -42,8 +58,19 @@ class BadRow(ValueError):
     """A row that does not fit its declared format."""
 
 
-def to_canonical(row: dict, fmt: str) -> dict:
-    """Convert one row (already column-mapped) to {"messages": [...]} or {"text": str}."""
+class UnmappedRole(BadRow):
+    """Tool-call role names the recipe has not mapped to canonical roles (all of them in the row)."""
+
+    def __init__(self, roles: list[str]):
+        super().__init__(f"roles {', '.join(map(repr, roles))} are not mapped to one of {', '.join(ROLES)}")
+        self.roles = roles
+
+
+def to_canonical(row: dict, fmt: str, roles: dict[str, str] | None = None) -> dict:
+    """Convert one row (already column-mapped) to {"messages": [...]} or {"text": str}.
+
+    `roles` maps role names found in sharegpt/messages data to canonical roles, on top of KNOWN_ROLES.
+    """
     if fmt == "alpaca":
         instruction = _string(row, "instruction")
         extra = _string(row, "input", required=False)
@@ -55,8 +82,10 @@ def to_canonical(row: dict, fmt: str) -> dict:
         return {"messages": [_msg("system", system), _msg("user", user), _msg("assistant", output)]}
     if fmt == "prompt_completion":
         return {"messages": [_msg("user", _string(row, "prompt")), _msg("assistant", _string(row, "completion"))]}
+    if fmt == "sharegpt":
+        return {"messages": _turns(row, "conversations", "from", "value", {**KNOWN_ROLES[fmt], **(roles or {})})}
     if fmt == "messages":
-        return {"messages": _messages(row)}
+        return {"messages": _turns(row, "messages", "role", "content", {**KNOWN_ROLES[fmt], **(roles or {})})}
     if fmt == "text":
         return {"text": _string(row, "text")}
     raise ValueError(f"unknown format {fmt!r}")  # the schema makes this unreachable
@@ -77,20 +106,26 @@ def _string(row: dict, field: str, required: bool = True) -> str:
     return value
 
 
-def _messages(row: dict) -> list[dict]:
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRow("field 'messages' must be a non-empty list of {role, content}")
+def _turns(row: dict, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
+    """A conversation as canonical messages; `roles` maps the data's role names to ROLES."""
+    turns = row.get(field)
+    if not isinstance(turns, list) or not turns:
+        raise BadRow(f"field '{field}' must be a non-empty list of {{{role_key}, {content_key}}}")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise BadRow(f"{field}[{i}] must be an object with '{role_key}' and '{content_key}'")
+    unmapped = sorted({t[role_key] for t in turns if t[role_key] not in roles and t[role_key] in TOOL_ROLE_NAMES})
+    if unmapped:
+        raise UnmappedRole(unmapped)
     out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise BadRow(f"messages[{i}] must be an object with 'role' and 'content'")
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise BadRow(f"messages[{i}] has unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    for i, turn in enumerate(turns):
+        name, content = turn[role_key], turn[content_key]
+        if name not in roles:
+            known = ", ".join(sorted(roles))
+            raise BadRow(f"{field}[{i}] has unknown role {name!r}; expected one of {known} (or map it with roles:)")
         if not isinstance(content, str):
-            raise BadRow(f"messages[{i}].content must be a string, got {type(content).__name__}")
-        out.append(_msg(role, content))
+            raise BadRow(f"{field}[{i}].{content_key} must be a string, got {type(content).__name__}")
+        out.append(_msg(roles[name], content))
     if not any(m["role"] == "assistant" and m["content"] for m in out):
         raise BadRow("the conversation has no non-empty assistant turn, so there is nothing to train on")
     return out

@@ -1,148 +1,197 @@
 """From the recipe's data section to tokenized train/validation datasets with loss masks.
 
-    train_ds, eval_ds, stats = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+    prepared = build_datasets(recipe.data, tokenizer, template, seed=recipe.train.seed)
+    prepared.train, prepared.val, prepared.stats
 
-Each output row has `input_ids` and `labels`, with -100 on every token that carries no loss.
-TRL's SFTTrainer accepts such a pre-tokenized dataset as is: it truncates to max_length, drops
-rows left with no trained token, and pads (labels with -100), so the masks computed here are
-exactly the ones trained on. The rows it would drop are dropped (and counted) here first.
+Each output row has `input_ids` and `labels` (-100 on every token that carries no loss), plus
+`source`, `file`, `row`, `length` and `trained` so that `qlora data` can say where an example came
+from. TRL's SFTTrainer takes such a pre-tokenized dataset as is, so the masks computed here are
+exactly the ones trained on.
 
-Steps, per source: load (datasets) -> rename mapped columns -> canonical form (formats.py) ->
-render with the template and tokenize (templates.py, via the tokenizer's chat template) -> mask.
-Then concatenate the sources and split off the validation rows.
+Per source: files (sources.py) -> raw rows -> canonical form (formats.py) -> rendered text and loss
+spans (templates.py) -> input_ids and labels (tokenize.py) -> the length policy. That runs as one
+batched `datasets.map`, in several processes for large files. Then:
+  - the validation rows are set aside (a fraction or count of the pool, or val_sources), before
+    any source is repeated, so no training row can also be a validation row;
+  - each training source is sampled to its weight or count, and everything is shuffled with the seed;
+  - statistics are computed, and the result is cached (cache.py) for the next run.
+
+Rows that do not fit their format follow data.on_bad_row; problems that are not about one row (an
+unmapped tool-call role, a template that would drop a message) always stop the run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
-from qlora_cli.data.formats import FIELDS, OPTIONAL_FIELDS, BadRow, to_canonical
+import numpy as np
+
+from qlora_cli.data import cache as data_cache
+from qlora_cli.data.formats import FIELDS, OPTIONAL_FIELDS, BadRow, UnmappedRole, to_canonical
+from qlora_cli.data.sources import JSON_COLUMN, ROW_COLUMN, load_file, load_hub, resolve_files, row_label
+from qlora_cli.data.templates import Renderer, TemplateMismatch
+from qlora_cli.data.tokenize import IGNORE_INDEX, encode, encode_text
 from qlora_cli.errors import Problem, UserError
 
-IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-MAX_REPORTED_BAD_ROWS = 5
+MAX_REPORTED = 5  # bad rows shown in a message
+ROWS_PER_PROCESS = 2000  # below this, worker processes cost more than they save
+COLUMNS = ["input_ids", "labels", "source", "file", "row", "length", "trained"]
+
+# Row status after tokenization. Only "ok" rows are kept.
+OK, BAD, TOO_LONG, NO_RESPONSE, UNMAPPED_ROLE, TEMPLATE = "ok", "bad", "too_long", "no_response", "role", "template"
+
+
+@dataclass
+class SourceStats:
+    """What happened to one source's rows."""
+
+    path: str
+    files: list[str] = field(default_factory=list)
+    rows: int = 0  # rows read
+    bad_rows: int = 0  # skipped by on_bad_row: skip
+    bad_row_examples: list[str] = field(default_factory=list)  # the first few, located
+    truncated: int = 0  # longer than max_seq_len, cut to it
+    dropped_too_long: int = 0  # longer than max_seq_len, dropped (on_too_long: drop)
+    dropped_no_response: int = 0  # no response token within max_seq_len
+    kept: int = 0  # rows that survived the above
+    used: int = 0  # rows in the train (or validation) set after weight/samples; may repeat rows
+    held_out: int = 0  # rows set aside for validation (val_size)
 
 
 @dataclass
 class DataStats:
-    """What the pipeline saw; goes into summary.json."""
+    """What the pipeline saw and built; shown by `qlora data` and stored in summary.json."""
 
-    rows: dict[str, int] = field(default_factory=dict)  # per source path
+    sources: list[SourceStats] = field(default_factory=list)
+    val_sources: list[SourceStats] = field(default_factory=list)
     train_rows: int = 0
     val_rows: int = 0
-    train_tokens: int = 0  # tokens per epoch, before truncation
-    trained_tokens: int = 0  # tokens with a loss, per epoch, before truncation
-    over_max_len: int = 0  # train examples that will be truncated to max_seq_len
-    dropped_no_response: int = 0  # rows left out: their response starts beyond max_seq_len
+    train_tokens: int = 0  # tokens per epoch (after truncation)
+    trained_tokens: int = 0  # tokens with a loss, per epoch
+    bad_rows: int = 0
+    bad_row_examples: list[str] = field(default_factory=list)  # "file line N: reason", the first few
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_response: int = 0
+    lengths: dict = field(default_factory=dict)  # percentiles of train example lengths
+    histogram: list = field(default_factory=list)  # [[upper bound, count], ...]
+    batching: dict = field(default_factory=dict)  # padding/packing efficiency, steps per epoch
+    cache: str = "off"  # hit, miss or off
+    cache_key: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataStats":
+        d = dict(d)
+        d["sources"] = [SourceStats(**s) for s in d["sources"]]
+        d["val_sources"] = [SourceStats(**s) for s in d["val_sources"]]
+        return cls(**d)
 
 
-def is_local(path: str) -> bool:
-    """A source is a local file when it has a known file suffix or exists; otherwise a hub id."""
-    return Path(path).suffix in LOCAL_FORMATS or Path(path).exists()
+@dataclass
+class PreparedData:
+    train: object  # datasets.Dataset
+    val: object | None
+    stats: DataStats
+
+    def for_trainer(self):
+        """(train, val) with only the columns SFTTrainer reads."""
+        keep = ["input_ids", "labels"]
+        return self.train.select_columns(keep), self.val.select_columns(keep) if self.val is not None else None
 
 
-def tokenize_example(example: dict, tokenizer, train_on_inputs: bool) -> dict:
-    """Tokenize one canonical example; labels are -100 outside assistant turns (unless train_on_inputs).
+def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, use_cache: bool | None = None):
+    """Load, convert, tokenize, mix and split every source. Raises UserError naming file and row on bad input.
 
-    Conversations go through the tokenizer's chat template (the run's template), with the
-    assistant mask that transformers derives from `{% generation %}` blocks, computed on the
-    full tokenized sequence: the same tokens that are trained. Plain text is trained in full.
+    `batch_size` (examples per step) is only used for the padding-efficiency statistics.
     """
-    if example.get("text") is not None:
-        ids = tokenizer(example["text"], add_special_tokens=False)["input_ids"]
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        ids = bos + ids + [tokenizer.eos_token_id]
-        return {"input_ids": ids, "labels": list(ids)}
-    out = tokenizer.apply_chat_template(
-        example["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=not train_on_inputs
-    )
-    ids = list(out["input_ids"])
-    if train_on_inputs:
-        return {"input_ids": ids, "labels": list(ids)}
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"])]
-    return {"input_ids": ids, "labels": labels}
+    use_cache = data.cache if use_cache is None else use_cache
+    renderer = Renderer(template, tokenizer) if template is not None else None
+    key = None
+    if use_cache:
+        key = data_cache.key(data, seed, tokenizer, template)
+        hit = data_cache.load(key)
+        if hit is not None:
+            train, val, stats = hit
+            stats = DataStats.from_dict(stats)
+            stats.cache, stats.cache_key = "hit", key
+            return PreparedData(train, val, stats)
 
-
-def build_datasets(data, tokenizer, seed: int):
-    """Load, convert, tokenize and split every source. Raises UserError naming file and row on bad input."""
     from datasets import concatenate_datasets
 
-    parts, stats = [], DataStats()
+    stats = DataStats()
+    pool = []
     for i, source in enumerate(data.sources):
-        raw = _load_source(source, f"data.sources[{i}]")
-        rows = _process(raw, source, f"data.sources[{i}]", tokenizer, data.train_on_inputs)
-        stats.rows[source.path] = len(rows)
-        parts.append(rows)
-    full = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        ds, s = _process_source(source, i, f"data.sources[{i}]", data, renderer, tokenizer)
+        pool.append(ds)
+        stats.sources.append(s)
+    pool = concatenate_datasets(pool) if len(pool) > 1 else pool[0]
 
-    # Rows whose response starts beyond max_seq_len keep no trained token after truncation. TRL
-    # would drop them silently (from train and validation alike); drop them here, where they
-    # can be counted and reported, and refuse a run that would have nothing left.
-    limit = data.max_seq_len
-    keep = [i for i, labels in enumerate(full["labels"]) if any(t != IGNORE_INDEX for t in labels[:limit])]
-    stats.dropped_no_response = len(full) - len(keep)
-    if not keep:
-        raise UserError.single(
-            "data.max_seq_len",
-            f"every example's response starts after token {limit}, so nothing would be trained: raise it",
-        )
-    if stats.dropped_no_response:
-        full = full.select(keep)
-
-    eval_ds = None
-    if data.val_size > 0:
-        n_val = int(data.val_size) if data.val_size >= 1 else max(1, round(len(full) * data.val_size))
-        if n_val >= len(full):
+    val = None
+    if data.val_sources:
+        parts = []
+        for i, source in enumerate(data.val_sources):
+            ds, s = _process_source(source, i, f"data.val_sources[{i}]", data, renderer, tokenizer)
+            parts.append(ds)
+            stats.val_sources.append(s)
+        val = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        val = _mix(val, data.val_sources, stats.val_sources, seed)
+    elif data.val_size > 0:
+        n_val = int(data.val_size) if data.val_size >= 1 else max(1, round(len(pool) * data.val_size))
+        if n_val >= len(pool):
             raise UserError.single(
-                "data.val_size", f"asks for {n_val} validation rows but the data has only {len(full)}: lower it"
+                "data.val_size", f"asks for {n_val} validation rows but the data has only {len(pool)}: lower it"
             )
-        split = full.train_test_split(test_size=n_val, seed=seed, shuffle=True)
-        full, eval_ds = split["train"], split["test"]
+        split = pool.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+        pool, val = split["train"], split["test"]
+    train = _mix(pool, data.sources, stats.sources, seed)
 
-    lengths = [len(ids) for ids in full["input_ids"]]
-    stats.train_rows = len(full)
-    stats.val_rows = len(eval_ds) if eval_ds is not None else 0
-    stats.train_tokens = sum(lengths)
-    stats.trained_tokens = sum(sum(1 for t in labels if t != IGNORE_INDEX) for labels in full["labels"])
-    stats.over_max_len = sum(1 for n in lengths if n > limit)
-    return full, eval_ds, stats
+    _fill_totals(stats, train, val, data, batch_size, seed)
+    if use_cache:
+        data_cache.store(key, train, val, stats.to_dict())
+        stats.cache, stats.cache_key = "miss", key
+    return PreparedData(train, val, stats)
 
 
-def _load_source(source, where: str):
-    """Read one source with `datasets`; every failure becomes a message naming the file."""
-    import datasets
+# ---------------------------------------------------------------------------------------------
+# One source: files -> tokenized rows, with the policies applied.
 
-    try:
-        if is_local(source.path):
-            path = Path(source.path)
-            if path.is_dir():
-                raise UserError.single(f"{where}.path", f"{path} is a directory: name a data file inside it")
-            if not path.is_file():
-                raise UserError.single(f"{where}.path", f"data file not found: {path}")
-            if path.stat().st_size == 0:
-                raise UserError.single(f"{where}.path", f"{path} is empty")
-            builder = LOCAL_FORMATS.get(path.suffix)
-            if builder is None:
-                raise UserError.single(
-                    f"{where}.path", f"unsupported file type {path.suffix!r}: use {', '.join(LOCAL_FORMATS)}"
-                )
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        else:
-            ds = datasets.load_dataset(source.path, source.subset, split=source.split, revision=source.revision)
-    except UserError:
-        raise
-    except Exception as exc:  # datasets raises many types for unreadable files; all are user input problems
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise UserError.single(f"{where}.path", f"could not read {source.path}: {reason}") from None
+
+def _process_source(source, index: int, where: str, data, renderer, tokenizer):
+    from datasets import concatenate_datasets
+
+    files = resolve_files(source, where)
+    stats = SourceStats(path=source.path, files=[str(f) for f in files] or [source.path])
+    parts = []
+    for file_index, path in enumerate(files or [None]):
+        raw = load_file(path, source, where) if path is not None else load_hub(source, where)
+        name = str(path) if path is not None else source.path
+        if source.format == "text" and path is not None and path.suffix == ".txt":
+            raw = raw.filter(lambda t: bool(t.strip()), input_columns="text")  # blank lines are not examples
+        tokenized = _tokenize_file(raw, source, where, name, data, renderer, tokenizer)
+        kept = _apply_policies(tokenized, name, where, data, stats)
+        parts.append(_tag(kept, index, file_index))
+    ds = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    stats.kept = len(ds)
     if len(ds) == 0:
-        raise UserError.single(f"{where}.path", f"{source.path} has no rows")
-    return ds
+        raise UserError.single(
+            f"{where}.path",
+            f"no usable rows left in {source.path} (bad: {stats.bad_rows}, too long: {stats.dropped_too_long}, "
+            f"no response within max_seq_len: {stats.dropped_no_response}). See the messages above, or raise "
+            "data.max_seq_len",
+        )
+    return ds, stats
 
 
-def _process(raw, source, where: str, tokenizer, train_on_inputs: bool):
-    """Column mapping, canonical form, tokenization; collects bad rows instead of failing on the first."""
+def _tokenize_file(raw, source, where: str, name: str, data, renderer, tokenizer):
+    """One batched map over a file's rows: every output column filled, each row given a status."""
+    from datasets import Features, List, Value
+
     fields = FIELDS[source.format]
     unknown = sorted(set(source.columns) - set(fields))
     if unknown:
@@ -150,29 +199,276 @@ def _process(raw, source, where: str, tokenizer, train_on_inputs: bool):
             f"{where}.columns", f"{', '.join(unknown)} is not a field of the {source.format} format ({', '.join(fields)})"
         )
     rename = {source.columns.get(f, f): f for f in fields}
-    missing = [col for col, f in rename.items() if col not in raw.column_names and f not in OPTIONAL_FIELDS]
-    if missing:
-        raise UserError.single(
-            f"{where}.columns",
-            f"{source.path} has no column {', '.join(map(repr, missing))} (columns: {', '.join(raw.column_names)}). "
-            f"Map your column names, e.g. columns: {{{fields[0]}: your_column}}",
-        )
-    present = {col: f for col, f in rename.items() if col in raw.column_names}
+    if JSON_COLUMN not in raw.column_names:  # rows read by `datasets`: the columns must be there
+        missing = [col for col, f in rename.items() if col not in raw.column_names and f not in OPTIONAL_FIELDS]
+        if missing:
+            columns = [c for c in raw.column_names if c != ROW_COLUMN]
+            raise UserError.single(
+                f"{where}.columns",
+                f"{name} has no column {', '.join(map(repr, missing))} (columns: {', '.join(columns)}). "
+                f"Map your column names, e.g. columns: {{{fields[0]}: your_column}}",
+            )
+    features = Features(
+        {
+            "input_ids": List(Value("int32")),
+            "labels": List(Value("int32")),
+            "row": Value("int64"),
+            "length": Value("int32"),  # before truncation
+            "trained": Value("int32"),
+            "status": Value("string"),
+            "reason": Value("string"),
+        }
+    )
+    procs = min(data.num_proc or min(os.cpu_count() or 1, 8), max(1, len(raw) // ROWS_PER_PROCESS))
+    return raw.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=500,
+        num_proc=procs if procs > 1 else None,
+        remove_columns=raw.column_names,
+        features=features,
+        fn_kwargs={
+            "fmt": source.format,
+            "rename": rename,
+            "roles": dict(source.roles),
+            "renderer": renderer,
+            "tokenizer": tokenizer,
+            "train_on_inputs": data.train_on_inputs,
+            "max_len": data.max_seq_len,
+            "on_too_long": data.on_too_long,
+        },
+        load_from_cache_file=False,  # our own cache (cache.py) knows what invalidates a result
+        desc=f"Tokenizing {name}",
+    )
 
-    def convert(row: dict) -> dict:
+
+def _tokenize_batch(batch, fmt, rename, roles, renderer, tokenizer, train_on_inputs, max_len, on_too_long):
+    """The map function (module level, so worker processes can import it)."""
+    n = len(batch[ROW_COLUMN])
+    status, reason = [OK] * n, [""] * n
+    texts, spans, text_rows = [], [], []
+    for i in range(n):
         try:
-            example = to_canonical({f: row[col] for col, f in present.items()}, source.format)
-            return {**tokenize_example(example, tokenizer, train_on_inputs), "error": ""}
+            row = _row(batch, i, rename)
+            example = to_canonical(row, fmt, roles)
+            if "text" in example:
+                texts.append(example["text"])
+                spans.append(None)
+            else:
+                text, row_spans = renderer.render(example["messages"])
+                texts.append(text)
+                spans.append(row_spans)
+            text_rows.append(i)
+        except UnmappedRole as exc:
+            status[i], reason[i] = UNMAPPED_ROLE, ",".join(exc.roles)
+        except TemplateMismatch as exc:
+            status[i], reason[i] = TEMPLATE, str(exc)
         except BadRow as exc:
-            return {"input_ids": [], "labels": [], "error": str(exc)}
+            status[i], reason[i] = BAD, str(exc)
 
-    rows = raw.map(convert, remove_columns=raw.column_names, desc=f"Tokenizing {source.path}")
-    errors = [(i, e) for i, e in enumerate(rows["error"]) if e]
-    if errors:
-        problems = [Problem(f"{source.path}: row {i + 1}", reason) for i, reason in errors[:MAX_REPORTED_BAD_ROWS]]
-        more = len(errors) - len(problems)
-        header = f"{len(errors)} bad row(s) in {source.path} ({where}); fix or remove them" + (
-            f" ({more} more not shown):" if more else ":"
+    ids = [[] for _ in range(n)]
+    labels = [[] for _ in range(n)]
+    plain = [k for k, s in enumerate(spans) if s is None]
+    chats = [k for k, s in enumerate(spans) if s is not None]
+    if plain:
+        out_ids, out_labels = encode_text(tokenizer, [texts[k] for k in plain])
+        for k, a, b in zip(plain, out_ids, out_labels):
+            ids[text_rows[k]], labels[text_rows[k]] = a, b
+    if chats:
+        out_ids, out_labels = encode(tokenizer, [texts[k] for k in chats], [spans[k] for k in chats], train_on_inputs)
+        for k, a, b in zip(chats, out_ids, out_labels):
+            ids[text_rows[k]], labels[text_rows[k]] = a, b
+
+    lengths, trained = [], []
+    for i in range(n):
+        lengths.append(len(ids[i]))
+        if status[i] == OK and len(ids[i]) > max_len:
+            if on_too_long == "truncate":
+                ids[i], labels[i] = ids[i][:max_len], labels[i][:max_len]
+            else:
+                status[i], reason[i] = TOO_LONG, f"{len(ids[i])} tokens, more than max_seq_len={max_len}"
+        count = sum(1 for t in labels[i] if t != IGNORE_INDEX)
+        if status[i] == OK and count == 0:
+            status[i] = NO_RESPONSE
+        trained.append(count)
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "row": batch[ROW_COLUMN],
+        "length": lengths,
+        "trained": trained,
+        "status": status,
+        "reason": reason,
+    }
+
+
+def _row(batch, i: int, rename: dict) -> dict:
+    """Row i of a batch in the format's field names."""
+    if JSON_COLUMN in batch:
+        try:
+            record = json.loads(batch[JSON_COLUMN][i])
+        except json.JSONDecodeError as exc:
+            raise BadRow(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(record, dict):
+            raise BadRow(f"expected a JSON object, got {type(record).__name__}")
+        return {f: record.get(col) for col, f in rename.items()}
+    return {f: batch[col][i] for col, f in rename.items() if col in batch}
+
+
+def _apply_policies(ds, name: str, where: str, data, stats: SourceStats):
+    """Count and act on row statuses: stop on fatal ones, skip or stop on bad rows, drop the rest."""
+    status = ds["status"]
+    status = list(status)
+    counts = Counter(status)
+    stats.rows += len(status)
+    label = row_label(name)
+    rows = ds["row"]
+
+    def located(indices) -> list[Problem]:
+        reasons = ds.select(indices[:MAX_REPORTED])["reason"]
+        return [Problem(f"{name}: {label} {rows[i]}", r) for i, r in zip(indices, reasons)]
+
+    if counts[UNMAPPED_ROLE]:
+        found = Counter(role for s, r in zip(status, ds["reason"]) if s == UNMAPPED_ROLE for role in r.split(","))
+        first = status.index(UNMAPPED_ROLE)
+        listed = ", ".join(f"{role!r} ({n} rows)" for role, n in found.most_common())
+        example = ", ".join(f"{role}: {'assistant' if 'call' in role else 'tool'}" for role in found)
+        raise UserError.single(
+            f"{where}.roles",
+            f"{name} uses tool-call roles that are not mapped: {listed}, first at {label} {rows[first]}. Say what "
+            f"each becomes, e.g. roles: {{{example}}} (assistant turns are trained; tool results are not). They "
+            "are never dropped silently",
         )
-        raise UserError(problems, header=header)
-    return rows.remove_columns("error")
+    if counts[TEMPLATE]:
+        first = status.index(TEMPLATE)
+        raise UserError([Problem(f"{name}: {label} {rows[first]}", ds[first]["reason"])], header=f"{where}:")
+    if counts[BAD]:
+        bad = [i for i, s in enumerate(status) if s == BAD]
+        problems = located(bad)
+        more = len(bad) - len(problems)
+        if data.on_bad_row == "error":
+            header = f"{len(bad)} bad row(s) in {name} ({where}); fix or remove them, or set data.on_bad_row: skip" + (
+                f" ({more} more not shown):" if more else ":"
+            )
+            raise UserError(problems, header=header)
+        stats.bad_rows += len(bad)
+        stats.bad_row_examples += [p.render() for p in problems]
+    if counts[TOO_LONG]:
+        if data.on_too_long == "error":
+            long = [i for i, s in enumerate(status) if s == TOO_LONG]
+            more = len(long) - min(len(long), MAX_REPORTED)
+            header = (
+                f"{len(long)} example(s) in {name} are longer than data.max_seq_len={data.max_seq_len} "
+                "(data.on_too_long: error). Raise max_seq_len, or set on_too_long to truncate or drop"
+                + (f" ({more} more not shown):" if more else ":")
+            )
+            raise UserError(located(long), header=header)
+        stats.dropped_too_long += counts[TOO_LONG]
+    stats.dropped_no_response += counts[NO_RESPONSE]
+    lengths = np.asarray(ds["length"])
+    ok = np.asarray([s == OK for s in status])
+    stats.truncated += int(((lengths > data.max_seq_len) & ok).sum())
+    keep = np.flatnonzero(ok)
+    ds = ds.select(keep) if len(keep) < len(ds) else ds
+    return ds.remove_columns(["status", "reason"])
+
+
+def _tag(ds, source: int, file: int):
+    n = len(ds)
+    return ds.add_column("source", [source] * n).add_column("file", [file] * n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixing, statistics.
+
+
+def _mix(pool, sources, stats: list[SourceStats], seed: int):
+    """Each source's rows sampled to its weight or count, then all shuffled together (seeded)."""
+    rng = np.random.default_rng(seed)
+    source_of = np.asarray(pool["source"])
+    picks = []
+    for i, source in enumerate(sources):
+        rows = np.flatnonzero(source_of == i)
+        if len(rows) == 0:
+            stats[i].used = 0
+            continue
+        if source.samples is not None:
+            n = source.samples
+        elif source.weight is not None:
+            n = max(1, round(len(rows) * source.weight))
+        else:
+            n = len(rows)
+        repeats, rest = divmod(n, len(rows))
+        picks.append(np.concatenate([np.tile(rows, repeats), rng.choice(rows, rest, replace=False)]))
+        stats[i].used = n
+    order = rng.permutation(np.concatenate(picks)) if picks else np.array([], dtype=int)
+    return pool.select(order)
+
+
+def _fill_totals(stats: DataStats, train, val, data, batch_size: int, seed: int) -> None:
+    all_sources = stats.sources + stats.val_sources
+    stats.train_rows = len(train)
+    stats.val_rows = len(val) if val is not None else 0
+    if not data.val_sources and val is not None:  # validation rows held out of the training sources
+        for i, n in Counter(val["source"]).items():
+            stats.sources[i].held_out = n
+    lengths = np.asarray(train["length"])
+    lengths = np.minimum(lengths, data.max_seq_len)
+    stats.train_tokens = int(lengths.sum())
+    stats.trained_tokens = int(np.asarray(train["trained"]).sum())
+    stats.bad_rows = sum(s.bad_rows for s in all_sources)
+    stats.bad_row_examples = [e for s in all_sources for e in s.bad_row_examples][:MAX_REPORTED]
+    stats.truncated = sum(s.truncated for s in all_sources)
+    stats.dropped_too_long = sum(s.dropped_too_long for s in all_sources)
+    stats.dropped_no_response = sum(s.dropped_no_response for s in all_sources)
+    stats.lengths = length_percentiles(lengths)
+    stats.histogram = length_histogram(lengths, data.max_seq_len)
+    stats.batching = batching_efficiency(train, data.max_seq_len, batch_size, seed)
+
+
+def length_percentiles(lengths) -> dict:
+    if len(lengths) == 0:
+        return {}
+    q = np.percentile(lengths, [50, 90, 99])
+    return {
+        "min": int(lengths.min()),
+        "p50": int(q[0]),
+        "p90": int(q[1]),
+        "p99": int(q[2]),
+        "max": int(lengths.max()),
+        "mean": round(float(lengths.mean()), 1),
+    }
+
+
+def length_histogram(lengths, max_len: int, bins: int = 8) -> list[list[int]]:
+    """[[upper bound, count], ...] over 0..max_seq_len in equal-width bins."""
+    edges = np.linspace(0, max_len, bins + 1).round().astype(int)
+    counts, _ = np.histogram(lengths, bins=edges)
+    return [[int(e), int(c)] for e, c in zip(edges[1:], counts)]
+
+
+def batching_efficiency(train, max_len: int, batch_size: int, seed: int) -> dict:
+    """Fraction of real tokens in the padded batch tensors, with and without packing.
+
+    Without packing, each batch is padded to its longest example (batches drawn in a seeded random
+    order, as the trainer does). With packing, TRL packs examples best-fit-decreasing into rows of
+    max_seq_len, so the fraction is the packed rows' fill.
+    """
+    from trl import pack_dataset
+
+    lengths = np.minimum(np.asarray(train["length"]), max_len)
+    if len(lengths) == 0:
+        return {}
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    padded = sum(
+        len(chunk) * int(lengths[chunk].max()) for chunk in np.array_split(order, np.ceil(len(order) / batch_size))
+    )
+    packed = pack_dataset(train.select_columns(["input_ids"]), max_len, "bfd")
+    return {
+        "batch_size": batch_size,
+        "padding_efficiency": round(float(lengths.sum()) / padded, 4),
+        "batches_per_epoch": int(np.ceil(len(lengths) / batch_size)),
+        "packed_rows": len(packed),
+        "packing_efficiency": round(float(lengths.sum()) / (len(packed) * max_len), 4),
+        "packed_batches_per_epoch": int(np.ceil(len(packed) / batch_size)),
+    }

@@ -5,20 +5,26 @@ directory. So `qlora generate`, `qlora eval` and plain `tokenizer.apply_chat_tem
 prompts exactly as training did: there is one renderer, not one for training and one for
 inference.
 
-    template = resolve_template("alpaca", tokenizer)   # or "chatml", "raw", "tokenizer", "my.jinja"
+    template = resolve_template("alpaca", tokenizer)   # or chatml, llama3, raw, tokenizer, my.jinja
     apply_template(template, tokenizer)
+    text, spans = Renderer(template, tokenizer).render(messages)   # spans: characters that carry loss
 
-Assistant content is wrapped in `{% generation %}` blocks. transformers turns those into an
-assistant-token mask computed on the tokenization that is actually trained (not on separately
-tokenized pieces), which is how the loss is restricted to responses. Each block ends with the
-template's stop token (EOS, or <|im_end|> for ChatML), so the model learns to stop.
+Built-in templates wrap assistant content in `{% generation %}` blocks, and transformers reports
+where each block landed in the rendered text. Templates without such blocks (most tokenizers' own)
+get the same spans by rendering prefixes: the text the conversation has before an assistant turn
+(with the generation prompt) and after it. Either way the spans are character ranges of the
+final text, and tokens are masked by their offsets in the tokenization of that text (see
+tokenize.py): the tokens actually trained, so the prompt/response boundary bug (tokenizing the
+prompt and the response apart gives different boundary tokens) cannot happen. Each span ends with
+the template's stop token (EOS, <|im_end|> for ChatML, <|eot_id|> for Llama 3), so the model
+learns to stop.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_cli.data.formats import ALPACA_SYSTEM_NO_INPUT
@@ -50,6 +56,19 @@ CHATML = (
     + "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# Meta's Llama 3 instruct layout (content trimmed, as Meta's template does). Tool results use
+# Llama 3.1's `ipython` role.
+LLAMA3 = (
+    _BOS
+    + "{%- for m in messages %}"
+    + "{%- if m['role'] == 'assistant' %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    + "{%- generation %}{{ m['content'] | trim + '<|eot_id|>' }}{%- endgeneration %}"
+    + "{%- else %}{{ '<|start_header_id|>' + ('ipython' if m['role'] == 'tool' else m['role']) "
+    + "+ '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+    + "{%- endif %}{%- endfor %}"
+    + "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+
 # Prompt and completion concatenated as they are, for prompt_completion data whose prompts
 # already carry their own formatting. System messages are ignored.
 RAW = (
@@ -62,29 +81,52 @@ RAW = (
 
 @dataclass(frozen=True)
 class Template:
-    """A resolved template. `stop` is the token that ends an assistant turn (None = tokenizer EOS)."""
+    """A resolved template.
+
+    stop: the token that ends an assistant turn (None = the tokenizer's EOS).
+    roles: the roles it renders (None = unknown: checked per row by looking for the content).
+    tokens: markers that must be single tokens of the tokenizer.
+    """
 
     name: str
     jinja: str
     stop: str | None = None
+    roles: frozenset[str] | None = None
+    tokens: tuple[str, ...] = field(default=())
 
+    @property
+    def has_generation_blocks(self) -> bool:
+        return bool(_GENERATION_TAG.search(self.jinja))
 
-BUILTINS = {
-    "alpaca": Template("alpaca", ALPACA),
-    "chatml": Template("chatml", CHATML, stop="<|im_end|>"),
-    "raw": Template("raw", RAW),
-}
 
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+_ALL_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
+BUILTINS = {
+    # Alpaca has one system preamble (first message only) and instruction/response turns.
+    "alpaca": Template("alpaca", ALPACA, roles=frozenset({"system", "user", "assistant"})),
+    "chatml": Template("chatml", CHATML, stop="<|im_end|>", roles=_ALL_ROLES, tokens=("<|im_start|>", "<|im_end|>")),
+    "llama3": Template(
+        "llama3",
+        LLAMA3,
+        stop="<|eot_id|>",
+        roles=_ALL_ROLES,
+        tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    ),
+    "raw": Template("raw", RAW, roles=frozenset({"user", "assistant"})),
+}
 
-def resolve_template(name: str, tokenizer, needs_masks: bool = True, where: str = "data.template") -> Template:
-    """Find a template by name ('alpaca', 'chatml', 'raw', 'tokenizer') or .jinja path, and check it fits."""
+def resolve_template(name: str, tokenizer, where: str = "data.template") -> Template:
+    """Find a template by name (a built-in or 'tokenizer') or .jinja path, and check it fits the tokenizer.
+
+    Templates without `{% generation %}` blocks are accepted: their loss spans come from prefix
+    renders (Renderer).
+    """
     if name in BUILTINS:
         template = BUILTINS[name]
     elif name == "tokenizer":
         if not getattr(tokenizer, "chat_template", None):
-            raise UserError.single(where, "the tokenizer has no chat template: choose alpaca, chatml or raw")
+            raise UserError.single(where, "the tokenizer has no chat template: choose alpaca, chatml, llama3 or raw")
         template = Template("tokenizer", tokenizer.chat_template)
     elif name.endswith((".jinja", ".j2")):
         path = Path(name)
@@ -99,21 +141,16 @@ def resolve_template(name: str, tokenizer, needs_masks: bool = True, where: str 
             where, f"unknown template {name!r}: {hint}use one of {', '.join(choices)}, or a path to a .jinja file"
         )
 
-    if needs_masks and not _GENERATION_TAG.search(template.jinja):
-        raise UserError.single(
-            where,
-            f"template {template.name!r} has no {{% generation %}} block around assistant content, so response "
-            "tokens cannot be told apart from prompt tokens. Add one, use a built-in template, "
-            "or set data.train_on_inputs: true",
-        )
     stop = template.stop or tokenizer.eos_token
     if stop is None:
         raise UserError.single(where, "the tokenizer has no EOS token, so the model could not learn to stop")
-    if template.stop and len(tokenizer.encode(template.stop, add_special_tokens=False)) != 1:
+    split = [t for t in template.tokens if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
+    if split:
         raise UserError.single(
             where,
-            f"template {template.name!r} ends turns with {template.stop}, which is not a single token of this "
-            "tokenizer, so generation could not stop on it. Use alpaca or raw, or a tokenizer with ChatML tokens",
+            f"template {template.name!r} needs {', '.join(split)} as single tokens, and this tokenizer splits "
+            "them, so the model could not learn where turns end or stop on them. Use a template this model was "
+            "trained with ('tokenizer'), or alpaca/raw",
         )
     return template
 
@@ -127,3 +164,90 @@ def apply_template(template: Template, tokenizer) -> None:
     tokenizer.chat_template = template.jinja
     if template.stop:
         tokenizer.eos_token = template.stop
+
+
+class TemplateMismatch(ValueError):
+    """A conversation the template cannot render faithfully (a role it drops, a non-prefix-stable layout)."""
+
+
+class Renderer:
+    """Renders canonical conversations to text plus the character spans that carry the loss.
+
+    One Renderer per template and tokenizer; `render` is called once per row (in worker
+    processes, so it holds only picklable state and compiles lazily).
+    """
+
+    def __init__(self, template: Template, tokenizer):
+        self.template = template
+        # What apply_chat_template passes to the template: bos_token, eos_token, ...
+        self.variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """(text, [(start, end), ...]) with one span per assistant turn (its content and stop token)."""
+        self._check_roles(messages)
+        if self.template.has_generation_blocks:
+            text, spans = self._render(messages, add_generation_prompt, with_spans=True)
+        else:
+            text, spans = self._render(messages, add_generation_prompt), self._prefix_spans(messages)
+        self._check_content_rendered(messages, text)
+        return text, spans
+
+    def _render(self, messages, add_generation_prompt=False, with_spans=False):
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, indices = render_jinja_template(
+            conversations=[messages],
+            chat_template=self.template.jinja,
+            return_assistant_tokens_mask=with_spans,
+            add_generation_prompt=add_generation_prompt,
+            **self.variables,
+        )
+        return (rendered[0], list(indices[0])) if with_spans else rendered[0]
+
+    def _prefix_spans(self, messages) -> list[tuple[int, int]]:
+        # For a template without generation blocks: assistant turn k is what rendering messages[:k+1]
+        # adds to rendering messages[:k] with the generation prompt. That only holds when each
+        # render is a prefix of the next (true of ChatML-, Llama- and Mistral-style templates);
+        # a template that rewrites earlier turns (e.g. strips past reasoning) is rejected.
+        full = self._render(messages)
+        spans = []
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._render(messages[:k], add_generation_prompt=True) if k else ""
+            after = self._render(messages[: k + 1])
+            if not (after.startswith(before) and full.startswith(after)):
+                raise TemplateMismatch(
+                    f"template {self.template.name!r} renders a conversation differently from its beginning, so "
+                    "the assistant turns cannot be located. Add {% generation %} blocks around assistant content, "
+                    "or use a built-in template"
+                )
+            end = len(after)
+            while end > len(before) and after[end - 1].isspace():  # a newline after the stop token is not a reply
+                end -= 1
+            spans.append((len(before), end))
+        return spans
+
+    def _check_roles(self, messages) -> None:
+        roles = self.template.roles
+        if roles is None:
+            return
+        for i, m in enumerate(messages):
+            if m["role"] not in roles or (m["role"] == "system" and self.template.name == "alpaca" and i > 0):
+                where = "after the first turn " if m["role"] in roles else ""
+                raise TemplateMismatch(
+                    f"template {self.template.name!r} has no place for a {m['role']!r} message {where}(it would be "
+                    f"dropped): map that role to one it renders ({', '.join(sorted(roles))}) with roles:, "
+                    "or use chatml or llama3"
+                )
+
+    def _check_content_rendered(self, messages, text: str) -> None:
+        # For templates we did not write, the only proof that no message was dropped is finding it.
+        if self.template.roles is not None:
+            return
+        for m in messages:
+            if m["content"].strip() not in text:
+                raise TemplateMismatch(
+                    f"template {self.template.name!r} dropped a {m['role']!r} message: map that role to one it "
+                    "renders with roles:, or use a built-in template"
+                )

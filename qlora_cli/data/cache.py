@@ -1,0 +1,117 @@
+"""The tokenized-dataset cache: reuse a finished pipeline run when nothing that shapes it changed.
+
+    k = key(recipe.data, seed, tokenizer, template)
+    load(k)                      # (train, val, stats) or None
+    store(k, train, val, stats)
+
+A stale cache is worse than none: training on last week's data, or on rows rendered with a
+template you have since fixed, fails silently (axolotl PR#462, PR#1136). So the key is a hash of
+everything the result depends on:
+  - the bytes of every data file (not its name or mtime) and, for hub datasets, their fingerprint;
+  - the template's text and stop token;
+  - the tokenizer's full definition (vocabulary, merges, normalizer, added and special tokens);
+  - every data setting in the recipe and the seed (which picks the validation rows and the mix);
+  - FORMAT_VERSION, bumped whenever the pipeline's output changes.
+
+Entries live under $QLORA_CACHE_DIR (default ~/.cache/qlora)/data/<key>, written to a temporary
+directory and renamed, so a crash never leaves a half-written entry that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+FORMAT_VERSION = 1
+
+# Data settings that do not change the tokenized rows: toggling them must not cost a rebuild.
+# (packing happens later, inside TRL; num_proc only changes speed; cache is this switch.)
+NOT_IN_KEY = {"cache", "num_proc", "packing"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLORA_CACHE_DIR") or Path.home() / ".cache" / "qlora") / "data"
+
+
+def key(data, seed: int, tokenizer, template) -> str:
+    """A hex digest over everything the tokenized dataset depends on."""
+    from qlora_cli.data.sources import is_hub_id, resolve_files
+
+    settings = data.model_dump(mode="json", exclude=NOT_IN_KEY)
+    files = []
+    for group in ("sources", "val_sources"):
+        for i, source in enumerate(getattr(data, group)):
+            if is_hub_id(source.path):
+                files.append([source.path, _hub_fingerprint(source, f"data.{group}[{i}]")])
+            else:
+                files.extend([str(f), _file_digest(f)] for f in resolve_files(source, f"data.{group}[{i}]"))
+    parts = {
+        "version": FORMAT_VERSION,
+        "data": settings,
+        "seed": seed,
+        "files": files,
+        "template": [template.name, template.jinja, template.stop] if template is not None else None,
+        "tokenizer": tokenizer_digest(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """Hash of the tokenizer's definition; two tokenizers that tokenize alike hash alike."""
+    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    h.update(json.dumps([type(tokenizer).__name__, special], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def load(k: str):
+    """(train, val or None, stats dict) from the cache, or None when there is no complete entry."""
+    from datasets import load_from_disk
+
+    entry = cache_root() / k
+    if not (entry / "stats.json").is_file():
+        return None
+    try:
+        train = load_from_disk(str(entry / "train"))
+        val = load_from_disk(str(entry / "val")) if (entry / "val").is_dir() else None
+        stats = json.loads((entry / "stats.json").read_text())
+    except Exception:  # an unreadable entry is a miss, not a failure: it is rebuilt and replaced
+        return None
+    return train, val, stats
+
+
+def store(k: str, train, val, stats: dict) -> None:
+    """Write an entry atomically (temporary directory, then rename). A failure to cache is not fatal."""
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{k}.", dir=root))
+        train.flatten_indices().save_to_disk(str(tmp / "train"))
+        if val is not None:
+            val.flatten_indices().save_to_disk(str(tmp / "val"))
+        (tmp / "stats.json").write_text(json.dumps(stats))  # last: its presence marks a complete entry
+        target = root / k
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hub_fingerprint(source, where: str) -> str:
+    # `datasets` fingerprints a loaded split from its cached files, so a new revision changes it.
+    from qlora_cli.data.sources import load_hub
+
+    return load_hub(source, where)._fingerprint

@@ -1,0 +1,130 @@
+"""What `qlora data` shows: rendered examples with the trained tokens marked, and the statistics.
+
+    examples = example_segments(prepared.train, tokenizer, n=3)   # JSON-ready
+    console.print(render_example(examples[0]))                    # trained tokens bright, the rest dim
+    console.print(render_stats(prepared.stats, recipe.data))
+
+The point is that a person sees at a glance what the model will learn: the exact text the model
+is fed (template, special tokens and all), and which part of it carries the loss.
+"""
+
+from __future__ import annotations
+
+from qlora_cli.data.tokenize import IGNORE_INDEX
+
+TRAINED_STYLE = "bold green"
+MASKED_STYLE = "dim"
+
+
+def data_warnings(stats) -> list[str]:
+    """Things a user should hear about before training on this data."""
+    out = []
+    if stats.bad_rows:
+        out.append(f"skipped {stats.bad_rows} bad row(s) (data.on_bad_row: skip); the first:")
+        out.extend(f"  {line}" for line in stats.bad_row_examples)
+    if stats.dropped_too_long:
+        out.append(f"dropped {stats.dropped_too_long} example(s) longer than max_seq_len (data.on_too_long: drop)")
+    if stats.dropped_no_response:
+        out.append(f"dropped {stats.dropped_no_response} example(s) whose response starts after max_seq_len")
+    total = stats.train_rows or 1
+    if stats.truncated / total > 0.05:
+        out.append(f"{stats.truncated} of {stats.train_rows} training examples are truncated to max_seq_len")
+    return out
+
+
+def example_segments(ds, tokenizer, n: int) -> list[dict]:
+    """The first n rows as runs of text that are trained or not, decoded exactly (special tokens kept)."""
+    out = []
+    for i in range(min(n, len(ds))):
+        row = ds[i]
+        segments, run, trained = [], [], None
+        for token, label in zip(row["input_ids"], row["labels"]):
+            is_trained = label != IGNORE_INDEX
+            if trained is not None and is_trained != trained:
+                segments.append({"text": tokenizer.decode(run), "trained": trained})
+                run = []
+            run.append(token)
+            trained = is_trained
+        if run:
+            segments.append({"text": tokenizer.decode(run), "trained": trained})
+        out.append(
+            {
+                "source": row["source"],
+                "file": row["file"],
+                "row": row["row"],
+                "tokens": len(row["input_ids"]),
+                "trained_tokens": row["trained"],
+                "truncated": row["length"] > len(row["input_ids"]),
+                "segments": segments,
+            }
+        )
+    return out
+
+
+def render_example(example: dict, where: str):
+    """A rich renderable: a header line, then the text with trained runs bright and masked runs dim."""
+    from rich.console import Group
+    from rich.text import Text
+
+    header = Text(
+        f"{where}  {example['tokens']} tokens, {example['trained_tokens']} trained"
+        + ("  (truncated)" if example["truncated"] else ""),
+        style="bold",
+    )
+    body = Text()
+    for seg in example["segments"]:
+        body.append(seg["text"], style=TRAINED_STYLE if seg["trained"] else MASKED_STYLE)
+    return Group(header, body, Text(""))
+
+
+def render_stats(stats, data):
+    """A rich renderable with per-source counts, lengths and batching efficiency."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="sources", title_justify="left", show_edge=False)
+    for col in ("source", "rows", "bad", "truncated", "too long", "no response", "kept", "validation", "train"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for s in stats.sources:
+        table.add_row(
+            s.path, *map(str, (s.rows, s.bad_rows, s.truncated, s.dropped_too_long, s.dropped_no_response, s.kept)),
+            str(s.held_out), str(s.used),
+        )
+    for s in stats.val_sources:
+        table.add_row(
+            f"{s.path} (val)",
+            *map(str, (s.rows, s.bad_rows, s.truncated, s.dropped_too_long, s.dropped_no_response, s.kept)),
+            str(s.used), "-",
+        )
+
+    lines = [
+        f"train rows {stats.train_rows}, validation rows {stats.val_rows}",
+        f"tokens per epoch {stats.train_tokens:,}, trained (with a loss) {stats.trained_tokens:,} "
+        f"({stats.trained_tokens / max(stats.train_tokens, 1):.0%})",
+    ]
+    if stats.lengths:
+        q = stats.lengths
+        lines.append(
+            f"example length in tokens: min {q['min']}, median {q['p50']}, p90 {q['p90']}, p99 {q['p99']}, "
+            f"max {q['max']} (max_seq_len {data.max_seq_len})"
+        )
+    hist = Text()
+    if stats.histogram:
+        peak = max(c for _, c in stats.histogram) or 1
+        lower = 0
+        for upper, count in stats.histogram:
+            hist.append(f"  {lower:>6}-{upper:<6} {'#' * round(30 * count / peak):<30} {count}\n")
+            lower = upper + 1
+    b = stats.batching
+    if b:
+        lines.append(
+            f"padding efficiency (real tokens in padded batches of {b['batch_size']}): "
+            f"{b['padding_efficiency']:.1%} without packing, {b['packing_efficiency']:.1%} with packing"
+        )
+        lines.append(
+            f"batches per epoch: {b['batches_per_epoch']} without packing, {b['packed_batches_per_epoch']} "
+            f"with packing ({b['packed_rows']} packed rows); packing is {'on' if data.packing else 'off'}"
+        )
+    lines.append(f"cache: {stats.cache}")
+    return Group(table, Text(""), Text("\n".join(lines)), Text("length histogram:"), hist)
