@@ -94,8 +94,8 @@ def _row_without_output(tiny, tmp_path):
     path = tmp_path / "bad-rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     sources = [{"path": str(path), "format": "alpaca"}]
-    return {"data": {"sources": sources}}, [
-        "1 bad row(s)", f"{path}: row 3", "field 'output' is missing or empty",
+    return {"data": {"sources": sources, "on_bad_row": "error"}}, [
+        "1 bad row(s)", f"{path}: line 3", "field 'output' is missing or empty", "data.on_bad_row: skip",
     ]
 
 
@@ -124,7 +124,7 @@ def _missing_tracker(tiny, tmp_path):
 
 
 def _responses_beyond_max_seq_len(tiny, tmp_path):
-    return {"data": {"max_seq_len": 8}}, ["data.max_seq_len", "nothing would be trained"]
+    return {"data": {"max_seq_len": 8}}, ["data.sources[0].path", "nothing would be trained", "max_seq_len=8 (raise it)"]
 
 
 def _output_dir_under_a_file(tiny, tmp_path):

@@ -45,5 +45,5 @@ def test_validate_checks_everything_but_trains_nothing(write_recipe, tmp_path):
     # At 64 tokens, the 200 rows with an `input` (the longer Alpaca prompt) have no response
     # token left: they are counted and left out, not trained on as prompt-only rows.
     assert "100 train rows, 100 validation rows, template alpaca" in proc.stderr
-    assert "200 left out (response beyond max_seq_len)" in proc.stderr
+    assert "dropped 200 example(s) whose response starts after max_seq_len" in proc.stderr
     assert not (tmp_path / "run").exists()

@@ -355,7 +355,8 @@ def test_rows_whose_response_is_cut_off_are_left_out_and_counted(tok, tmp_path):
 def test_nothing_left_to_train_is_a_user_error(tok, tmp_path):
     with pytest.raises(UserError) as err:
         build(_data(_write(tmp_path / "d.jsonl", ROWS), max_seq_len=8), tok)
-    assert err.value.problems[0].where == "data.sources[0].path" and "raise" in err.value.problems[0].message
+    assert err.value.problems[0].where == "data.sources[0].path"
+    assert "4 have no response token within max_seq_len=8 (raise it)" in err.value.problems[0].message
 
 
 def test_length_and_batching_statistics(tok, tmp_path):

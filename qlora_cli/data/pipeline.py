@@ -179,12 +179,13 @@ def _process_source(source, index: int, where: str, data, renderer, tokenizer):
     ds = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     stats.kept = len(ds)
     if len(ds) == 0:
-        raise UserError.single(
-            f"{where}.path",
-            f"no usable rows left in {source.path} (bad: {stats.bad_rows}, too long: {stats.dropped_too_long}, "
-            f"no response within max_seq_len: {stats.dropped_no_response}). See the messages above, or raise "
-            "data.max_seq_len",
-        )
+        reasons = [
+            (stats.dropped_no_response, f"have no response token within max_seq_len={data.max_seq_len} (raise it)"),
+            (stats.dropped_too_long, "are longer than max_seq_len (on_too_long: drop)"),
+            (stats.bad_rows, "are bad rows (fix them)"),
+        ]
+        why = "; ".join(f"{n} {text}" for n, text in reasons if n)
+        raise UserError.single(f"{where}.path", f"nothing would be trained from {source.path}: {why}")
     return ds, stats
 
 
