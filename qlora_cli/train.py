@@ -100,13 +100,52 @@ def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template):
     )
 
 
-def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, console=None) -> TrainResult:
-    """Run one QLoRA fine-tune as the recipe describes and write the run directory."""
+@dataclass
+class Setup:
+    """Everything built before the run directory exists: nothing here has written to disk."""
+
+    trainer: object  # SFTTrainer
+    tokenizer: object
+    template: object  # Template or None
+    data: object  # PreparedData
+    model: object
+
+
+def build_trainer(recipe: Recipe, run: RunDir, console=None) -> Setup:
+    """Tokenizer, data, 4-bit model, LoRA and the SFTTrainer, from a validated recipe."""
     from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
     from qlora_cli.progress import MetricsLog, RichProgress
 
+    set_seed(recipe.train.seed)
+    tokenizer, template = prepare_tokenizer(recipe)
+    prepared = build_datasets(
+        recipe.data, tokenizer, template, seed=recipe.train.seed, batch_size=recipe.train.batch_size
+    )
+    train_ds, eval_ds = prepared.for_trainer()
+    model = load_base_model(recipe.model, recipe.quant)
+    # No KV cache in training: it is useless there, and with one, transformers ignores packed
+    # position ids and lets packed examples attend to each other (tests/test_packing.py).
+    model.config.use_cache = False
+    model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
+
+    # SFTTrainer owns the loop, checkpointing, mixed precision and distributed launch.
+    trainer = SFTTrainer(
+        model=model,
+        args=build_sft_config(recipe, run, has_eval=eval_ds is not None, template=template),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=[MetricsLog(run), RichProgress(console)],
+    )
+    trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
+    keep_adapter_fp32(trainer.model)  # after SFTTrainer, which casts adapters to bf16 for 4-bit models
+    return Setup(trainer=trainer, tokenizer=tokenizer, template=template, data=prepared, model=model)
+
+
+def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, console=None) -> TrainResult:
+    """Run one QLoRA fine-tune as the recipe describes and write the run directory."""
     if output_dir is not None:
         recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": output_dir})})
     run = RunDir(recipe.output.dir)
@@ -119,44 +158,25 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     check_model_path(recipe.model)
     check_trackers(recipe.train)
     check_compute_dtype(recipe.quant)
-    set_seed(recipe.train.seed)
-    tokenizer, template = prepare_tokenizer(recipe)
-    prepared = build_datasets(
-        recipe.data, tokenizer, template, seed=recipe.train.seed, batch_size=recipe.train.batch_size
-    )
-    data_stats = prepared.stats
-    train_ds, eval_ds = prepared.for_trainer()
-    model = load_base_model(recipe.model, recipe.quant)
-    model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
-
-    # 2. The trainer. SFTTrainer owns the loop, checkpointing, mixed precision and distributed
-    # launch. Built before the run directory, so a setting it rejects leaves nothing behind.
-    trainer = SFTTrainer(
-        model=model,
-        args=build_sft_config(recipe, run, has_eval=eval_ds is not None, template=template),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=[MetricsLog(run), RichProgress(console)],
-    )
-    trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
-    keep_adapter_fp32(trainer.model)  # after SFTTrainer, which casts adapters to bf16 for 4-bit models
+    # 2. The trainer, built before the run directory, so a setting it rejects leaves nothing behind.
+    setup = build_trainer(recipe, run, console)
+    trainer, data_stats = setup.trainer, setup.data.stats
 
     # 3. The run directory, starting with the fully resolved recipe (main process only); then train.
     if is_main_process():
         run.create(overwrite)
         run.write_recipe(recipe)
-        _announce(console, recipe, model, data_stats, template)
+        _announce(console, recipe, setup.model, data_stats, setup.template)
     started = time.perf_counter()
     output = trainer.train()
-    final_eval = final_evaluation(trainer) if eval_ds is not None else {}
+    final_eval = final_evaluation(trainer) if setup.data.val is not None else {}
     runtime = time.perf_counter() - started
 
     # 4. Artifacts: adapter and tokenizer in the standard layout, then summary.json last.
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(run.path)
-        tokenizer.save_pretrained(run.path)
-        summary = build_summary(run, trainer, output, final_eval, runtime, data_stats, template)
+        setup.tokenizer.save_pretrained(run.path)
+        summary = build_summary(run, trainer, output, final_eval, runtime, data_stats, setup.template)
         run.write_summary(summary)
     else:
         summary = {}
