@@ -107,6 +107,8 @@ def data(
     files = [s.files for s in prepared.stats.sources]
     for ex in examples:
         ex["file"] = files[ex["source"]][ex["file"]]
+    for line in data_warnings(prepared.stats):
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if as_json:
         out = {"template": template.name if template else None, "examples": examples, "stats": prepared.stats.to_dict()}
         typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
@@ -129,8 +131,6 @@ def data(
             f"{st.truncated} truncated, {st.dropped_too_long + st.dropped_no_response} dropped, "
             f"{st.bad_rows} bad rows skipped (--stats for more)"
         )
-    for line in data_warnings(prepared.stats):
-        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

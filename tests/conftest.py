@@ -62,7 +62,7 @@ def write_recipe(tiny, tmp_path):
     return write
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m qlora_cli ARGS` the way a user would, capturing output."""
     return subprocess.run(
         [sys.executable, "-m", "qlora_cli", *args],
@@ -70,5 +70,5 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
     )

@@ -637,3 +637,47 @@ def test_a_bad_union_value_gets_one_message(problems_of):
     p = only_problem(problems_of(BASE + "lora:\n  target_modules: all-lienar\n"))
     assert (p.where, p.line) == ("lora.target_modules", 8)
     assert "'all-linear'" in p.message and "'all-lienar'" in p.message
+
+
+# --- data-section rules (sources, validation sets, roles)
+
+
+def test_rule_one_validation_set(problems_of):
+    text = BASE + "  val_size: 0.1\n  val_sources:\n    - path: val.jsonl\n      format: alpaca\n"
+    p = only_problem(problems_of(text))
+    assert (p.where, p.line) == ("data.val_sources", 8)
+    assert "either val_sources or val_size" in p.message
+
+
+def test_eval_steps_with_val_sources_is_fine(recipe_file):
+    text = BASE + "  val_sources:\n    - path: val.jsonl\n      format: alpaca\ntrain:\n  eval_steps: 20\n"
+    recipe = load_recipe(recipe_file(text))
+    assert recipe.train.eval_steps == 20 and recipe.data.val_sources[0].path == "val.jsonl"
+
+
+def test_rule_weight_or_samples(problems_of):
+    p = only_problem(problems_of(BASE + "      weight: 2\n      samples: 100\n"))
+    assert (p.where, p.line) == ("data.sources[0].samples", 8)
+    assert "either weight or samples" in p.message
+
+
+def test_rule_roles_only_for_conversations(problems_of):
+    p = only_problem(problems_of(BASE + "      roles: {function_call: assistant}\n"))
+    assert (p.where, p.line) == ("data.sources[0].roles", 7)
+    assert "only sharegpt and messages" in p.message
+
+
+def test_roles_map_only_to_canonical_roles(problems_of):
+    text = BASE.replace("format: alpaca", "format: sharegpt") + "      roles: {observation: function}\n"
+    p = only_problem(problems_of(text))
+    assert p.where == "data.sources[0].roles.observation" and p.line == 7
+    assert "'system', 'user', 'assistant' or 'tool'" in p.message
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("on_too_long", "cut", "'truncate', 'drop' or 'error'"),
+    ("on_bad_row", "ignore", "'skip' or 'error'"),
+])
+def test_policies_are_named_choices(problems_of, key, value, expected):
+    p = only_problem(problems_of(BASE + f"  {key}: {value}\n"))
+    assert (p.where, p.line) == (f"data.{key}", 7) and expected in p.message

@@ -282,7 +282,7 @@ def test_bad_rows_are_skipped_counted_and_located_by_default(tok, tmp_path):
     p = build(_data(path), tok)
     assert p.stats.train_rows == 2 and p.stats.bad_rows == 4 and p.stats.sources[0].rows == 6
     assert p.stats.bad_row_examples == [
-        f"{path}: line 2: malformed JSON: Expecting value at column 17",
+        f"{path}: line 2: malformed JSON: Expecting value at character 17",
         f"{path}: line 3: field 'output' is missing or empty",
         f"{path}: line 5: field 'instruction' must be a string, got int",
         f"{path}: line 6: field 'instruction' is missing or empty",

@@ -38,7 +38,6 @@ from qlora_cli.errors import Problem, UserError
 
 MAX_REPORTED = 5  # bad rows shown in a message
 ROWS_PER_PROCESS = 2000  # below this, worker processes cost more than they save
-COLUMNS = ["input_ids", "labels", "source", "file", "row", "length", "trained"]
 
 # Row status after tokenization. Only "ok" rows are kept.
 OK, BAD, TOO_LONG, NO_RESPONSE, UNMAPPED_ROLE, TEMPLATE = "ok", "bad", "too_long", "no_response", "role", "template"
@@ -288,7 +287,7 @@ def _tokenize_batch(batch, fmt, rename, roles, renderer, tokenizer, train_on_inp
                 ids[i], labels[i] = ids[i][:max_len], labels[i][:max_len]
             else:
                 status[i], reason[i] = TOO_LONG, f"{len(ids[i])} tokens, more than max_seq_len={max_len}"
-        count = sum(1 for t in labels[i] if t != IGNORE_INDEX)
+        count = len(labels[i]) - labels[i].count(IGNORE_INDEX)
         if status[i] == OK and count == 0:
             status[i] = NO_RESPONSE
         trained.append(count)
@@ -309,7 +308,7 @@ def _row(batch, i: int, rename: dict) -> dict:
         try:
             record = json.loads(batch[JSON_COLUMN][i])
         except json.JSONDecodeError as exc:
-            raise BadRow(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+            raise BadRow(f"malformed JSON: {exc.msg} at character {exc.pos + 1}") from None
         if not isinstance(record, dict):
             raise BadRow(f"expected a JSON object, got {type(record).__name__}")
         return {f: record.get(col) for col, f in rename.items()}
@@ -318,19 +317,16 @@ def _row(batch, i: int, rename: dict) -> dict:
 
 def _apply_policies(ds, name: str, where: str, data, stats: SourceStats):
     """Count and act on row statuses: stop on fatal ones, skip or stop on bad rows, drop the rest."""
-    status = ds["status"]
-    status = list(status)
+    status, reasons, rows = _column(ds, "status"), _column(ds, "reason"), _column(ds, "row")
     counts = Counter(status)
     stats.rows += len(status)
     label = row_label(name)
-    rows = ds["row"]
 
     def located(indices) -> list[Problem]:
-        reasons = ds.select(indices[:MAX_REPORTED])["reason"]
-        return [Problem(f"{name}: {label} {rows[i]}", r) for i, r in zip(indices, reasons)]
+        return [Problem(f"{name}: {label} {rows[i]}", reasons[i]) for i in indices[:MAX_REPORTED]]
 
     if counts[UNMAPPED_ROLE]:
-        found = Counter(role for s, r in zip(status, ds["reason"]) if s == UNMAPPED_ROLE for role in r.split(","))
+        found = Counter(role for s, r in zip(status, reasons) if s == UNMAPPED_ROLE for role in r.split(","))
         first = status.index(UNMAPPED_ROLE)
         listed = ", ".join(f"{role!r} ({n} rows)" for role, n in found.most_common())
         example = ", ".join(f"{role}: {'assistant' if 'call' in role else 'tool'}" for role in found)
@@ -342,7 +338,7 @@ def _apply_policies(ds, name: str, where: str, data, stats: SourceStats):
         )
     if counts[TEMPLATE]:
         first = status.index(TEMPLATE)
-        raise UserError([Problem(f"{name}: {label} {rows[first]}", ds[first]["reason"])], header=f"{where}:")
+        raise UserError([Problem(f"{name}: {label} {rows[first]}", reasons[first])], header=f"{where}:")
     if counts[BAD]:
         bad = [i for i, s in enumerate(status) if s == BAD]
         problems = located(bad)
@@ -366,12 +362,21 @@ def _apply_policies(ds, name: str, where: str, data, stats: SourceStats):
             raise UserError(located(long), header=header)
         stats.dropped_too_long += counts[TOO_LONG]
     stats.dropped_no_response += counts[NO_RESPONSE]
-    lengths = np.asarray(ds["length"])
-    ok = np.asarray([s == OK for s in status])
+    lengths = _column(ds, "length")
+    ok = np.asarray([s == OK for s in status], dtype=bool)
     stats.truncated += int(((lengths > data.max_seq_len) & ok).sum())
     keep = np.flatnonzero(ok)
     ds = ds.select(keep) if len(keep) < len(ds) else ds
     return ds.remove_columns(["status", "reason"])
+
+
+def _column(ds, name: str):
+    """A whole column at once: numbers as a numpy array, strings as a list.
+
+    (datasets 5's `ds[name]` is a lazy Column that numpy reads one row at a time: 100x slower.)
+    """
+    values = ds.with_format("arrow")[name][:].combine_chunks()
+    return values.to_pylist() if values.type == "string" else values.to_numpy(zero_copy_only=False)
 
 
 def _tag(ds, source: int, file: int):
@@ -386,7 +391,7 @@ def _tag(ds, source: int, file: int):
 def _mix(pool, sources, stats: list[SourceStats], seed: int):
     """Each source's rows sampled to its weight or count, then all shuffled together (seeded)."""
     rng = np.random.default_rng(seed)
-    source_of = np.asarray(pool["source"])
+    source_of = _column(pool, "source")
     picks = []
     for i, source in enumerate(sources):
         rows = np.flatnonzero(source_of == i)
@@ -411,12 +416,11 @@ def _fill_totals(stats: DataStats, train, val, data, batch_size: int, seed: int)
     stats.train_rows = len(train)
     stats.val_rows = len(val) if val is not None else 0
     if not data.val_sources and val is not None:  # validation rows held out of the training sources
-        for i, n in Counter(val["source"]).items():
+        for i, n in Counter(_column(val, "source").tolist()).items():
             stats.sources[i].held_out = n
-    lengths = np.asarray(train["length"])
-    lengths = np.minimum(lengths, data.max_seq_len)
+    lengths = np.minimum(_column(train, "length"), data.max_seq_len)
     stats.train_tokens = int(lengths.sum())
-    stats.trained_tokens = int(np.asarray(train["trained"]).sum())
+    stats.trained_tokens = int(_column(train, "trained").sum())
     stats.bad_rows = sum(s.bad_rows for s in all_sources)
     stats.bad_row_examples = [e for s in all_sources for e in s.bad_row_examples][:MAX_REPORTED]
     stats.truncated = sum(s.truncated for s in all_sources)
@@ -424,7 +428,7 @@ def _fill_totals(stats: DataStats, train, val, data, batch_size: int, seed: int)
     stats.dropped_no_response = sum(s.dropped_no_response for s in all_sources)
     stats.lengths = length_percentiles(lengths)
     stats.histogram = length_histogram(lengths, data.max_seq_len)
-    stats.batching = batching_efficiency(train, data.max_seq_len, batch_size, seed)
+    stats.batching = batching_efficiency(train, lengths, data.max_seq_len, batch_size, seed)
 
 
 def length_percentiles(lengths) -> dict:
@@ -448,7 +452,7 @@ def length_histogram(lengths, max_len: int, bins: int = 8) -> list[list[int]]:
     return [[int(e), int(c)] for e, c in zip(edges[1:], counts)]
 
 
-def batching_efficiency(train, max_len: int, batch_size: int, seed: int) -> dict:
+def batching_efficiency(train, lengths, max_len: int, batch_size: int, seed: int) -> dict:
     """Fraction of real tokens in the padded batch tensors, with and without packing.
 
     Without packing, each batch is padded to its longest example (batches drawn in a seeded random
@@ -457,7 +461,6 @@ def batching_efficiency(train, max_len: int, batch_size: int, seed: int) -> dict
     """
     from trl import pack_dataset
 
-    lengths = np.minimum(np.asarray(train["length"]), max_len)
     if len(lengths) == 0:
         return {}
     order = np.random.default_rng(seed).permutation(len(lengths))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 from pathlib import Path
 
 from qlora_cli.errors import UserError
@@ -82,6 +83,9 @@ def load_file(path: Path, source, where: str):
     import datasets
 
     builder = BUILDERS[path.suffix]
+    # The JSON builder logs an ERROR before raising on a bad line; the fallback below handles that
+    # file and reports each bad row itself, so the log would only be noise.
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     kwargs = {}
     if builder == "csv":
         # Every column as text: a numeric answer ("42") is still an answer, and an empty cell is "".
@@ -144,7 +148,7 @@ def _load_json_rows(path: Path, where: str):
         with path.open(encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, start=1):
                 if line.strip():
-                    texts.append(line)
+                    texts.append(line.rstrip("\r\n"))
                     rows.append(number)
     else:
         try:
