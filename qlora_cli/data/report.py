@@ -26,9 +26,9 @@ def data_warnings(stats) -> list[str]:
         out.append(f"dropped {stats.dropped_too_long} example(s) longer than max_seq_len (data.on_too_long: drop)")
     if stats.dropped_no_response:
         out.append(f"dropped {stats.dropped_no_response} example(s) whose response starts after max_seq_len")
-    total = stats.train_rows or 1
-    if stats.truncated / total > 0.05:
-        out.append(f"{stats.truncated} of {stats.train_rows} training examples are truncated to max_seq_len")
+    kept = sum(s.kept for s in stats.sources + stats.val_sources) or 1
+    if stats.truncated / kept > 0.05:
+        out.append(f"{stats.truncated} of {kept} examples are truncated to max_seq_len (data.on_too_long: truncate)")
     return out
 
 
