@@ -121,24 +121,11 @@ def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, us
             stats.cache, stats.cache_key = "hit", key
             return PreparedData(train, val, stats)
 
-    from datasets import concatenate_datasets
-
     stats = DataStats()
-    pool = []
-    for i, source in enumerate(data.sources):
-        ds, s = _process_source(source, i, f"data.sources[{i}]", data, renderer, tokenizer)
-        pool.append(ds)
-        stats.sources.append(s)
-    pool = concatenate_datasets(pool) if len(pool) > 1 else pool[0]
-
+    pool, stats.sources = _process_group(data, "sources", renderer, tokenizer)
     val = None
     if data.val_sources:
-        parts = []
-        for i, source in enumerate(data.val_sources):
-            ds, s = _process_source(source, i, f"data.val_sources[{i}]", data, renderer, tokenizer)
-            parts.append(ds)
-            stats.val_sources.append(s)
-        val = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        val, stats.val_sources = _process_group(data, "val_sources", renderer, tokenizer)
         val = _mix(val, data.val_sources, stats.val_sources, seed)
     elif data.val_size > 0:
         n_val = int(data.val_size) if data.val_size >= 1 else max(1, round(len(pool) * data.val_size))
@@ -159,6 +146,18 @@ def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, us
 
 # ---------------------------------------------------------------------------------------------
 # One source: files -> tokenized rows, with the policies applied.
+
+
+def _process_group(data, group: str, renderer, tokenizer):
+    """All sources of data.sources or data.val_sources, concatenated, with their stats."""
+    from datasets import concatenate_datasets
+
+    parts, stats = [], []
+    for i, source in enumerate(getattr(data, group)):
+        ds, s = _process_source(source, i, f"data.{group}[{i}]", data, renderer, tokenizer)
+        parts.append(ds)
+        stats.append(s)
+    return (concatenate_datasets(parts) if len(parts) > 1 else parts[0]), stats
 
 
 def _process_source(source, index: int, where: str, data, renderer, tokenizer):
