@@ -6,6 +6,8 @@ at a time.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ def tokenize_example(example: dict, tok, train_on_inputs: bool, template: Templa
     else:
         installed = next((t for t in BUILTINS.values() if t.jinja == tok.chat_template), None)
         template = template or installed or Template("installed", tok.chat_template)
-        text, spans = Renderer(template, tok).render(example["messages"])
+        text, spans = Renderer(template, tok).render(example["messages"], example.get("tools"))
         ids, labels = encode(tok, [text], [spans], train_on_inputs)
     return {"input_ids": ids[0], "labels": labels[0]}
 
@@ -284,3 +286,46 @@ def test_mapped_tool_calls_are_trained_and_tool_results_are_not(tokenizer_with):
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert trained(ex) == tokens(tok, "CALL weather Paris") + [im_end] + tokens(tok, "21 degrees.") + [im_end]
     assert "<|im_start|>tool\nRESULT 21<|im_end|>" in tok.decode(ex["input_ids"])
+
+
+TOOLS = [{"name": "weather", "description": "Weather in a city", "parameters": {"type": "object"}}]
+
+
+@pytest.mark.parametrize("name, system_open", [("chatml", "<|im_start|>system\n"),
+                                               ("llama3", "<|start_header_id|>system<|end_header_id|>\n\n")])
+def test_tool_definitions_are_rendered_in_the_system_turn_and_masked(tokenizer_with, name, system_open):
+    tok = tokenizer_with(name)
+    with_tools = tokenize_example({"messages": MULTI_TURN, "tools": TOOLS}, tok, train_on_inputs=False)
+    without = tokenize_example({"messages": MULTI_TURN}, tok, train_on_inputs=False)
+    text = tok.decode(with_tools["input_ids"])
+    assert text.startswith(f"<s>{system_open}You are terse.\n\nYou can call these tools:\n"
+                           '{"name": "weather", "description": "Weather in a city", "parameters": {"type": "object"}}')
+    assert text.count("You are terse.") == 1  # the system message is folded in, not repeated
+    assert trained(with_tools) == trained(without)  # the definitions are prompt, never trained
+    plain = Template("custom", _without_generation_blocks(BUILTINS[name].jinja))
+    assert tokenize_example({"messages": MULTI_TURN, "tools": TOOLS}, tok, False, template=plain) == with_tools
+
+
+def test_templates_without_a_place_for_tools_refuse_them(tokenizer_with):
+    from qlora_cli.data.templates import TemplateMismatch
+
+    tok = tokenizer_with("chatml")
+    with pytest.raises(TemplateMismatch, match="no place for the row's tool definitions"):
+        tokenize_example({"messages": MULTI_TURN, "tools": TOOLS}, tok, False, template=BUILTINS["alpaca"])
+    ignores_tools = Template("mine", "{%- for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}"
+                                     "{%- endfor %}")
+    with pytest.raises(TemplateMismatch, match=r"dropped the tool definitions \(weather\)"):
+        tokenize_example({"messages": MULTI_TURN, "tools": TOOLS}, tok, False, template=ignores_tools)
+
+
+def test_tools_field_is_parsed_from_json_text_or_a_list():
+    from qlora_cli.data.formats import BadRow
+
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]
+    assert to_canonical({"conversations": turns, "tools": json.dumps(TOOLS)}, "sharegpt")["tools"] == TOOLS
+    assert to_canonical({"conversations": turns, "tools": TOOLS}, "sharegpt")["tools"] == TOOLS
+    assert "tools" not in to_canonical({"conversations": turns, "tools": ""}, "sharegpt")  # Glaive: no tools
+    with pytest.raises(BadRow, match="'tools' is not valid JSON"):
+        to_canonical({"conversations": turns, "tools": "[{oops"}, "sharegpt")
+    with pytest.raises(BadRow, match="list of tool definitions"):
+        to_canonical({"conversations": turns, "tools": "[1, 2]"}, "sharegpt")

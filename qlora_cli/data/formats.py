@@ -17,6 +17,8 @@ run, because skipping those rows would silently drop every tool call in the data
 
 from __future__ import annotations
 
+import json
+
 # The two Alpaca preambles, verbatim from Stanford Alpaca. The "with input" variant is chosen
 # per row; the alpaca template falls back to the "no input" one when a conversation has no
 # system message (e.g. a prompt typed into `qlora generate`).
@@ -46,12 +48,12 @@ TOOL_ROLE_NAMES = {
 # The fields each format reads, in the names used by `columns:` in a recipe.
 FIELDS = {
     "alpaca": ("instruction", "input", "output"),
-    "sharegpt": ("conversations",),
-    "messages": ("messages",),
+    "sharegpt": ("conversations", "tools"),
+    "messages": ("messages", "tools"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
-OPTIONAL_FIELDS = {"input"}
+OPTIONAL_FIELDS = {"input", "tools"}
 
 
 class BadRow(ValueError):
@@ -82,10 +84,12 @@ def to_canonical(row: dict, fmt: str, roles: dict[str, str] | None = None) -> di
         return {"messages": [_msg("system", system), _msg("user", user), _msg("assistant", output)]}
     if fmt == "prompt_completion":
         return {"messages": [_msg("user", _string(row, "prompt")), _msg("assistant", _string(row, "completion"))]}
-    if fmt == "sharegpt":
-        return {"messages": _turns(row, "conversations", "from", "value", {**KNOWN_ROLES[fmt], **(roles or {})})}
-    if fmt == "messages":
-        return {"messages": _turns(row, "messages", "role", "content", {**KNOWN_ROLES[fmt], **(roles or {})})}
+    if fmt in ("sharegpt", "messages"):
+        field, role_key, content_key = ("conversations", "from", "value") if fmt == "sharegpt" else (
+            "messages", "role", "content")
+        out = {"messages": _turns(row, field, role_key, content_key, {**KNOWN_ROLES[fmt], **(roles or {})})}
+        tools = _tools(row.get("tools"))
+        return {**out, "tools": tools} if tools else out
     if fmt == "text":
         return {"text": _string(row, "text")}
     raise ValueError(f"unknown format {fmt!r}")  # the schema makes this unreachable
@@ -104,6 +108,22 @@ def _string(row: dict, field: str, required: bool = True) -> str:
     if not isinstance(value, str):
         raise BadRow(f"field '{field}' must be a string, got {type(value).__name__}")
     return value
+
+
+def _tools(value) -> list[dict] | None:
+    """Tool definitions (JSON schemas) offered to the model: a list, or its JSON text (Glaive stores text)."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise BadRow(f"field 'tools' is not valid JSON: {exc.msg} at character {exc.pos + 1}") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise BadRow("field 'tools' must be a list of tool definitions (JSON objects)")
+    return value or None
 
 
 def _turns(row: dict, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:

@@ -254,7 +254,7 @@ def _tokenize_batch(batch, fmt, rename, roles, renderer, tokenizer, train_on_inp
                 texts.append(example["text"])
                 spans.append(None)
             else:
-                text, row_spans = renderer.render(example["messages"])
+                text, row_spans = renderer.render(example["messages"], example.get("tools"))
                 texts.append(text)
                 spans.append(row_spans)
             text_rows.append(i)

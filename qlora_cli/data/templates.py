@@ -46,8 +46,19 @@ ALPACA = (
     + "{%- if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{%- endif %}"
 )
 
+# Tool definitions (a `tools` field in sharegpt/messages data) go into the system turn, one JSON
+# object a line, as LLaMA-Factory and Qwen's templates do; a leading system message is kept first.
+_TOOLS_TEXT = (
+    "{%- set system = messages[0]['content'] + '\\n\\n' if messages and messages[0]['role'] == 'system' else '' %}"
+    "{%- set tools_text = system + 'You can call these tools:\\n' + (tools | map('tojson') | join('\\n')) %}"
+)
+
 CHATML = (
     _BOS
+    + "{%- if tools %}" + _TOOLS_TEXT
+    + "{{ '<|im_start|>system\\n' + tools_text | trim + '<|im_end|>\\n' }}"
+    + "{%- if messages and messages[0]['role'] == 'system' %}{%- set messages = messages[1:] %}{%- endif %}"
+    + "{%- endif %}"
     + "{%- for m in messages %}"
     + "{%- if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
     + "{%- generation %}{{ m['content'] + '<|im_end|>' }}{%- endgeneration %}{{ '\\n' }}"
@@ -60,6 +71,10 @@ CHATML = (
 # Llama 3.1's `ipython` role.
 LLAMA3 = (
     _BOS
+    + "{%- if tools %}" + _TOOLS_TEXT
+    + "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' + tools_text | trim + '<|eot_id|>' }}"
+    + "{%- if messages and messages[0]['role'] == 'system' %}{%- set messages = messages[1:] %}{%- endif %}"
+    + "{%- endif %}"
     + "{%- for m in messages %}"
     + "{%- if m['role'] == 'assistant' %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
     + "{%- generation %}{{ m['content'] | trim + '<|eot_id|>' }}{%- endgeneration %}"
@@ -86,6 +101,7 @@ class Template:
     stop: the token that ends an assistant turn (None = the tokenizer's EOS).
     roles: the roles it renders (None = unknown: checked per row by looking for the content).
     tokens: markers that must be single tokens of the tokenizer.
+    tools: whether it renders tool definitions (None = unknown: checked per row, as roles).
     """
 
     name: str
@@ -93,6 +109,7 @@ class Template:
     stop: str | None = None
     roles: frozenset[str] | None = None
     tokens: tuple[str, ...] = field(default=())
+    tools: bool | None = None
 
     @property
     def has_generation_blocks(self) -> bool:
@@ -104,16 +121,19 @@ _ALL_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 BUILTINS = {
     # Alpaca has one system preamble (first message only) and instruction/response turns.
-    "alpaca": Template("alpaca", ALPACA, roles=frozenset({"system", "user", "assistant"})),
-    "chatml": Template("chatml", CHATML, stop="<|im_end|>", roles=_ALL_ROLES, tokens=("<|im_start|>", "<|im_end|>")),
+    "alpaca": Template("alpaca", ALPACA, roles=frozenset({"system", "user", "assistant"}), tools=False),
+    "chatml": Template(
+        "chatml", CHATML, stop="<|im_end|>", roles=_ALL_ROLES, tokens=("<|im_start|>", "<|im_end|>"), tools=True
+    ),
     "llama3": Template(
         "llama3",
         LLAMA3,
         stop="<|eot_id|>",
         roles=_ALL_ROLES,
         tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        tools=True,
     ),
-    "raw": Template("raw", RAW, roles=frozenset({"user", "assistant"})),
+    "raw": Template("raw", RAW, roles=frozenset({"user", "assistant"}), tools=False),
 }
 
 def resolve_template(name: str, tokenizer, where: str = "data.template") -> Template:
@@ -182,21 +202,24 @@ class Renderer:
         # What apply_chat_template passes to the template: bos_token, eos_token, ...
         self.variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    def render(
+        self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
         """(text, [(start, end), ...]) with one span per assistant turn (its content and stop token)."""
-        self._check_roles(messages)
+        self._check_roles(messages, tools)
         if self.template.has_generation_blocks:
-            text, spans = self._render(messages, add_generation_prompt, with_spans=True)
+            text, spans = self._render(messages, tools, add_generation_prompt, with_spans=True)
         else:
-            text, spans = self._render(messages, add_generation_prompt), self._prefix_spans(messages)
-        self._check_content_rendered(messages, text)
+            text, spans = self._render(messages, tools, add_generation_prompt), self._prefix_spans(messages, tools)
+        self._check_content_rendered(messages, tools, text)
         return text, spans
 
-    def _render(self, messages, add_generation_prompt=False, with_spans=False):
+    def _render(self, messages, tools=None, add_generation_prompt=False, with_spans=False):
         from transformers.utils.chat_template_utils import render_jinja_template
 
         rendered, indices = render_jinja_template(
             conversations=[messages],
+            tools=tools,
             chat_template=self.template.jinja,
             return_assistant_tokens_mask=with_spans,
             add_generation_prompt=add_generation_prompt,
@@ -204,18 +227,18 @@ class Renderer:
         )
         return (rendered[0], list(indices[0])) if with_spans else rendered[0]
 
-    def _prefix_spans(self, messages) -> list[tuple[int, int]]:
+    def _prefix_spans(self, messages, tools) -> list[tuple[int, int]]:
         # For a template without generation blocks: assistant turn k is what rendering messages[:k+1]
         # adds to rendering messages[:k] with the generation prompt. That only holds when each
         # render is a prefix of the next (true of ChatML-, Llama- and Mistral-style templates);
         # a template that rewrites earlier turns (e.g. strips past reasoning) is rejected.
-        full = self._render(messages)
+        full = self._render(messages, tools)
         spans = []
         for k, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self._render(messages[:k], add_generation_prompt=True) if k else ""
-            after = self._render(messages[: k + 1])
+            before = self._render(messages[:k], tools, add_generation_prompt=True) if k else ""
+            after = self._render(messages[: k + 1], tools)
             if not (after.startswith(before) and full.startswith(after)):
                 raise TemplateMismatch(
                     f"template {self.template.name!r} renders a conversation differently from its beginning, so "
@@ -228,7 +251,12 @@ class Renderer:
             spans.append((len(before), end))
         return spans
 
-    def _check_roles(self, messages) -> None:
+    def _check_roles(self, messages, tools) -> None:
+        if tools and self.template.tools is False:
+            raise TemplateMismatch(
+                f"template {self.template.name!r} has no place for the row's tool definitions (they would be "
+                "dropped): use chatml or llama3, or a template that renders `tools`"
+            )
         roles = self.template.roles
         if roles is None:
             return
@@ -241,8 +269,15 @@ class Renderer:
                     "or use chatml or llama3"
                 )
 
-    def _check_content_rendered(self, messages, text: str) -> None:
-        # For templates we did not write, the only proof that no message was dropped is finding it.
+    def _check_content_rendered(self, messages, tools, text: str) -> None:
+        # For templates we did not write, the only proof that nothing was dropped is finding it.
+        if tools and self.template.tools is None:
+            missing = [t.get("name") for t in tools if str(t.get("name", "")) not in text]
+            if missing:
+                raise TemplateMismatch(
+                    f"template {self.template.name!r} dropped the tool definitions ({', '.join(map(str, missing))}): "
+                    "use chatml or llama3, or a template that renders `tools`"
+                )
         if self.template.roles is not None:
             return
         for m in messages:
