@@ -145,3 +145,12 @@ def test_key_changes_with_the_pipeline_version(tiny, data_file, monkeypatch):
     base = run(tiny, data_file)
     monkeypatch.setattr(cache, "FORMAT_VERSION", cache.FORMAT_VERSION + 1)
     assert run(tiny, data_file).stats.cache_key != base.stats.cache_key
+
+
+def test_a_hit_with_another_batch_size_recomputes_the_padding_figures(tiny, data_file):
+    tok, t = tokenizer(tiny)
+    data = DataSection(sources=[{"path": str(data_file), "format": "alpaca"}], val_size=2)
+    first = build_datasets(data, tok, t, seed=0, batch_size=2)
+    hit = build_datasets(data, tok, t, seed=0, batch_size=8)
+    assert hit.stats.cache == "hit" and hit.stats.batching["batch_size"] == 8
+    assert hit.stats.batching["batches_per_epoch"] == 2 and first.stats.batching["batches_per_epoch"] == 5

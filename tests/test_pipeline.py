@@ -364,9 +364,132 @@ def test_length_and_batching_statistics(tok, tmp_path):
     p = build(_data(_many(tmp_path, "d.jsonl", 30, "apple"), max_seq_len=128), tok)
     lengths = sorted(len(ids) for ids in col(p.train))
     assert p.stats.lengths["min"] == lengths[0] and p.stats.lengths["max"] == lengths[-1]
-    assert sum(c for _, c in p.stats.histogram) == 30
+    assert sum(c for *_, c in p.stats.histogram) == 30
+    assert p.stats.histogram[0][0] == 1 and p.stats.histogram[-1][1] == 128
     b = p.stats.batching
     # packing puts two-plus of these ~45-token examples in each 128-token row
     assert b["packed_rows"] <= 30 / 2 and b["packed_batches_per_epoch"] < b["batches_per_epoch"]
     assert b["packing_efficiency"] == pytest.approx(sum(lengths) / (b["packed_rows"] * 128), abs=1e-4)
     assert 0 < b["padding_efficiency"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Awkward input found in review: each must be a located bad row or a UserError, never a traceback.
+
+
+def test_a_non_string_role_is_a_bad_row(tiny, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"conversations": [{"from": ["human"], "value": "hi"}, {"from": "gpt", "value": "x"}]})
+                    + "\n" + json.dumps(SHAREGPT[1]) + "\n")
+    p = build(_data(path, fmt="sharegpt"), tokenizer(tiny, "chatml"), template="chatml")
+    assert p.stats.bad_rows == 1 and "conversations[0].from must be a string, got list" in p.stats.bad_row_examples[0]
+
+
+def test_a_custom_template_with_a_syntax_error_is_a_recipe_error(tok, tmp_path):
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(UserError) as err:
+        resolve_template(str(bad), tok)
+    assert err.value.problems[0].where == "data.template" and "not valid Jinja" in err.value.problems[0].message
+
+
+def test_a_template_that_raises_on_a_row_makes_it_a_bad_row(tok, tmp_path):
+    strict = tmp_path / "strict.jinja"
+    strict.write_text("{%- for m in messages %}{%- if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                      "{%- endif %}{{ m['role'] + ': ' + m['content'] + eos_token }}{%- endfor %}")
+    rows = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "ok"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}]
+    p = build(_data(_write(tmp_path / "m.jsonl", rows), fmt="messages", template=str(strict)), tok,
+              template=str(strict))
+    assert p.stats.bad_rows == 1 and "refused this row: no system role" in p.stats.bad_row_examples[0]
+
+
+def test_content_changed_with_the_same_mtime_is_read_again(tok, tmp_path):
+    import os
+
+    path = _write(tmp_path / "d.jsonl", ROWS)
+    stamp = path.stat().st_mtime_ns
+    before = build(_data(path), tok)
+    _write(path, [{**r, "output": "changed"} for r in ROWS])
+    os.utime(path, ns=(stamp, stamp))  # as cp -p, rsync -a or unzip would leave it
+    after = build(_data(path), tok)
+    assert all("changed" in tok.decode(ids) for ids in col(after.train)) and col(after.train) != col(before.train)
+
+
+def test_csv_from_excel_or_pandas_with_index_is_read(tok, tmp_path):
+    import pandas as pd
+
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("\ufeffinstruction,input,output\nSay hi.,,hi\n".encode("utf-8"))
+    indexed = tmp_path / "indexed.csv"
+    pd.DataFrame(ROWS).to_csv(indexed)  # with pandas' default unnamed index column
+    assert build(_data(bom), tok).stats.train_rows == 1
+    assert build(_data(indexed), tok).stats.train_rows == 4
+
+
+def test_json_lines_in_a_json_file_with_a_bad_line_are_skipped_by_line(tok, tmp_path):
+    path = tmp_path / "lines.json"
+    path.write_text(json.dumps(ROWS[0]) + "\n{broken\n" + json.dumps(ROWS[1]) + "\n")
+    p = build(_data(path), tok)
+    assert p.stats.train_rows == 2 and p.stats.bad_row_examples[0].startswith(f"{path}: row 2: malformed JSON")
+
+
+def test_invalid_utf8_is_a_bad_line_not_replacement_characters(tok, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"instruction": "caf\xe9", "output": "x"}\n')
+    p = build(_data(path), tok)
+    assert p.stats.train_rows == 1 and p.stats.bad_row_examples == [f"{path}: line 2: the line is not valid UTF-8"]
+
+
+def test_directories_skip_hidden_folders_and_stray_text_files(tok, tmp_path):
+    d = tmp_path / "data"
+    (d / ".ipynb_checkpoints").mkdir(parents=True)
+    _write(d / "a.jsonl", ROWS)
+    _write(d / ".ipynb_checkpoints" / "a-checkpoint.jsonl", ROWS)
+    (d / "README.txt").write_text("about this data\n")
+    p = build(_data(d), tok)
+    assert p.stats.sources[0].files == [str(d / "a.jsonl")] and p.stats.train_rows == 4
+
+
+def test_a_text_file_with_only_blank_lines_adds_nothing(tok, tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.txt").write_text("green water\n")
+    (d / "empty.txt").write_text("\n\n  \n")
+    assert build(_data(d, fmt="text"), tok, template=None).stats.train_rows == 1
+
+
+def test_a_file_named_by_two_sources_is_refused(tok, tmp_path):
+    path = _write(tmp_path / "d.jsonl", ROWS)
+    data = DataSection(sources=[{"path": str(path), "format": "alpaca"}],
+                       val_sources=[{"path": str(tmp_path / "*.jsonl"), "format": "alpaca"}])
+    with pytest.raises(UserError) as err:
+        build(data, tok)
+    assert err.value.problems[0].where == "data.val_sources[0].path"
+    assert "also read by data.sources[0]" in err.value.problems[0].message
+
+
+def test_all_rows_bad_lists_the_reasons(tiny, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(UserError) as err:
+        build(_data(path, fmt="sharegpt"), tokenizer(tiny, "chatml"), template="chatml")
+    assert "1 are bad rows" in err.value.problems[0].message
+    assert "must be an object with 'from' and 'value'" in err.value.problems[1].message
+
+
+def test_mapping_two_fields_to_one_column_is_refused(tok, tmp_path):
+    data = _data(_write(tmp_path / "d.jsonl", ROWS), source={"columns": {"instruction": "output"}})
+    with pytest.raises(UserError) as err:
+        build(data, tok)
+    assert err.value.problems[0].where == "data.sources[0].columns" and "mapped to two fields" in err.value.problems[0].message
+
+
+@pytest.mark.parametrize("path, hub", [("tatsu-lab/alpaca", True), ("teknium/OpenHermes-2.5", True),
+                                       ("./data/x", False), ("/abs/x", False), ("~/x", False), ("x.json.gz", False),
+                                       ("train.JSONL", False)])
+def test_hub_ids_are_told_from_paths(path, hub):
+    from qlora_cli.data.sources import is_hub_id
+
+    assert is_hub_id(path) is hub

@@ -7,10 +7,12 @@
 A stale cache is worse than none: training on last week's data, or on rows rendered with a
 template you have since fixed, fails silently (axolotl PR#462, PR#1136). So the key is a hash of
 everything the result depends on:
-  - the bytes of every data file (not its name or mtime) and, for hub datasets, their fingerprint;
+  - the bytes of every data file (not its modification time, which copies keep) and its path, and,
+    for hub datasets, their fingerprint;
   - the template's text and stop token;
   - the tokenizer's full definition (vocabulary, merges, normalizer, added and special tokens);
   - every data setting in the recipe and the seed (which picks the validation rows and the mix);
+    train.batch_size only shapes the padding statistics, which are recomputed on a hit instead;
   - FORMAT_VERSION, bumped whenever the pipeline's output changes.
 
 Entries live under $QLORA_CACHE_DIR (default ~/.cache/qlora)/data/<key>, written to a temporary

@@ -42,7 +42,8 @@ KNOWN_ROLES = {
 # OpenAI). Which canonical role they should become depends on the template and on whether the
 # calls should be trained, so the recipe must say (`roles:`); they are never guessed or dropped.
 TOOL_ROLE_NAMES = {
-    "function_call", "function", "observation", "tool", "tool_call", "tool_calls", "tool_response", "ipython",
+    "function_call", "function", "function_response", "observation", "tool", "tool_call", "tool_calls",
+    "tool_response", "tool_result", "tool_output", "ipython", "api", "plugin",
 }
 
 # The fields each format reads, in the names used by `columns:` in a recipe.
@@ -134,7 +135,12 @@ def _turns(row: dict, field: str, role_key: str, content_key: str, roles: dict[s
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
             raise BadRow(f"{field}[{i}] must be an object with '{role_key}' and '{content_key}'")
-    unmapped = sorted({t[role_key] for t in turns if t[role_key] not in roles and t[role_key] in TOOL_ROLE_NAMES})
+        if not isinstance(turn[role_key], str):
+            raise BadRow(f"{field}[{i}].{role_key} must be a string, got {type(turn[role_key]).__name__}")
+    # Case-insensitive: Function_Call is as much a tool call as function_call.
+    unmapped = sorted({
+        t[role_key] for t in turns if t[role_key] not in roles and t[role_key].lower() in TOOL_ROLE_NAMES
+    })
     if unmapped:
         raise UnmappedRole(unmapped)
     out = []

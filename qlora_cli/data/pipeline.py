@@ -119,8 +119,12 @@ def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, us
             train, val, stats = hit
             stats = DataStats.from_dict(stats)
             stats.cache, stats.cache_key = "hit", key
+            if stats.batching.get("batch_size") != batch_size:  # batch size is not in the key: redo its figures
+                lengths = np.minimum(_column(train, "length"), data.max_seq_len)
+                stats.batching = batching_efficiency(train, lengths, data.max_seq_len, batch_size, seed)
             return PreparedData(train, val, stats)
 
+    _check_no_file_twice(data)
     stats = DataStats()
     pool, stats.sources = _process_group(data, "sources", renderer, tokenizer)
     val = None
@@ -148,6 +152,21 @@ def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, us
 # One source: files -> tokenized rows, with the policies applied.
 
 
+def _check_no_file_twice(data) -> None:
+    """A file named by two sources would be trained twice, or trained and validated on: refuse it."""
+    seen: dict = {}
+    for group in ("sources", "val_sources"):
+        for i, source in enumerate(getattr(data, group)):
+            where = f"data.{group}[{i}]"
+            for f in resolve_files(source, where):
+                first = seen.setdefault(f.resolve(), where)
+                if first != where:
+                    raise UserError.single(
+                        f"{where}.path",
+                        f"{f} is also read by {first}: name each file once (use weight or samples to repeat one)",
+                    )
+
+
 def _process_group(data, group: str, renderer, tokenizer):
     """All sources of data.sources or data.val_sources, concatenated, with their stats."""
     from datasets import concatenate_datasets
@@ -169,22 +188,26 @@ def _process_source(source, index: int, where: str, data, renderer, tokenizer):
     for file_index, path in enumerate(files or [None]):
         raw = load_file(path, source, where) if path is not None else load_hub(source, where)
         name = str(path) if path is not None else source.path
-        if source.format == "text" and path is not None and path.suffix == ".txt":
+        if source.format == "text" and path is not None and path.suffix.lower() == ".txt":
             raw = raw.filter(lambda t: bool(t.strip()), input_columns="text")  # blank lines are not examples
+            if len(raw) == 0:
+                continue
         tokenized = _tokenize_file(raw, source, where, name, data, renderer, tokenizer)
-        kept = _apply_policies(tokenized, name, where, data, stats)
-        parts.append(_tag(kept, index, file_index))
-    ds = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    stats.kept = len(ds)
-    if len(ds) == 0:
+        kept = _apply_policies(tokenized, name, source, where, data, stats)
+        if len(kept):
+            parts.append(_tag(kept, index, file_index))
+    stats.kept = sum(len(p) for p in parts)
+    if not parts:
         reasons = [
             (stats.dropped_no_response, f"have no response token within max_seq_len={data.max_seq_len} (raise it)"),
             (stats.dropped_too_long, "are longer than max_seq_len (on_too_long: drop)"),
-            (stats.bad_rows, "are bad rows (fix them)"),
+            (stats.bad_rows, "are bad rows (fix them; the first are listed below)"),
         ]
-        why = "; ".join(f"{n} {text}" for n, text in reasons if n)
-        raise UserError.single(f"{where}.path", f"nothing would be trained from {source.path}: {why}")
-    return ds, stats
+        why = "; ".join(f"{n} {text}" for n, text in reasons if n) or "it has no rows"
+        problems = [Problem(f"{where}.path", f"nothing would be trained from {source.path}: {why}")]
+        problems += [Problem(*line.split(": ", 1)) for line in stats.bad_row_examples]
+        raise UserError(problems)
+    return (concatenate_datasets(parts) if len(parts) > 1 else parts[0]), stats
 
 
 def _tokenize_file(raw, source, where: str, name: str, data, renderer, tokenizer):
@@ -197,7 +220,11 @@ def _tokenize_file(raw, source, where: str, name: str, data, renderer, tokenizer
         raise UserError.single(
             f"{where}.columns", f"{', '.join(unknown)} is not a field of the {source.format} format ({', '.join(fields)})"
         )
-    rename = {source.columns.get(f, f): f for f in fields}
+    mapped = [source.columns.get(f, f) for f in fields]
+    twice = sorted({c for c in mapped if mapped.count(c) > 1})
+    if twice:
+        raise UserError.single(f"{where}.columns", f"column {', '.join(twice)} is mapped to two fields: map each once")
+    rename = dict(zip(mapped, fields))
     if JSON_COLUMN not in raw.column_names:  # rows read by `datasets`: the columns must be there
         missing = [col for col, f in rename.items() if col not in raw.column_names and f not in OPTIONAL_FIELDS]
         if missing:
@@ -286,7 +313,8 @@ def _tokenize_batch(batch, fmt, rename, roles, renderer, tokenizer, train_on_inp
                 ids[i], labels[i] = ids[i][:max_len], labels[i][:max_len]
             else:
                 status[i], reason[i] = TOO_LONG, f"{len(ids[i])} tokens, more than max_seq_len={max_len}"
-        count = len(labels[i]) - labels[i].count(IGNORE_INDEX)
+        # position 0 is never a target (each label is predicted from the tokens before it)
+        count = len(labels[i]) - 1 - labels[i][1:].count(IGNORE_INDEX) if labels[i] else 0
         if status[i] == OK and count == 0:
             status[i] = NO_RESPONSE
         trained.append(count)
@@ -304,6 +332,8 @@ def _tokenize_batch(batch, fmt, rename, roles, renderer, tokenizer, train_on_inp
 def _row(batch, i: int, rename: dict) -> dict:
     """Row i of a batch in the format's field names."""
     if JSON_COLUMN in batch:
+        if batch[JSON_COLUMN][i] is None:
+            raise BadRow("the line is not valid UTF-8")
         try:
             record = json.loads(batch[JSON_COLUMN][i])
         except json.JSONDecodeError as exc:
@@ -314,12 +344,12 @@ def _row(batch, i: int, rename: dict) -> dict:
     return {f: batch[col][i] for col, f in rename.items() if col in batch}
 
 
-def _apply_policies(ds, name: str, where: str, data, stats: SourceStats):
+def _apply_policies(ds, name: str, source, where: str, data, stats: SourceStats):
     """Count and act on row statuses: stop on fatal ones, skip or stop on bad rows, drop the rest."""
     status, reasons, rows = _column(ds, "status"), _column(ds, "reason"), _column(ds, "row")
     counts = Counter(status)
     stats.rows += len(status)
-    label = row_label(name)
+    label = row_label(name, source)
 
     def located(indices) -> list[Problem]:
         return [Problem(f"{name}: {label} {rows[i]}", reasons[i]) for i in indices[:MAX_REPORTED]]
@@ -445,10 +475,11 @@ def length_percentiles(lengths) -> dict:
 
 
 def length_histogram(lengths, max_len: int, bins: int = 8) -> list[list[int]]:
-    """[[upper bound, count], ...] over 0..max_seq_len in equal-width bins."""
-    edges = np.linspace(0, max_len, bins + 1).round().astype(int)
+    """[[lowest, highest, count], ...]: equal-width bins of lengths over 1..max_seq_len, inclusive bounds."""
+    edges = np.linspace(0, max_len, bins + 1).round().astype(int) + 1  # bins [edge_i, edge_i+1)
+    edges[-1] = max_len + 1
     counts, _ = np.histogram(lengths, bins=edges)
-    return [[int(e), int(c)] for e, c in zip(edges[1:], counts)]
+    return [[int(lo), int(hi) - 1, int(c)] for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
 
 
 def batching_efficiency(train, lengths, max_len: int, batch_size: int, seed: int) -> dict:
@@ -463,9 +494,8 @@ def batching_efficiency(train, lengths, max_len: int, batch_size: int, seed: int
     if len(lengths) == 0:
         return {}
     order = np.random.default_rng(seed).permutation(len(lengths))
-    padded = sum(
-        len(chunk) * int(lengths[chunk].max()) for chunk in np.array_split(order, np.ceil(len(order) / batch_size))
-    )
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    padded = sum(len(b) * int(lengths[b].max()) for b in batches)
     packed = pack_dataset(train.select_columns(["input_ids"]), max_len, "bfd")
     return {
         "batch_size": batch_size,

@@ -111,11 +111,9 @@ def render_stats(stats, data):
         )
     hist = Text()
     if stats.histogram:
-        peak = max(c for _, c in stats.histogram) or 1
-        lower = 0
-        for upper, count in stats.histogram:
+        peak = max(c for *_, c in stats.histogram) or 1
+        for lower, upper, count in stats.histogram:
             hist.append(f"  {lower:>6}-{upper:<6} {'#' * round(30 * count / peak):<30} {count}\n")
-            lower = upper + 1
     b = stats.batching
     if b:
         lines.append(

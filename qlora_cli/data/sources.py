@@ -6,15 +6,18 @@
 A source is a file, a glob, a directory (every data file inside, recursively, in sorted order) or
 a hub dataset id. Each file is read by `datasets` (Arrow, fast). Two things it cannot do are done
 here: report *where* a bad row is, and keep going past one. So when `datasets` refuses a JSON file
-(a malformed line, a value of the wrong type), the file is read again line by line, and every row
-is kept as its JSON text, to be parsed and judged one by one by the pipeline (on_bad_row).
+(a malformed line, a value of the wrong type), the file is read again, JSON lines line by line, a
+JSON array row by row, and every row is kept as its JSON text, to be parsed and judged one by one by
+the pipeline (on_bad_row).
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import logging
+import os
 from pathlib import Path
 
 from qlora_cli.errors import UserError
@@ -26,42 +29,55 @@ ROW_COLUMN = "__row"  # 1-based row (or, for .jsonl, line) number within its fil
 JSON_COLUMN = "__json"  # the row's JSON text, when the file had to be read line by line
 
 
+# Suffixes that mark a file even when it does not exist (hub ids may contain dots: OpenHermes-2.5).
+_FILE_SUFFIXES = {*BUILDERS, ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip", ".arrow", ".xlsx"}
+
+
 def is_hub_id(path: str) -> bool:
-    """A path that names nothing on disk, has no data-file suffix and no glob characters: a hub dataset."""
-    return not (Path(path).exists() or Path(path).suffix in BUILDERS or any(c in path for c in "*?["))
+    """`org/name` style: nothing on disk, no data-file suffix, no glob, not written as a path (./ / ~)."""
+    p = Path(path)
+    looks_local = (
+        path.startswith((".", "/", "~")) or p.suffix.lower() in _FILE_SUFFIXES or any(c in path for c in "*?[")
+    )
+    return not (looks_local or p.exists())
 
 
-def row_label(path: str) -> str:
-    """How positions are named in messages about this file: JSON lines are lines, the rest rows."""
-    return "line" if path.endswith(".jsonl") or path.endswith(".txt") else "row"
+def row_label(path: str, source=None) -> str:
+    """How positions are named in messages about a file: lines for JSON lines and text lines, else rows."""
+    if path.endswith(".txt"):
+        return "line" if source is None or source.sample_by == "line" else source.sample_by
+    return "line" if path.endswith(".jsonl") else "row"
 
 
 def resolve_files(source, where: str) -> list[Path]:
     """The data files a source names, sorted; [] for a hub dataset id. Raises UserError if none."""
-    path = source.path
+    path = os.path.expanduser(source.path)
     if is_hub_id(path):
         return []
     if any(c in path for c in "*?["):
         files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if Path(p).is_file()]
         kind = "pattern"
     elif Path(path).is_dir():
-        files = sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith("."))
+        # Hidden files and folders (.git, .ipynb_checkpoints) are never data.
+        files = sorted(
+            p for p in Path(path).rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         kind = "directory"
     else:
         files = [Path(path)]
         kind = None
     if kind is not None:
-        data_files = [p for p in files if p.suffix in BUILDERS]
+        # In a folder or pattern, .txt files are data only for text sources (not a README.txt).
+        wanted = [s for s in BUILDERS if s != ".txt" or source.format == "text"]
+        data_files = [p for p in files if p.suffix.lower() in wanted]
         if not data_files:
-            raise UserError.single(
-                f"{where}.path", f"{kind} {path} holds no data files ({', '.join(BUILDERS)})"
-            )
+            raise UserError.single(f"{where}.path", f"{kind} {path} holds no data files ({', '.join(wanted)})")
         files = data_files
     for f in files:
         _check_file(f, source, where)
-    suffixes = {f.suffix for f in files}
-    if ".txt" in suffixes and source.format != "text":
-        raise UserError.single(f"{where}.format", f"{path} holds .txt files, which are plain text: use format: text")
+    if any(f.suffix.lower() == ".txt" for f in files) and source.format != "text":
+        raise UserError.single(f"{where}.format", f"{path} is a .txt file, which is plain text: use format: text")
     return files
 
 
@@ -70,10 +86,12 @@ def _check_file(path: Path, source, where: str) -> None:
         raise UserError.single(f"{where}.path", f"data file not found: {path}")
     if path.is_dir():
         raise UserError.single(f"{where}.path", f"{path} is a directory")
-    if path.suffix not in BUILDERS:
+    if path.suffix.lower() not in BUILDERS:
         raise UserError.single(
             f"{where}.path", f"unsupported file type {path.suffix!r} for {path}: use {', '.join(BUILDERS)}"
         )
+    if not os.access(path, os.R_OK):
+        raise UserError.single(f"{where}.path", f"{path} is not readable (permission denied)")
     if path.stat().st_size == 0:
         raise UserError.single(f"{where}.path", f"{path} is empty")
 
@@ -82,7 +100,7 @@ def load_file(path: Path, source, where: str):
     """Read one data file into a Dataset with a ROW_COLUMN. Unreadable structure -> UserError."""
     import datasets
 
-    builder = BUILDERS[path.suffix]
+    builder = BUILDERS[path.suffix.lower()]
     # The JSON builder logs an ERROR before raising on a bad line; the fallback below handles that
     # file and reports each bad row itself, so the log would only be noise.
     logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
@@ -92,8 +110,17 @@ def load_file(path: Path, source, where: str):
         kwargs = {"features": _string_features(path), "keep_default_na": False}
     elif builder == "text":
         kwargs = {"sample_by": source.sample_by}
+    if builder == "json" and not _is_utf8(path):
+        # pyarrow's JSON reader lets invalid UTF-8 through (and fails later, on access): read it
+        # line by line instead, so each bad line is a located bad row.
+        return _load_json_rows(path, where)
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        # force_redownload: `datasets` keys its own copy of a local file on path and mtime, so an edit
+        # that keeps the mtime (cp -p, rsync -a, unzip) would be served stale. Our cache (cache.py)
+        # keys on content and already skips this whole step when nothing changed.
+        ds = datasets.load_dataset(
+            builder, data_files=str(path), split="train", download_mode="force_redownload", **kwargs
+        )
     except Exception as exc:  # datasets raises many types for unreadable files
         if builder != "json":
             raise UserError.single(f"{where}.path", f"could not read {path}: {_reason(exc)}") from None
@@ -120,14 +147,28 @@ def load_hub(source, where: str):
     return ds.add_column(ROW_COLUMN, list(range(1, len(ds) + 1)))
 
 
+def _is_utf8(path: Path) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _string_features(path: Path):
     import csv
 
     from datasets import Features, Value
 
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:  # -sig: Excel's byte-order mark
         header = next(csv.reader(f), [])
-    return Features({name: Value("string") for name in header}) if header else None
+    # pandas names an empty header cell (e.g. to_csv's index column) "Unnamed: i"
+    names = [name or f"Unnamed: {i}" for i, name in enumerate(header)]
+    return Features({name: Value("string") for name in names}) if names else None
 
 
 def _row_numbers(path: Path, n: int) -> list[int]:
@@ -144,11 +185,16 @@ def _load_json_rows(path: Path, where: str):
     import datasets
 
     texts, rows = [], []
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    texts.append(line.rstrip("\r\n"))
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if path.suffix.lower() == ".jsonl" or not head.startswith(b"["):  # JSON Lines, whatever the suffix
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if raw.strip():
+                    try:
+                        texts.append(raw.decode("utf-8").rstrip("\r\n"))
+                    except UnicodeDecodeError:
+                        texts.append(None)  # judged as a bad row, with its line number
                     rows.append(number)
     else:
         try:
@@ -159,11 +205,8 @@ def _load_json_rows(path: Path, where: str):
             raise UserError.single(
                 f"{where}.path", f"{path} is not valid JSON{at}: {_reason(exc)}. A .json file must be one array"
             ) from None
-        if isinstance(records, dict):
-            # `datasets` reads {"data": [...]}-style files through a field; keep it simple: one array
-            raise UserError.single(f"{where}.path", f"{path} holds a JSON object: it must be an array of rows")
         if not isinstance(records, list):
-            raise UserError.single(f"{where}.path", f"{path} must hold a JSON array of rows")
+            raise UserError.single(f"{where}.path", f"{path} must hold a JSON array of rows (or JSON lines)")
         texts = [json.dumps(r, ensure_ascii=False) for r in records]
         rows = list(range(1, len(records) + 1))
     if not texts:
@@ -172,5 +215,8 @@ def _load_json_rows(path: Path, where: str):
 
 
 def _reason(exc: Exception) -> str:
+    # `datasets` wraps the parser's error ("Expected 2 fields in line 3") in a generic one
+    while exc.__cause__ is not None and "error occurred while generating" in str(exc):
+        exc = exc.__cause__
     text = str(exc).strip()
     return text.splitlines()[-1] if text else type(exc).__name__

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_cli.data.formats import ALPACA_SYSTEM_NO_INPUT
+from qlora_cli.data.formats import ALPACA_SYSTEM_NO_INPUT, BadRow
 from qlora_cli.errors import UserError
 
 # A BOS token, when the tokenizer has one: apply_chat_template tokenizes without adding special
@@ -164,6 +164,7 @@ def resolve_template(name: str, tokenizer, where: str = "data.template") -> Temp
     stop = template.stop or tokenizer.eos_token
     if stop is None:
         raise UserError.single(where, "the tokenizer has no EOS token, so the model could not learn to stop")
+    _check_syntax(template, tokenizer, where)
     split = [t for t in template.tokens if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
     if split:
         raise UserError.single(
@@ -173,6 +174,20 @@ def resolve_template(name: str, tokenizer, where: str = "data.template") -> Temp
             "trained with ('tokenizer'), or alpaca/raw",
         )
     return template
+
+
+def _check_syntax(template: Template, tokenizer, where: str) -> None:
+    # Compiling happens on first render; do one now so a typo in a .jinja file is reported as the
+    # recipe's problem, not as a failure on row 1. (What a template raises for a given row is that
+    # row's problem: Renderer.render.)
+    import jinja2
+
+    try:
+        Renderer(template, tokenizer).render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
+    except jinja2.TemplateSyntaxError as exc:
+        raise UserError.single(where, f"template {template.name!r} is not valid Jinja: {exc.message} (line {exc.lineno})")
+    except (jinja2.TemplateError, TemplateMismatch, BadRow):
+        pass
 
 
 def apply_template(template: Template, tokenizer) -> None:
@@ -206,11 +221,18 @@ class Renderer:
         self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False
     ) -> tuple[str, list[tuple[int, int]]]:
         """(text, [(start, end), ...]) with one span per assistant turn (its content and stop token)."""
+        import jinja2
+
         self._check_roles(messages, tools)
-        if self.template.has_generation_blocks:
-            text, spans = self._render(messages, tools, add_generation_prompt, with_spans=True)
-        else:
-            text, spans = self._render(messages, tools, add_generation_prompt), self._prefix_spans(messages, tools)
+        try:
+            if self.template.has_generation_blocks:
+                text, spans = self._render(messages, tools, add_generation_prompt, with_spans=True)
+            else:
+                text, spans = self._render(messages, tools, add_generation_prompt), self._prefix_spans(messages, tools)
+        except jinja2.TemplateSyntaxError:
+            raise  # the template's problem, not the row's (resolve_template reports it)
+        except jinja2.TemplateError as exc:  # e.g. a tokenizer template's raise_exception("roles must alternate")
+            raise BadRow(f"template {self.template.name!r} refused this row: {exc}") from None
         self._check_content_rendered(messages, tools, text)
         return text, spans
 
@@ -272,7 +294,8 @@ class Renderer:
     def _check_content_rendered(self, messages, tools, text: str) -> None:
         # For templates we did not write, the only proof that nothing was dropped is finding it.
         if tools and self.template.tools is None:
-            missing = [t.get("name") for t in tools if str(t.get("name", "")) not in text]
+            names = [t.get("name") or (t.get("function") or {}).get("name") for t in tools]  # plain or OpenAI-style
+            missing = [n for n in names if not n or str(n) not in text]
             if missing:
                 raise TemplateMismatch(
                     f"template {self.template.name!r} dropped the tool definitions ({', '.join(map(str, missing))}): "
