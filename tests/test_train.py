@@ -109,16 +109,21 @@ def _fresh_base(recipe):
     One bitsandbytes switch is turned off: on AVX512-BF16 CPUs, no-grad forwards otherwise move
     to a repacked bf16 kernel whose logits differ from the training kernel's by ~2e-2, which
     would hide (or fake) a real adapter mismatch. GPUs have no such second path.
+    It goes where training put its model (the GPU when there is one): bitsandbytes' CUDA and CPU
+    quantizers can differ by one step in a double-quantized scale, so a reference quantized
+    elsewhere would not be bit-identical.
     """
     import bitsandbytes
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_cli.modeling import device_map
 
     bnb = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        recipe.model.name_or_path, quantization_config=bnb, dtype=torch.float32, device_map={"": "cpu"}
+        recipe.model.name_or_path, quantization_config=bnb, dtype=torch.float32, device_map=device_map()
     )
     for module in model.modules():
         if isinstance(module, bitsandbytes.nn.Linear4bit):
@@ -166,7 +171,7 @@ def test_reloaded_adapter_reproduces_training_logits(trained):
 
     model = trained.trainer.model.eval()
     tokenizer = trained.trainer.processing_class
-    batch = _probe_batch(tokenizer)
+    batch = _probe_batch(tokenizer).to(model.device)
     with torch.no_grad():
         expected = model(**batch).logits
 
