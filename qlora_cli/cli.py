@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 from typing import List, Optional
 
@@ -131,6 +132,39 @@ def data(
             f"{st.truncated} truncated, {st.dropped_too_long + st.dropped_no_response} dropped, "
             f"{st.bad_rows} bad rows skipped (--stats for more)"
         )
+
+
+@app.command()
+def merge(
+    run_dir: str = typer.Argument(..., help="The run directory `qlora train` wrote."),
+    output: Optional[str] = typer.Option(None, "--output", help="Where to write the model (default: RUN_DIR/merged)."),
+    base: str = typer.Option(
+        "dequantized", "--base",
+        help="Add the update to the NF4-dequantized weights the adapter was trained against (dequantized), "
+        "or to the original checkpoint weights (original).",
+    ),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: the recipe's model.dtype)."),
+    max_shard_size: Optional[str] = typer.Option(
+        None, "--max-shard-size", help="e.g. 2GB; default: the output's shards mirror the base model's."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier merged model at --output."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the fidelity check against the adapter model."),
+    compare: bool = typer.Option(False, "--compare", help="Also merge with the other --base in memory and report both."),
+):
+    """Fold the adapter into the base model and write a standalone model, with a fidelity report."""
+    from qlora_cli.merge import merge as run_merge
+    from qlora_cli.fidelity import render_fidelity
+
+    _quiet_libraries()
+    start = time.perf_counter()
+    result = run_merge(
+        run_dir, output=output, base_mode=base, dtype=dtype, max_shard_size=max_shard_size,
+        overwrite=overwrite, verify=not no_verify, compare=compare, console=err,
+    )
+    if "fidelity" in result.report:
+        err.print(render_fidelity(result.report))
+    err.print(f"[green]done[/] merged model in {escape(str(result.output))} ({time.perf_counter() - start:.1f}s)")
+    typer.echo(str(result.output))
 
 
 @app.command()

@@ -263,6 +263,9 @@ def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "template": template.name if template else None,
+        # Where the base was quantized: bitsandbytes' CUDA and CPU quantizers can differ by a step
+        # in a few double-quantized scales, which `qlora merge` reports when it runs elsewhere.
+        "device": trainer.model.device.type,
         "data": {**data_stats.to_dict(), "trained_batches": trained_batching(trainer)},
         "peak_memory": peak_memory(),
         "versions": library_versions(),

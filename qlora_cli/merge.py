@@ -1,0 +1,306 @@
+"""`qlora merge`: fold a run's adapter into its base model and measure what the user gets.
+
+    result = merge("runs/tiny")                       # -> runs/tiny/merged
+    result.output, result.report["fidelity"]
+
+Order, for safety:
+1. Everything that can fail on bad input (run dir, recipe, adapter, base shapes, output path,
+   free space) is checked before anything is written.
+2. The model is written into a hidden temporary directory beside the target, shard by shard.
+3. The fidelity check runs on what was written, and merge_report.json is added.
+4. Only then is the directory renamed into place. An interrupted merge leaves only the hidden
+   `.NAME.partial-PID` directory (removed on the next merge), never one that looks complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_cli.errors import UserError
+from qlora_cli.merge_weights import (
+    BaseCheckpoint,
+    ShardWriter,
+    merged_tensors,
+    parse_size,
+    plan_merge,
+    quantized_weight_names,
+    read_adapter,
+)
+from qlora_cli.rundir import RECIPE, SUMMARY, RunDir
+
+REPORT = "merge_report.json"
+BASE_MODES = ("dequantized", "original")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# Errors of the output location that the user can fix: full disk, quota, permissions, read-only.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    report: dict
+
+
+def merge(
+    run_dir: str | Path,
+    output: str | Path | None = None,
+    base_mode: str = "dequantized",
+    dtype: str | None = None,
+    max_shard_size: str | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    compare: bool = False,
+    console=None,
+) -> MergeResult:
+    from transformers import AutoConfig
+
+    from qlora_cli.config import load_recipe
+    from qlora_cli.modeling import TORCH_DTYPES, check_model_path
+
+    say = console.print if console is not None else (lambda *a, **k: None)
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise UserError.single("RUN_DIR", f"{run.path} is not a directory: give the run directory `qlora train` wrote")
+    if not (run / RECIPE).is_file():
+        raise UserError.single("RUN_DIR", f"{run.path} has no {RECIPE}: is it a run directory written by `qlora train`?")
+    if base_mode not in BASE_MODES:
+        raise UserError.single("--base", f"unknown base {base_mode!r}: use one of {', '.join(BASE_MODES)}")
+    recipe = load_recipe(run / RECIPE)
+    out_dtype_name = dtype or DTYPE_NAMES[recipe.model.dtype]
+    if out_dtype_name not in DTYPES:
+        raise UserError.single("--dtype", f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    max_bytes = parse_size(max_shard_size) if max_shard_size else None
+    adapter = read_adapter(run.path)
+    out = Path(output) if output else run.path / "merged"
+
+    check_model_path(recipe.model)
+    base_folder = resolve_base(recipe.model)
+    check_output(out, overwrite, protected=(run.path, base_folder))
+    base = BaseCheckpoint.open(base_folder)
+    config = AutoConfig.from_pretrained(base_folder, trust_remote_code=recipe.model.trust_remote_code)
+    model_dtype = TORCH_DTYPES[recipe.model.dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where training quantized, normally
+    plan = plan_merge(
+        adapter, base, quantized=quantized_weight_names(config, recipe.quant, model_dtype), quant=recipe.quant,
+        model_dtype=model_dtype, out_dtype=DTYPES[out_dtype_name], device=device,
+    )
+    check_free_space(out, plan.output_bytes())
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    remove_stale_partials(out)
+    try:
+        tmp.mkdir(parents=True)
+        start = time.perf_counter()
+        say(f"merging {len(adapter.updates)} {adapter.kind} modules into {base_folder} "
+            f"({base_mode} base, {out_dtype_name}, NF4 on {device})")
+        shards = write_model(plan, tmp, base_mode, max_bytes)
+        write_companions(config, plan, base_folder, run, tmp)
+        report = build_report(run, base_folder, plan, base_mode, out_dtype_name, shards, time.perf_counter() - start)
+        if verify:
+            say("checking the merged model against the adapter on the quantized base")
+            report["fidelity"] = verify_merge(recipe, run, tmp, plan, base_mode, compare)
+        (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        swap_into_place(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in OUTPUT_ERRNOS:
+            raise UserError.single("--output", f"cannot write {out}: {exc.strerror}; nothing was written") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeResult(out, report)
+
+
+# --- Inputs ---------------------------------------------------------------------------------------
+
+
+def resolve_base(model) -> Path:
+    """The base model's local folder: the path itself, or the hub snapshot in the local cache."""
+    path = Path(model.name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            model.name_or_path, revision=model.revision, allow_patterns=["*.json", "*.safetensors"]
+        ))
+    except Exception as exc:  # network, auth, unknown repo: all fixable by the user
+        raise UserError.single("model.name_or_path", f"cannot fetch {model.name_or_path}: {exc}") from None
+
+
+def check_output(out: Path, overwrite: bool, protected: tuple[Path, ...]) -> None:
+    """Refuse an output that exists (unless --overwrite), or whose replacement would delete inputs."""
+    if out.exists() and not out.is_dir():
+        raise UserError.single("--output", f"{out} exists and is a file: choose another --output")
+    here = out.resolve()
+    for keep in (Path.cwd(), *protected):
+        keep = keep.resolve()
+        if keep == here or here in keep.parents:
+            raise UserError.single("--output", f"{out} would replace {keep}, which the merge reads: choose another --output")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError.single("--output", f"{out} already exists: choose another --output, or pass --overwrite to replace it")
+        if not ((out / REPORT).is_file() or (out / "config.json").is_file()):
+            raise UserError.single("--output", f"--overwrite only replaces an earlier merged model, and {out} does not look like one")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError.single("--output", f"cannot create {out}: {parent} is not a writable directory")
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    parent = next(p for p in out.absolute().parents if p.exists())
+    free = shutil.disk_usage(parent).free
+    if free < needed * 1.05 + 2**20:
+        raise UserError.single(
+            "--output", f"not enough space for {out}: the merged model needs about {needed / 1e9:.2f} GB, "
+            f"{parent} has {free / 1e9:.2f} GB free; free some space or choose another --output",
+        )
+
+
+# --- Outputs --------------------------------------------------------------------------------------
+
+
+def write_model(plan, folder: Path, base_mode: str, max_bytes: int | None) -> list[str]:
+    """Stream the merged tensors into shards; output shards mirror the input's unless a size is given."""
+    writer = ShardWriter(folder, max_bytes)
+    current = None
+    for shard, name, tensor in merged_tensors(plan, base_mode):
+        if current is not None and shard != current:
+            writer.end_input_shard()
+        current = shard
+        writer.add(name, tensor)
+    return writer.close()
+
+
+def write_companions(config, plan, base_folder: Path, run: RunDir, folder: Path) -> None:
+    """config.json (with the new dtype), generation_config.json and the run's tokenizer + template."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    config.dtype = plan.out_dtype
+    config.save_pretrained(folder)
+    try:
+        generation = GenerationConfig.from_pretrained(base_folder)
+    except OSError:  # the base has none: derive it from the model config, as from_pretrained would
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(folder)
+    # The run's tokenizer carries the template training rendered with, so generate/serve match it.
+    AutoTokenizer.from_pretrained(run.path).save_pretrained(folder)
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished directory to its name; an earlier output is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Delete what interrupted merges into the same target left behind (their process is gone)."""
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build_report(run: RunDir, base_folder: Path, plan, base_mode: str, dtype: str, shards, seconds: float) -> dict:
+    from qlora_cli.train import library_versions
+
+    summary = json.loads((run / SUMMARY).read_text()) if (run / SUMMARY).is_file() else {}
+    trained_on = summary.get("device")
+    a = plan.adapter
+    report = {
+        "run_dir": str(run.path.resolve()),
+        "base_model": str(base_folder.resolve()),
+        "base": base_mode,
+        "dtype": dtype,
+        "adapter": {
+            "kind": a.kind,
+            "modules": len(a.updates),
+            "modules_to_save": sorted(a.replacements),
+            "r": a.config.get("r"),
+            "lora_alpha": a.config.get("lora_alpha"),
+        },
+        "quantized_weights": len(plan.quantized),
+        "nf4_device": plan.device,
+        "trained_on": trained_on,
+        "shards": shards,
+        "seconds": round(seconds, 2),
+        "versions": library_versions(),
+    }
+    if base_mode == "dequantized" and trained_on and trained_on != plan.device:
+        report["note"] = (
+            f"trained on {trained_on}, re-quantized on {plan.device}: bitsandbytes' quantizers on the two "
+            "can differ by one step in a few double-quantized scales, so the match is close but not bit-exact"
+        )
+    return report
+
+
+# --- Fidelity -------------------------------------------------------------------------------------
+
+
+def verify_merge(recipe, run: RunDir, merged_dir: Path, plan, base_mode: str, compare: bool) -> dict:
+    """Compare the written model (and, with --compare, the other base merged in memory) with the
+    adapter applied to the 4-bit base, as training ran it."""
+    import gc
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.fidelity import compare as compare_logits
+    from qlora_cli.fidelity import next_token_logits, probe_sequences
+    from qlora_cli.modeling import device_map, load_base_model
+
+    sequences, source = probe_sequences(recipe)
+    reference_model = PeftModel.from_pretrained(load_base_model(recipe.model, recipe.quant), str(run.path))
+    reference = next_token_logits(reference_model, sequences)
+    del reference_model
+    gc.collect()
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=plan.out_dtype, device_map=device_map())
+    results = {base_mode: compare_logits(reference, next_token_logits(merged, sequences))}
+    del merged
+    gc.collect()
+    if compare:
+        other = next(m for m in BASE_MODES if m != base_mode)
+        results[other] = compare_logits(reference, next_token_logits(in_memory_model(plan, other), sequences))
+    return {"prompts": source, "results": results}
+
+
+def in_memory_model(plan, base_mode: str):
+    """The model merged with the other base, built from a state dict without touching the disk."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from qlora_cli.modeling import device_map
+
+    config = AutoConfig.from_pretrained(plan.base.folder)
+    state = {name: tensor for _, name, tensor in merged_tensors(plan, base_mode)}
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return model_class.from_pretrained(None, config=config, state_dict=state, dtype=plan.out_dtype, device_map=device_map())

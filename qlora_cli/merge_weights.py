@@ -1,0 +1,381 @@
+"""The arithmetic of a merge, one tensor at a time: read the adapter, plan, fold, write shards.
+
+    adapter = read_adapter(run_dir)                           # LoRA/DoRA factors + saved modules
+    base = BaseCheckpoint.open(model_dir)                     # safetensors headers only, no weights
+    plan = plan_merge(adapter, base, quantized=quantized_weight_names(model_dir, recipe))
+    for shard, name, tensor in merged_tensors(plan, folder):  # streams, never the whole model
+        writer.add(name, tensor)
+
+Two ways to fold an update into a weight (the `--base` flag):
+- `dequantized`: the weight is first quantized to 4 bits and back, exactly as training loaded it
+  (same dtype, quant type, double quantization, block size, device kind), so the merged model is
+  the model the adapter was trained against.
+- `original`: the update is added to the checkpoint's original weights, which the adapter never
+  saw; the difference is the quantization error of every quantized layer.
+
+Memory: tensors are read one at a time from memory-mapped safetensors shards, and output shards
+are flushed as soon as they are complete, so the peak is about one output shard plus the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qlora_cli.errors import Problem, UserError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+# --- The adapter ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraUpdate:
+    """One adapted module: its update is `scale * B @ A` (transposed for embeddings)."""
+
+    module: str  # e.g. model.layers.0.self_attn.q_proj
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    magnitude: torch.Tensor | None = None  # DoRA: per-output-row magnitude
+    embedding: bool = False  # PEFT stores embedding factors the other way round
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.module}.weight"
+
+    def delta(self) -> torch.Tensor:
+        """The update to the weight, in fp32, shaped like the weight ([out, in] or [vocab, dim])."""
+        d = self.B.float() @ self.A.float()
+        return (d.T if self.embedding else d) * self.scale
+
+    def expected_shape(self) -> tuple[int, int]:
+        if self.embedding:
+            return (self.A.shape[1], self.B.shape[0])
+        return (self.B.shape[0], self.A.shape[1])
+
+
+@dataclass
+class Adapter:
+    updates: dict[str, LoraUpdate]  # weight key -> update
+    replacements: dict[str, torch.Tensor]  # weight key -> trained full tensor (modules_to_save)
+    config: dict
+    kind: str  # "LoRA", "rsLoRA", "DoRA", ...
+
+
+def read_adapter(run_dir: Path) -> Adapter:
+    """Parse a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.torch import load_file
+
+    cfg_path, weights_path = run_dir / ADAPTER_CONFIG, run_dir / ADAPTER_WEIGHTS
+    if not cfg_path.is_file() or not weights_path.is_file():
+        raise UserError.single(
+            "RUN_DIR",
+            f"{run_dir} has no adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}): point at the directory "
+            "`qlora train` wrote, after the run finished",
+        )
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        tensors = load_file(str(weights_path))
+    except (OSError, ValueError) as exc:  # truncated or corrupt files
+        raise UserError.single("RUN_DIR", f"cannot read the adapter in {run_dir}: {exc}") from None
+    if config.get("peft_type") != "LORA":
+        raise UserError.single("RUN_DIR", f"{cfg_path} is a {config.get('peft_type')} adapter; only LoRA can be merged")
+    for flag in ("fan_in_fan_out", "lora_bias", "use_qalora"):
+        if config.get(flag):
+            raise UserError.single("RUN_DIR", f"{cfg_path} sets {flag}, which qlora merge does not support")
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight|(.+)\.(lora_embedding_A|lora_embedding_B|lora_magnitude_vector)", name)
+        if m:
+            module, part = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            factors.setdefault(module, {})[part] = tensor
+        elif ".base_layer." in name:
+            continue  # PEFT saves the (unchanged) base embedding beside embedding adapters
+        else:
+            replacements[name] = tensor  # a modules_to_save copy or a trained bias: replaces the base
+
+    updates = {}
+    for module, parts in factors.items():
+        embedding = "lora_embedding_A" in parts
+        A = parts.get("lora_embedding_A" if embedding else "lora_A")
+        B = parts.get("lora_embedding_B" if embedding else "lora_B")
+        if A is None or B is None:
+            raise UserError.single("RUN_DIR", f"{weights_path}: {module} has only half of its LoRA factors")
+        r = A.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        updates[f"{module}.weight"] = LoraUpdate(
+            module, A, B, scale, magnitude=parts.get("lora_magnitude_vector"), embedding=embedding
+        )
+    if not updates and not replacements:
+        raise UserError.single("RUN_DIR", f"{weights_path} holds no LoRA weights")
+    kind = "DoRA" if config.get("use_dora") else ("rsLoRA" if config.get("use_rslora") else "LoRA")
+    return Adapter(updates, replacements, config, kind)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's per-module overrides (alpha_pattern), matched the way PEFT matches them."""
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(list(patterns), module)
+    return patterns.get(key, default)
+
+
+# --- The base checkpoint --------------------------------------------------------------------------
+
+
+@dataclass
+class BaseCheckpoint:
+    """A safetensors checkpoint, read through its headers: names, shapes and dtypes, no data."""
+
+    folder: Path
+    shards: list[str]  # file names, in order
+    keys: dict[str, list[str]]  # shard -> tensor names, in file order
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]  # safetensors dtype names: F32, BF16, ...
+
+    @classmethod
+    def open(cls, folder: Path) -> "BaseCheckpoint":
+        from safetensors import safe_open
+
+        if (folder / INDEX).is_file():
+            weight_map = json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        elif (folder / SINGLE).is_file():
+            shards = [SINGLE]
+        else:
+            raise UserError.single(
+                "model.name_or_path",
+                f"{folder} has no safetensors weights ({SINGLE} or {INDEX}); qlora merge streams safetensors "
+                "only: load the model and save_pretrained() it once to convert",
+            )
+        keys, shapes, dtypes = {}, {}, {}
+        for shard in shards:
+            try:
+                with safe_open(str(folder / shard), "pt") as f:
+                    keys[shard] = list(f.keys())
+                    for k in keys[shard]:
+                        sl = f.get_slice(k)
+                        shapes[k], dtypes[k] = tuple(sl.get_shape()), sl.get_dtype()
+            except (OSError, Exception) as exc:  # safetensors raises its own error types
+                raise UserError.single("model.name_or_path", f"cannot read {folder / shard}: {exc}") from None
+        return cls(folder, shards, keys, shapes, dtypes)
+
+    def total_bytes(self) -> int:
+        return sum((self.folder / s).stat().st_size for s in self.shards)
+
+
+def quantized_weight_names(config, quant, model_dtype: torch.dtype) -> set[str]:
+    """The weights `from_pretrained(..., quantization_config=...)` turns into 4-bit, by name.
+
+    Asked of transformers itself (its bitsandbytes quantizer run on an empty, meta-device model),
+    so the rule is the one training used: every linear layer but the output head and the
+    modules the config keeps in full precision.
+    """
+    import bitsandbytes as bnb
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers import AutoHfQuantizer
+
+    from qlora_cli.modeling import build_bnb_config
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    quantizer = AutoHfQuantizer.from_config(build_bnb_config(quant), pre_quantized=False)
+    quantizer.preprocess_model(model, dtype=model_dtype, device_map={"": "cpu"})
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+# --- The plan -------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergePlan:
+    base: BaseCheckpoint
+    adapter: Adapter
+    quantized: set[str]  # weight keys training held in 4 bits
+    quant: object  # the recipe's quant section
+    model_dtype: torch.dtype  # what training loaded the checkpoint as
+    out_dtype: torch.dtype
+    device: str  # where to quantize: the device kind training used
+    counts: dict = field(default_factory=dict)
+
+    def output_bytes(self) -> int:
+        size = torch.tensor([], dtype=self.out_dtype).element_size()
+        total = 0
+        for key, shape in self.base.shapes.items():
+            n = math.prod(shape)
+            total += n * (size if self.base.dtypes[key] in FLOAT_DTYPES else _DTYPE_BYTES.get(self.base.dtypes[key], 8))
+        return total
+
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_DTYPE_BYTES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def plan_merge(adapter: Adapter, base: BaseCheckpoint, **kw) -> MergePlan:
+    """Check every adapter tensor against the base's shapes before anything is written."""
+    problems = []
+    tied = "the base ties lm_head to the input embeddings, so the checkpoint stores it once"
+    for key, u in adapter.updates.items():
+        if key not in base.shapes:
+            hint = f" ({tied})" if key.startswith("lm_head") else ""
+            problems.append(Problem(u.module, f"adapted by the run but the base checkpoint has no {key}{hint}"))
+        elif base.shapes[key] != u.expected_shape():
+            problems.append(Problem(
+                u.module, f"the adapter was trained for shape {list(u.expected_shape())}, the base has {list(base.shapes[key])}",
+            ))
+        elif u.magnitude is not None and tuple(u.magnitude.shape) != (base.shapes[key][0],):
+            problems.append(Problem(u.module, f"DoRA magnitude has {u.magnitude.shape[0]} rows, the base {base.shapes[key][0]}"))
+    for key, t in adapter.replacements.items():
+        if key not in base.shapes:
+            problems.append(Problem(key, "saved with the adapter but absent from the base checkpoint"))
+        elif base.shapes[key] != tuple(t.shape):
+            problems.append(Problem(key, f"saved with shape {list(t.shape)}, the base has {list(base.shapes[key])}"))
+    if problems:
+        raise UserError(
+            problems[:10] + ([Problem("...", f"and {len(problems) - 10} more")] if len(problems) > 10 else []),
+            header=f"the adapter does not fit the base model in {base.folder}: was it trained on another model?",
+        )
+    return MergePlan(base=base, adapter=adapter, **kw)
+
+
+# --- The fold -------------------------------------------------------------------------------------
+
+
+def nf4_roundtrip(weight: torch.Tensor, quant, model_dtype: torch.dtype, device: str) -> torch.Tensor:
+    """The weight as a 4-bit layer sees it: cast, quantized by bitsandbytes exactly as
+    transformers does at load time (a Params4bit moved to the device), and dequantized."""
+    import bitsandbytes as bnb
+
+    from qlora_cli.modeling import TORCH_DTYPES
+
+    param = bnb.nn.Params4bit(
+        weight.to(model_dtype), requires_grad=False, quant_type=quant.quant_type,
+        compress_statistics=quant.double_quant, quant_storage=TORCH_DTYPES[quant.storage_dtype],
+    ).to(device)
+    return bnb.functional.dequantize_4bit(param.data, param.quant_state).cpu()
+
+
+def fold(plan: MergePlan, key: str, tensor: torch.Tensor, base_mode: str) -> torch.Tensor:
+    """One output tensor from one checkpoint tensor."""
+    a = plan.adapter
+    if key in a.replacements:
+        return a.replacements[key].to(plan.out_dtype)
+    if not tensor.is_floating_point():
+        return tensor
+    if base_mode == "dequantized":
+        # Training saw every quantized weight through NF4, and every other one cast to the model dtype.
+        if key in plan.quantized:
+            tensor = nf4_roundtrip(tensor, plan.quant, plan.model_dtype, plan.device)
+        else:
+            tensor = tensor.to(plan.model_dtype)
+    update = a.updates.get(key)
+    if update is None:
+        return tensor.to(plan.out_dtype)
+    w = tensor.float() + update.delta()
+    if update.magnitude is not None:
+        # DoRA: rescale each output row to its learned magnitude (PEFT's merge, with the norm
+        # taken of the merged weight, as in its forward pass).
+        w = (update.magnitude.float() / torch.linalg.norm(w, dim=1)).view(-1, 1) * w
+    return w.to(plan.out_dtype)
+
+
+def merged_tensors(plan: MergePlan, base_mode: str):
+    """Yield (input shard, name, merged tensor), one tensor resident at a time."""
+    from safetensors import safe_open
+
+    for shard in plan.base.shards:
+        with safe_open(str(plan.base.folder / shard), "pt") as f:
+            for key in plan.base.keys[shard]:
+                yield shard, key, fold(plan, key, f.get_tensor(key), base_mode)
+
+
+# --- The writer -----------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Collect tensors into safetensors shards and write an index, transformers-style.
+
+    With no size limit, output shards mirror the input shards; with one, a shard is flushed
+    before it would exceed it. Shards are written under temporary names and renamed to
+    model-0000i-of-0000N.safetensors once N is known.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int | None):
+        self.folder, self.max = folder, max_shard_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffered = 0
+        self.files: list[tuple[str, list[str], int]] = []  # temp name, keys, bytes
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.max is not None and self.buffer and self.buffered + size > self.max:
+            self.flush()
+        self.buffer[name] = tensor.contiguous()
+        self.buffered += size
+
+    def end_input_shard(self) -> None:
+        if self.max is None:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        name = f"part-{len(self.files):05d}.safetensors"
+        path = self.folder / name
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        # safetensors creates the file private (0600); give it the permissions of every other
+        # file here, so a model merged by one account can be served by another.
+        umask = os.umask(0)
+        os.umask(umask)
+        path.chmod(0o666 & ~umask)
+        self.files.append((name, list(self.buffer), self.buffered))
+        self.buffer, self.buffered = {}, 0
+
+    def close(self) -> list[str]:
+        """Name the shards and write the index. Returns the final file names."""
+        self.flush()
+        if len(self.files) == 1:
+            (self.folder / self.files[0][0]).rename(self.folder / SINGLE)
+            return [SINGLE]
+        n, weight_map, names = len(self.files), {}, []
+        for i, (tmp, keys, _) in enumerate(self.files, start=1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            (self.folder / tmp).rename(self.folder / final)
+            weight_map.update({k: final for k in keys})
+            names.append(final)
+        index = {"metadata": {"total_size": sum(b for _, _, b in self.files)}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return names
+
+
+def parse_size(text: str) -> int:
+    """'500MB', '2GB', '1.5GiB' or a byte count -> bytes (decimal units, as transformers uses)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not m or m.group(2) in ("I", "IB") or (m.group(2) and not m.group(2).endswith("B")):
+        raise UserError.single("--max-shard-size", f"{text!r} is not a size: write e.g. 500MB, 2GB or 1.5GiB")
+    unit = m.group(2).removesuffix("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = "KMGT".find(unit[:1]) + 1 if unit else 0
+    size = int(float(m.group(1)) * base**power)
+    if size < 1:
+        raise UserError.single("--max-shard-size", f"{text!r} is not a positive size")
+    return size
