@@ -1,0 +1,371 @@
+"""`qlora merge`: merged logits equal the adapter model's, shards stream, plain transformers loads
+the output, and bad input leaves nothing behind.
+
+Most tests fabricate a run directory (fresh adapters with random, non-zero updates) instead of
+training: merging is about the arithmetic, and a random update exercises every weight. One test
+trains configs/tiny.yaml for real and checks the issue's fidelity targets through the CLI.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from conftest import run_cli, tiny_recipe
+from qlora_cli.config import validate_recipe
+from qlora_cli.errors import UserError
+from qlora_cli.merge import merge
+from qlora_cli.rundir import RunDir
+
+MERGED_FILES = {
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+    "merge_report.json",
+}
+
+
+def fabricate_run(tiny, run_dir, model_dir=None, **lora):
+    """A run directory as `qlora train` leaves it, with adapters whose updates are random but fixed.
+
+    Returns (run_dir, the live PeftModel on the 4-bit base): the reference the merge must match.
+    """
+    from qlora_cli.modeling import attach_lora, load_base_model
+    from qlora_cli.train import prepare_tokenizer
+
+    raw = tiny_recipe(tiny, run_dir)
+    raw["lora"].update({"r": 8, "alpha": 16, **lora})
+    if model_dir is not None:
+        raw["model"]["name_or_path"] = str(model_dir)
+    recipe = validate_recipe(raw)
+    tokenizer, _ = prepare_tokenizer(recipe)
+    model = attach_lora(load_base_model(recipe.model, recipe.quant), recipe.lora, gradient_checkpointing=False)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        # PEFT starts B at zero (no update) and the DoRA magnitude at the weight norm: move both,
+        # and the fully trained copies, so every part of the merge has something to fold in.
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.05
+        elif "lora_magnitude_vector" in name:
+            p.data = p.data * (1 + 0.2 * torch.randn(p.shape, generator=gen))
+        elif "modules_to_save" in name:
+            p.data = p.data + 0.05 * torch.randn(p.shape, generator=gen)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(run_dir)
+    tokenizer.save_pretrained(run_dir)
+    RunDir(run_dir).write_recipe(recipe)
+    return run_dir, model.eval()
+
+
+def probe_ids(tokenizer):
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Count from 3 to 7."}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    return torch.tensor([ids])
+
+
+@torch.no_grad()
+def logits_of(model, ids):
+    return model(input_ids=ids.to(model.device)).logits.float().cpu()
+
+
+def load_merged(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# --- Fidelity ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        pytest.param({}, id="lora"),
+        pytest.param({"use_rslora": True}, id="rslora"),
+        pytest.param({"use_dora": True}, id="dora"),
+        pytest.param({"modules_to_save": ["lm_head"], "target_modules": ["q_proj", "v_proj"]}, id="modules_to_save"),
+    ],
+)
+def test_merged_logits_match_the_adapter_on_the_quantized_base(tiny, tmp_path, lora):
+    run_dir, adapter_model = fabricate_run(tiny, tmp_path / "run", **lora)
+    ids = probe_ids(AutoTokenizer.from_pretrained(run_dir))
+    expected = logits_of(adapter_model, ids)
+
+    merged = merge(run_dir, output=tmp_path / "out", verify=False)
+    got = logits_of(load_merged(merged.output), ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+    # The base the adapter never saw is measurably worse: that is the point of the default.
+    original = merge(run_dir, output=tmp_path / "orig", base_mode="original", verify=False)
+    worse = (logits_of(load_merged(original.output), ids) - expected).abs().max()
+    assert worse > 10 * max((got - expected).abs().max(), 1e-6)
+    # ...and the adapter mattered: the plain base gives other logits.
+    with torch.no_grad(), adapter_model.disable_adapter():
+        assert (logits_of(adapter_model, ids) - expected).abs().max() > 1e-2
+
+
+def test_fidelity_report_and_compare_for_dora(tiny, tmp_path):
+    run_dir, _ = fabricate_run(tiny, tmp_path / "run", use_dora=True)
+    result = merge(run_dir, output=tmp_path / "out", compare=True)
+    report = json.loads((result.output / "merge_report.json").read_text())
+    assert report == json.loads(json.dumps(result.report))
+    assert report["adapter"]["kind"] == "DoRA" and report["adapter"]["modules"] == 14
+    fid = report["fidelity"]["results"]
+    assert set(fid) == {"dequantized", "original"}
+    assert fid["dequantized"]["top1_agreement"] == 1.0 and fid["dequantized"]["positions"] > 500
+    assert fid["dequantized"]["max_abs_logit_diff"] < 1e-3
+    assert fid["original"]["max_abs_logit_diff"] > 10 * fid["dequantized"]["max_abs_logit_diff"]
+    assert fid["original"]["mean_kl"] > fid["dequantized"]["mean_kl"]
+    assert "validation rows" in report["fidelity"]["prompts"]
+
+
+def test_bf16_output_is_written_in_bf16(tiny, tmp_path):
+    from safetensors import safe_open
+
+    run_dir, _ = fabricate_run(tiny, tmp_path / "run")
+    out = merge(run_dir, output=tmp_path / "out", dtype="bf16", verify=False).output
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# --- Shards --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tiny, tmp_path_factory):
+    """The tiny model saved in several safetensors shards, with an index."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("sharded")
+    AutoModelForCausalLM.from_pretrained(tiny / "model").save_pretrained(folder, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tiny / "model").save_pretrained(folder)
+    assert len(list(folder.glob("model-*.safetensors"))) >= 4
+    return folder
+
+
+def _index(folder):
+    return json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def test_multi_shard_base_is_merged_shard_by_shard(tiny, tmp_path, sharded_base, monkeypatch):
+    from safetensors import safe_open
+
+    import qlora_cli.merge_weights as mw
+
+    run_dir, adapter_model = fabricate_run(tiny, tmp_path / "run", model_dir=sharded_base)
+    base_index = _index(sharded_base)["weight_map"]
+    flushed = []  # the keys in memory at each flush: never more than one input shard's worth
+    real_flush = mw.ShardWriter.flush
+
+    def spy(self):
+        if self.buffer:
+            flushed.append(set(self.buffer))
+        real_flush(self)
+
+    monkeypatch.setattr(mw.ShardWriter, "flush", spy)
+    out = merge(run_dir, output=tmp_path / "out", verify=False).output
+
+    assert len(flushed) == len(set(base_index.values()))
+    for keys in flushed:
+        assert len({base_index[k] for k in keys}) == 1, "an output shard mixed input shards"
+    index = _index(out)
+    assert index["weight_map"].keys() == base_index.keys()
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == sorted(p.name for p in out.glob("model-*.safetensors"))
+    total = 0
+    for shard in shards:
+        with safe_open(str(out / shard), "pt") as f:
+            keys = set(f.keys())
+            assert keys == {k for k, s in index["weight_map"].items() if s == shard}
+            total += sum(f.get_tensor(k).numel() * 4 for k in keys)
+    assert index["metadata"]["total_size"] == total
+
+    ids = probe_ids(AutoTokenizer.from_pretrained(run_dir))
+    torch.testing.assert_close(logits_of(load_merged(out), ids), logits_of(adapter_model, ids), rtol=0, atol=1e-4)
+
+
+def test_max_shard_size_reshards_the_output(tiny, tmp_path, sharded_base):
+    run_dir, _ = fabricate_run(tiny, tmp_path / "run", model_dir=sharded_base)
+    one = merge(run_dir, output=tmp_path / "one", verify=False, max_shard_size="10MB").output
+    assert not (one / "model.safetensors.index.json").exists() and (one / "model.safetensors").is_file()
+    small = merge(run_dir, output=tmp_path / "small", verify=False, max_shard_size="70KB").output
+    shards = sorted(small.glob("model-*.safetensors"))
+    assert len(shards) > len(set(_index(sharded_base)["weight_map"].values()))
+    biggest_tensor = 512 * 64 * 4  # embed_tokens / lm_head: alone in its shard when over the limit
+    assert all(p.stat().st_size <= max(70_000, biggest_tensor) + 4096 for p in shards)
+    ids = probe_ids(AutoTokenizer.from_pretrained(run_dir))
+    assert torch.equal(logits_of(load_merged(one), ids), logits_of(load_merged(small), ids))
+
+
+# --- Plain transformers --------------------------------------------------------------------------
+
+LOAD_WITHOUT_PEFT = r"""
+import json, sys
+sys.modules["peft"] = None  # any import of peft now fails: the model must not need it
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, ids = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(path)
+tok = AutoTokenizer.from_pretrained(path)
+out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+print(json.dumps({"tokens": out[0].tolist(), "template": tok.chat_template}))
+"""
+
+
+def test_plain_transformers_loads_it_without_peft_and_generates_like_the_adapter(tiny, tmp_path):
+    run_dir, adapter_model = fabricate_run(tiny, tmp_path / "run")
+    out = merge(run_dir, output=tmp_path / "out", verify=False).output
+    assert {p.name for p in out.iterdir()} == MERGED_FILES | {"model.safetensors"}
+
+    ids = probe_ids(AutoTokenizer.from_pretrained(run_dir))
+    with torch.no_grad():
+        expected = adapter_model.generate(
+            input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=adapter_model.config.eos_token_id
+        )[0].tolist()
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_PEFT, str(out), json.dumps(ids[0].tolist())],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == expected
+    assert got["template"] == AutoTokenizer.from_pretrained(run_dir).chat_template  # the run's template
+
+
+# --- End to end on the tiny recipe -----------------------------------------------------------------
+
+
+def test_cli_merge_of_the_trained_tiny_run_meets_the_fidelity_targets(tiny, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny, tmp_path / "run")))
+    assert run_cli("train", str(recipe)).returncode == 0
+    proc = run_cli("merge", str(tmp_path / "run"), "--compare")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run" / "merged"
+    assert proc.stdout.strip() == str(out)
+    assert "top-1 agreement" in proc.stderr and "original*" in proc.stderr
+    fid = json.loads((out / "merge_report.json").read_text())["fidelity"]["results"]
+    assert fid["dequantized"]["top1_agreement"] >= 0.999 and fid["dequantized"]["positions"] >= 1000
+    assert fid["original"]["max_abs_logit_diff"] >= 10 * fid["dequantized"]["max_abs_logit_diff"]
+
+
+# --- Bad input -----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def run_dir(tiny, tmp_path):
+    return fabricate_run(tiny, tmp_path / "run")[0]
+
+
+def _assert_user_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_run_directory_without_adapter(tmp_path, run_dir):
+    (run_dir / "adapter_model.safetensors").unlink()
+    _assert_user_error(run_cli("merge", str(run_dir)), "has no adapter")
+    _assert_user_error(run_cli("merge", str(tmp_path / "nowhere")), "is not a directory")
+    assert not (run_dir / "merged").exists()
+
+
+def test_base_whose_shapes_do_not_match(tiny, tmp_path, run_dir):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    other = tmp_path / "other"
+    config = LlamaConfig.from_pretrained(tiny / "model")
+    config.intermediate_size = 96
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny / "model").save_pretrained(other)
+    raw = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    raw["model"]["name_or_path"] = str(other)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    _assert_user_error(run_cli("merge", str(run_dir)), "does not fit the base model", "mlp.gate_proj", "[96, 64]")
+    assert not (run_dir / "merged").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, needles",
+    [
+        (["--dtype", "int8"], ["--dtype", "unknown dtype 'int8'"]),
+        (["--base", "fp16"], ["--base", "unknown base 'fp16'"]),
+        (["--max-shard-size", "lots"], ["--max-shard-size", "not a size"]),
+    ],
+)
+def test_bad_flags(run_dir, flags, needles):
+    _assert_user_error(run_cli("merge", str(run_dir), *flags), *needles)
+    assert not (run_dir / "merged").exists()
+
+
+def test_existing_output_is_refused_and_kept_unless_overwrite(run_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _assert_user_error(run_cli("merge", str(run_dir), "--output", str(out)), "already exists", "--overwrite")
+    # --overwrite replaces only an earlier merged model, never some other directory.
+    _assert_user_error(run_cli("merge", str(run_dir), "--output", str(out), "--overwrite"), "does not look like")
+    assert (out / "keep.txt").read_text() == "mine"
+    _assert_user_error(run_cli("merge", str(run_dir), "--output", str(run_dir), "--overwrite"), "which the merge reads")
+
+    first = merge(run_dir, output=tmp_path / "m", verify=False).output
+    (first / "marker").write_text("old")
+    merge(run_dir, output=first, verify=False, overwrite=True)
+    assert not (first / "marker").exists() and (first / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_disk_full_or_permission_error_leaves_nothing_and_keeps_the_old_output(run_dir, tmp_path, monkeypatch, code):
+    import safetensors.torch
+
+    out = merge(run_dir, output=tmp_path / "out", verify=False).output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    with pytest.raises(UserError, match="cannot write") as info:
+        merge(run_dir, output=out, verify=False, overwrite=True)
+    assert "--output" in info.value.render()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier output is intact
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial directory
+
+
+def test_not_enough_free_space_is_refused_before_writing(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import qlora_cli.merge as merge_module
+
+    monkeypatch.setattr(merge_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(UserError, match="not enough space"):
+        merge(run_dir, output=tmp_path / "out", verify=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_merge_leaves_no_directory_that_looks_complete(run_dir, tmp_path, monkeypatch):
+    import qlora_cli.merge as merge_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_module, "write_companions", interrupted)  # after the weights, before the rename
+    with pytest.raises(KeyboardInterrupt):
+        merge(run_dir, output=tmp_path / "out", verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+    # A partial directory from a killed merge (its process is gone) is cleared by the next merge.
+    stale = tmp_path / ".out.partial-999999999"
+    stale.mkdir()
+    monkeypatch.undo()
+    merge(run_dir, output=tmp_path / "out", verify=False)
+    assert not stale.exists() and (tmp_path / "out" / "config.json").is_file()
