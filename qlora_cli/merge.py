@@ -28,6 +28,7 @@ from qlora_cli.errors import UserError
 from qlora_cli.merge_weights import (
     BaseCheckpoint,
     ShardWriter,
+    merged_shard,
     merged_tensors,
     parse_size,
     plan_merge,
@@ -174,12 +175,10 @@ def check_free_space(out: Path, needed: int) -> None:
 def write_model(plan, folder: Path, base_mode: str, max_bytes: int | None) -> list[str]:
     """Stream the merged tensors into shards; output shards mirror the input's unless a size is given."""
     writer = ShardWriter(folder, max_bytes)
-    current = None
-    for shard, name, tensor in merged_tensors(plan, base_mode):
-        if current is not None and shard != current:
-            writer.end_input_shard()
-        current = shard
-        writer.add(name, tensor)
+    for shard in plan.base.shards:
+        for name, tensor in merged_shard(plan, shard, base_mode):
+            writer.add(name, tensor)
+        writer.end_input_shard()
     return writer.close()
 
 
@@ -301,6 +300,6 @@ def in_memory_model(plan, base_mode: str):
     from qlora_cli.modeling import device_map
 
     config = AutoConfig.from_pretrained(plan.base.folder)
-    state = {name: tensor for _, name, tensor in merged_tensors(plan, base_mode)}
+    state = dict(merged_tensors(plan, base_mode))
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     return model_class.from_pretrained(None, config=config, state_dict=state, dtype=plan.out_dtype, device_map=device_map())

@@ -3,8 +3,10 @@
     adapter = read_adapter(run_dir)                           # LoRA/DoRA factors + saved modules
     base = BaseCheckpoint.open(model_dir)                     # safetensors headers only, no weights
     plan = plan_merge(adapter, base, quantized=quantized_weight_names(model_dir, recipe))
-    for shard, name, tensor in merged_tensors(plan, folder):  # streams, never the whole model
-        writer.add(name, tensor)
+    for shard in base.shards:                                 # streams, never the whole model
+        for name, tensor in merged_shard(plan, shard, "dequantized"):
+            writer.add(name, tensor)
+        writer.end_input_shard()
 
 Two ways to fold an update into a weight (the `--base` flag):
 - `dequantized`: the weight is first quantized to 4 bits and back, exactly as training loaded it
@@ -13,8 +15,10 @@ Two ways to fold an update into a weight (the `--base` flag):
 - `original`: the update is added to the checkpoint's original weights, which the adapter never
   saw; the difference is the quantization error of every quantized layer.
 
-Memory: tensors are read one at a time from memory-mapped safetensors shards, and output shards
-are flushed as soon as they are complete, so the peak is about one output shard plus the adapter.
+Memory: tensors are read one at a time from a memory-mapped safetensors shard (whose pages count
+as resident while it is open), output tensors are fresh copies, and an output shard is flushed
+as soon as it is complete, so the peak is about one input shard, one output shard and the
+adapter (measured by scripts/bench_merge.py).
 """
 
 from __future__ import annotations
@@ -56,9 +60,9 @@ class LoraUpdate:
         return f"{self.module}.weight"
 
     def delta(self) -> torch.Tensor:
-        """The update to the weight, in fp32, shaped like the weight ([out, in] or [vocab, dim])."""
-        d = self.B.float() @ self.A.float()
-        return (d.T if self.embedding else d) * self.scale
+        """The update to the weight: a new fp32 tensor shaped like the weight ([out, in] or [vocab, dim])."""
+        d = (self.B.float() @ self.A.float()).mul_(self.scale)
+        return d.T.contiguous() if self.embedding else d
 
     def expected_shape(self) -> tuple[int, int]:
         if self.embedding:
@@ -273,12 +277,12 @@ def nf4_roundtrip(weight: torch.Tensor, quant, model_dtype: torch.dtype, device:
 
 
 def fold(plan: MergePlan, key: str, tensor: torch.Tensor, base_mode: str) -> torch.Tensor:
-    """One output tensor from one checkpoint tensor."""
+    """One output tensor from one checkpoint tensor. Never returns a view of the input file."""
     a = plan.adapter
     if key in a.replacements:
         return a.replacements[key].to(plan.out_dtype)
     if not tensor.is_floating_point():
-        return tensor
+        return tensor.clone()
     if base_mode == "dequantized":
         # Training saw every quantized weight through NF4, and every other one cast to the model dtype.
         if key in plan.quantized:
@@ -287,23 +291,54 @@ def fold(plan: MergePlan, key: str, tensor: torch.Tensor, base_mode: str) -> tor
             tensor = tensor.to(plan.model_dtype)
     update = a.updates.get(key)
     if update is None:
-        return tensor.to(plan.out_dtype)
-    w = tensor.float() + update.delta()
+        # copy=True: an unchanged tensor would otherwise stay a view of the memory-mapped input
+        # shard, and an output shard holding it would keep the whole input file resident.
+        return tensor.to(plan.out_dtype, copy=True)
+    w = update.delta()  # a fresh fp32 tensor: add into it in place, one full-size temporary only
+    w.add_(tensor)
     if update.magnitude is not None:
         # DoRA: rescale each output row to its learned magnitude (PEFT's merge, with the norm
         # taken of the merged weight, as in its forward pass).
-        w = (update.magnitude.float() / torch.linalg.norm(w, dim=1)).view(-1, 1) * w
+        w.mul_((update.magnitude.float() / torch.linalg.norm(w, dim=1)).view(-1, 1))
     return w.to(plan.out_dtype)
 
 
-def merged_tensors(plan: MergePlan, base_mode: str):
-    """Yield (input shard, name, merged tensor), one tensor resident at a time."""
+def merged_shard(plan: MergePlan, shard: str, base_mode: str):
+    """Yield (name, merged tensor) for one input shard, one tensor resident at a time."""
     from safetensors import safe_open
 
+    with safe_open(str(plan.base.folder / shard), "pt") as f:
+        for key in plan.base.keys[shard]:
+            yield key, fold(plan, key, f.get_tensor(key), base_mode)
+            release_freed_memory()
+
+
+def merged_tensors(plan: MergePlan, base_mode: str):
+    """Yield (name, merged tensor) for the whole checkpoint."""
     for shard in plan.base.shards:
-        with safe_open(str(plan.base.folder / shard), "pt") as f:
-            for key in plan.base.keys[shard]:
-                yield shard, key, fold(plan, key, f.get_tensor(key), base_mode)
+        yield from merged_shard(plan, shard, base_mode)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
+
+    Tensors of a few MB come from glibc's heap, which keeps freed chunks resident: measured on a
+    1 GB model, that alone added about 200 MB to the peak, and varied run to run. Trimming after
+    each tensor keeps the peak at what the merge holds (scripts/bench_merge.py).
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = lambda _pad: 0  # noqa: E731 - not glibc
+    _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 # --- The writer -----------------------------------------------------------------------------------

@@ -51,11 +51,11 @@ def fabricate_run(tiny, run_dir, model_dir=None, **lora):
         # PEFT starts B at zero (no update) and the DoRA magnitude at the weight norm: move both,
         # and the fully trained copies, so every part of the merge has something to fold in.
         if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.05
+            p.data = (torch.randn(p.shape, generator=gen) * 0.05).to(p.device)
         elif "lora_magnitude_vector" in name:
-            p.data = p.data * (1 + 0.2 * torch.randn(p.shape, generator=gen))
+            p.data = p.data * (1 + 0.2 * torch.randn(p.shape, generator=gen)).to(p.device)
         elif "modules_to_save" in name:
-            p.data = p.data + 0.05 * torch.randn(p.shape, generator=gen)
+            p.data = p.data + 0.05 * torch.randn(p.shape, generator=gen).to(p.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(run_dir)
     tokenizer.save_pretrained(run_dir)
@@ -228,7 +228,7 @@ def test_plain_transformers_loads_it_without_peft_and_generates_like_the_adapter
     ids = probe_ids(AutoTokenizer.from_pretrained(run_dir))
     with torch.no_grad():
         expected = adapter_model.generate(
-            input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=adapter_model.config.eos_token_id
+            input_ids=ids.to(adapter_model.device), max_new_tokens=12, do_sample=False, pad_token_id=adapter_model.config.eos_token_id
         )[0].tolist()
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_WITHOUT_PEFT, str(out), json.dumps(ids[0].tolist())],
