@@ -369,3 +369,21 @@ def test_interrupted_merge_leaves_no_directory_that_looks_complete(run_dir, tmp_
     monkeypatch.undo()
     merge(run_dir, output=tmp_path / "out", verify=False)
     assert not stale.exists() and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_fidelity_falls_back_to_built_in_prompts_when_the_data_is_gone(tiny, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tiny / "alpaca.jsonl", data / "alpaca.jsonl")
+    run_dir, _ = fabricate_run(tiny, tmp_path / "run")
+    raw = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    raw["data"]["sources"][0]["path"] = str(data / "alpaca.jsonl")
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    shutil.rmtree(data)  # the run's data moved away since training
+
+    report = merge(run_dir, output=tmp_path / "out").report["fidelity"]
+    assert report["prompts"].startswith("8 built-in prompts")
+    assert report["results"]["dequantized"]["top1_agreement"] == 1.0
+    assert report["results"]["dequantized"]["positions"] > 8 * 10  # whole rendered prompts, not one token each
