@@ -212,6 +212,10 @@ def main() -> None:
         err.print("interrupted")
         sys.exit(130)
     except Exception as exc:
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            # Ctrl-C that landed inside a library (e.g. during an import) and came back wrapped.
+            err.print("interrupted")
+            sys.exit(130)
         traceback.print_exc()
         err.print(f"[bold red]internal error[/] ({type(exc).__name__}); this is a bug in qlora, please report it")
         sys.exit(EXIT_INTERNAL_ERROR)

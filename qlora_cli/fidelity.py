@@ -25,18 +25,20 @@ BUILT_IN_PROMPTS = [
 ]
 
 
-def probe_sequences(recipe, n: int = 32, max_len: int = 128) -> tuple[list[torch.Tensor], str]:
+def probe_sequences(recipe, n: int = 32) -> tuple[list[torch.Tensor], str]:
     """Token sequences to compare on: rows of the run's validation (else training) data, rendered
-    exactly as in training; the built-in prompts through the run's template when the data is gone."""
+    and truncated exactly as in training; the built-in prompts through the run's template when
+    the data is gone."""
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.errors import UserError
     from qlora_cli.train import prepare_tokenizer
 
     tokenizer, template = prepare_tokenizer(recipe)
+    max_len = recipe.data.max_seq_len
     try:
         prepared = build_datasets(recipe.data, tokenizer, template, seed=recipe.train.seed)
-    except UserError:
-        prepared = None
+    except UserError as exc:
+        prepared, why = None, exc.problems[0].render()
     if prepared is not None:
         ds = prepared.val if prepared.val is not None and len(prepared.val) else prepared.train
         rows = ds.select(range(min(n, len(ds))))["input_ids"]
@@ -44,13 +46,13 @@ def probe_sequences(recipe, n: int = 32, max_len: int = 128) -> tuple[list[torch
         return [torch.tensor(r[:max_len]) for r in rows], f"{len(rows)} {which} rows of the run's data"
     seqs = []
     for prompt in BUILT_IN_PROMPTS[:n]:
-        if tokenizer.chat_template:
+        if template is not None:  # the run's template, as `qlora train` installed it
             ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         else:
             ids = tokenizer(prompt)["input_ids"]
         seqs.append(torch.tensor(ids[:max_len]))
-    return seqs, f"{len(seqs)} built-in prompts (the run's data could not be loaded)"
+    return seqs, f"{len(seqs)} built-in prompts (the run's data could not be loaded: {why})"
 
 
 @torch.no_grad()

@@ -64,6 +64,10 @@ class LoraUpdate:
         d = (self.B.float() @ self.A.float()).mul_(self.scale)
         return d.T.contiguous() if self.embedding else d
 
+    def magnitude_shape(self) -> tuple[int]:
+        """DoRA keeps one magnitude per output row; for embeddings, per embedding column."""
+        return (self.expected_shape()[1 if self.embedding else 0],)
+
     def expected_shape(self) -> tuple[int, int]:
         if self.embedding:
             return (self.A.shape[1], self.B.shape[0])
@@ -89,11 +93,15 @@ def read_adapter(run_dir: Path) -> Adapter:
             f"{run_dir} has no adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}): point at the directory "
             "`qlora train` wrote, after the run finished",
         )
+    from safetensors import SafetensorError
+
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
         tensors = load_file(str(weights_path))
-    except (OSError, ValueError) as exc:  # truncated or corrupt files
+    except (OSError, ValueError, SafetensorError) as exc:  # truncated or corrupt files
         raise UserError.single("RUN_DIR", f"cannot read the adapter in {run_dir}: {exc}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("lora_alpha"), (int, float)):
+        raise UserError.single("RUN_DIR", f"{cfg_path} is not a LoRA adapter config (no numeric lora_alpha)")
     if config.get("peft_type") != "LORA":
         raise UserError.single("RUN_DIR", f"{cfg_path} is a {config.get('peft_type')} adapter; only LoRA can be merged")
     for flag in ("fan_in_fan_out", "lora_bias", "use_qalora"):
@@ -108,6 +116,9 @@ def read_adapter(run_dir: Path) -> Adapter:
         if m:
             module, part = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
             factors.setdefault(module, {})[part] = tensor
+        elif name.endswith(".base_layer.bias"):
+            # A trained bias (lora.bias: all / lora_only) of an adapted layer: replaces the base's.
+            replacements[name.replace(".base_layer.bias", ".bias")] = tensor
         elif ".base_layer." in name:
             continue  # PEFT saves the (unchanged) base embedding beside embedding adapters
         else:
@@ -158,8 +169,11 @@ class BaseCheckpoint:
         from safetensors import safe_open
 
         if (folder / INDEX).is_file():
-            weight_map = json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
+            try:
+                weight_map = json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise UserError.single("model.name_or_path", f"{folder / INDEX} is not a valid index: {exc}") from None
         elif (folder / SINGLE).is_file():
             shards = [SINGLE]
         else:
@@ -184,12 +198,13 @@ class BaseCheckpoint:
         return sum((self.folder / s).stat().st_size for s in self.shards)
 
 
-def quantized_weight_names(config, quant, model_dtype: torch.dtype) -> set[str]:
-    """The weights `from_pretrained(..., quantization_config=...)` turns into 4-bit, by name.
+def inspect_model(config, quant, model_dtype: torch.dtype) -> tuple[set[str], dict[str, str]]:
+    """(the weights training held in 4 bits, the tied weights {copy: source}), by name.
 
-    Asked of transformers itself (its bitsandbytes quantizer run on an empty, meta-device model),
-    so the rule is the one training used: every linear layer but the output head and the
-    modules the config keeps in full precision.
+    Both asked of transformers itself, on an empty meta-device model: its bitsandbytes quantizer
+    decides what is quantized (every linear layer but the output head and the modules the config
+    keeps in full precision), and its tying rules say which weights share storage (e.g.
+    lm_head.weight -> model.embed_tokens.weight when tie_word_embeddings is set).
     """
     import bitsandbytes as bnb
     from accelerate import init_empty_weights
@@ -202,7 +217,8 @@ def quantized_weight_names(config, quant, model_dtype: torch.dtype) -> set[str]:
         model = AutoModelForCausalLM.from_config(config)
     quantizer = AutoHfQuantizer.from_config(build_bnb_config(quant), pre_quantized=False)
     quantizer.preprocess_model(model, dtype=model_dtype, device_map={"": "cpu"})
-    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    quantized = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    return quantized, dict(getattr(model, "all_tied_weights_keys", None) or {})
 
 
 # --- The plan -------------------------------------------------------------------------------------
@@ -213,6 +229,7 @@ class MergePlan:
     base: BaseCheckpoint
     adapter: Adapter
     quantized: set[str]  # weight keys training held in 4 bits
+    untie: dict[str, str]  # tied copy -> source, written out separately because the adapter changed one side
     quant: object  # the recipe's quant section
     model_dtype: torch.dtype  # what training loaded the checkpoint as
     out_dtype: torch.dtype
@@ -222,9 +239,9 @@ class MergePlan:
     def output_bytes(self) -> int:
         size = torch.tensor([], dtype=self.out_dtype).element_size()
         total = 0
-        for key, shape in self.base.shapes.items():
-            n = math.prod(shape)
-            total += n * (size if self.base.dtypes[key] in FLOAT_DTYPES else _DTYPE_BYTES.get(self.base.dtypes[key], 8))
+        for key, shape in [*self.base.shapes.items(), *((t, self.base.shapes[s]) for t, s in self.untie.items())]:
+            dtype = self.base.dtypes[self.untie.get(key, key)]
+            total += math.prod(shape) * (size if dtype in FLOAT_DTYPES else _DTYPE_BYTES.get(dtype, 8))
         return total
 
 
@@ -232,31 +249,40 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _DTYPE_BYTES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def plan_merge(adapter: Adapter, base: BaseCheckpoint, **kw) -> MergePlan:
-    """Check every adapter tensor against the base's shapes before anything is written."""
+def plan_merge(adapter: Adapter, base: BaseCheckpoint, tied: dict[str, str], **kw) -> MergePlan:
+    """Check every adapter tensor against the base's shapes before anything is written.
+
+    A tied pair (lm_head sharing the input embeddings) is stored once in the checkpoint. When
+    the adapter changes one side only, the PEFT model no longer shares them, so the merge writes
+    both and unties them in config.json.
+    """
+    touched = adapter.updates.keys() | adapter.replacements.keys()
+    untie = {
+        copy: source for copy, source in tied.items()
+        if copy not in base.shapes and source in base.shapes and {copy, source} & touched
+    }
+    shapes = {**base.shapes, **{copy: base.shapes[source] for copy, source in untie.items()}}
     problems = []
-    tied = "the base ties lm_head to the input embeddings, so the checkpoint stores it once"
     for key, u in adapter.updates.items():
-        if key not in base.shapes:
-            hint = f" ({tied})" if key.startswith("lm_head") else ""
-            problems.append(Problem(u.module, f"adapted by the run but the base checkpoint has no {key}{hint}"))
-        elif base.shapes[key] != u.expected_shape():
+        if key not in shapes:
+            problems.append(Problem(u.module, f"adapted by the run but the base checkpoint has no {key}"))
+        elif shapes[key] != u.expected_shape():
             problems.append(Problem(
-                u.module, f"the adapter was trained for shape {list(u.expected_shape())}, the base has {list(base.shapes[key])}",
+                u.module, f"the adapter was trained for shape {list(u.expected_shape())}, the base has {list(shapes[key])}",
             ))
-        elif u.magnitude is not None and tuple(u.magnitude.shape) != (base.shapes[key][0],):
-            problems.append(Problem(u.module, f"DoRA magnitude has {u.magnitude.shape[0]} rows, the base {base.shapes[key][0]}"))
+        elif u.magnitude is not None and tuple(u.magnitude.shape) != u.magnitude_shape():
+            problems.append(Problem(u.module, f"DoRA magnitude has shape {list(u.magnitude.shape)}, expected {list(u.magnitude_shape())}"))
     for key, t in adapter.replacements.items():
-        if key not in base.shapes:
+        if key not in shapes:
             problems.append(Problem(key, "saved with the adapter but absent from the base checkpoint"))
-        elif base.shapes[key] != tuple(t.shape):
-            problems.append(Problem(key, f"saved with shape {list(t.shape)}, the base has {list(base.shapes[key])}"))
+        elif shapes[key] != tuple(t.shape):
+            problems.append(Problem(key, f"saved with shape {list(t.shape)}, the base has {list(shapes[key])}"))
     if problems:
         raise UserError(
             problems[:10] + ([Problem("...", f"and {len(problems) - 10} more")] if len(problems) > 10 else []),
             header=f"the adapter does not fit the base model in {base.folder}: was it trained on another model?",
         )
-    return MergePlan(base=base, adapter=adapter, **kw)
+    return MergePlan(base=base, adapter=adapter, untie=untie, **kw)
 
 
 # --- The fold -------------------------------------------------------------------------------------
@@ -297,9 +323,10 @@ def fold(plan: MergePlan, key: str, tensor: torch.Tensor, base_mode: str) -> tor
     w = update.delta()  # a fresh fp32 tensor: add into it in place, one full-size temporary only
     w.add_(tensor)
     if update.magnitude is not None:
-        # DoRA: rescale each output row to its learned magnitude (PEFT's merge, with the norm
-        # taken of the merged weight, as in its forward pass).
-        w.mul_((update.magnitude.float() / torch.linalg.norm(w, dim=1)).view(-1, 1))
+        # DoRA: rescale each output row (embedding column, for embeddings) to its learned
+        # magnitude: PEFT's merge, with the norm taken of the merged weight, as in its forward.
+        dim, shape = (0, (1, -1)) if update.embedding else (1, (-1, 1))
+        w.mul_((update.magnitude.float() / torch.linalg.norm(w, dim=dim)).view(*shape))
     return w.to(plan.out_dtype)
 
 
@@ -307,9 +334,14 @@ def merged_shard(plan: MergePlan, shard: str, base_mode: str):
     """Yield (name, merged tensor) for one input shard, one tensor resident at a time."""
     from safetensors import safe_open
 
+    copies = {source: copy for copy, source in plan.untie.items()}
     with safe_open(str(plan.base.folder / shard), "pt") as f:
         for key in plan.base.keys[shard]:
-            yield key, fold(plan, key, f.get_tensor(key), base_mode)
+            tensor = f.get_tensor(key)
+            yield key, fold(plan, key, tensor, base_mode)
+            if key in copies:  # an untied copy starts from the same checkpoint tensor
+                yield copies[key], fold(plan, copies[key], tensor, base_mode)
+            del tensor
             release_freed_memory()
 
 
@@ -376,7 +408,15 @@ class ShardWriter:
             return
         name = f"part-{len(self.files):05d}.safetensors"
         path = self.folder / name
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self.buffer, str(path), metadata={"format": "pt"})
+        except OSError:
+            raise
+        except Exception as exc:  # SafetensorError wraps I/O errors: "... (os error 28)"
+            m = re.search(r"os error (\d+)", str(exc))
+            if m is None:
+                raise
+            raise OSError(int(m.group(1)), os.strerror(int(m.group(1)))) from exc
         # safetensors creates the file private (0600); give it the permissions of every other
         # file here, so a model merged by one account can be served by another.
         umask = os.umask(0)

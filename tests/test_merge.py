@@ -50,11 +50,11 @@ def fabricate_run(tiny, run_dir, model_dir=None, **lora):
     for name, p in model.named_parameters():
         # PEFT starts B at zero (no update) and the DoRA magnitude at the weight norm: move both,
         # and the fully trained copies, so every part of the merge has something to fold in.
-        if "lora_B" in name:
+        if "lora_B" in name or "lora_embedding_A" in name:  # the factor PEFT zero-initialises
             p.data = (torch.randn(p.shape, generator=gen) * 0.05).to(p.device)
         elif "lora_magnitude_vector" in name:
             p.data = p.data * (1 + 0.2 * torch.randn(p.shape, generator=gen)).to(p.device)
-        elif "modules_to_save" in name:
+        elif "modules_to_save" in name or (name.endswith(".bias") and p.requires_grad):
             p.data = p.data + 0.05 * torch.randn(p.shape, generator=gen).to(p.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(run_dir)
@@ -134,6 +134,44 @@ def test_bf16_output_is_written_in_bf16(tiny, tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def variant_base(tiny, folder, **changes):
+    """The tiny model with config changes (biases, tied embeddings, ...), fresh random weights."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig.from_pretrained(tiny / "model")
+    for key, value in changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny / "model").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "base, lora",
+    [
+        pytest.param({"attention_bias": True, "mlp_bias": True}, {"bias": "all"}, id="trained-biases"),
+        pytest.param({}, {"target_modules": ["q_proj", "embed_tokens"]}, id="embedding-lora"),
+        pytest.param({}, {"target_modules": ["q_proj", "embed_tokens"], "use_dora": True}, id="embedding-dora"),
+        pytest.param({"tie_word_embeddings": True}, {"target_modules": ["q_proj", "embed_tokens"]}, id="tied-embedding-lora"),
+        pytest.param({"tie_word_embeddings": True}, {"modules_to_save": ["embed_tokens"]}, id="tied-embed-saved"),
+        pytest.param({"tie_word_embeddings": True}, {"modules_to_save": ["lm_head"]}, id="tied-head-saved"),
+        pytest.param({"tie_word_embeddings": True}, {}, id="tied-untouched"),
+    ],
+)
+def test_biases_embeddings_and_tied_heads_merge_faithfully(tiny, tmp_path, base, lora):
+    model_dir = variant_base(tiny, tmp_path / "base", **base)
+    run_dir, adapter_model = fabricate_run(tiny, tmp_path / "run", model_dir=model_dir, **lora)
+    ids = probe_ids(AutoTokenizer.from_pretrained(run_dir))
+    expected = logits_of(adapter_model, ids)
+    out = merge(run_dir, output=tmp_path / "out", verify=False).output
+    torch.testing.assert_close(logits_of(load_merged(out), ids), expected, rtol=0, atol=1e-4)
+    touched = {"embed_tokens", "lm_head"} & set(lora.get("target_modules", []) + lora.get("modules_to_save", []))
+    if base.get("tie_word_embeddings"):
+        # Changing one side of a tied pair unties it; an untouched pair stays tied (and stored once).
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is not bool(touched)
 
 
 # --- Shards --------------------------------------------------------------------------------------
@@ -313,7 +351,10 @@ def test_existing_output_is_refused_and_kept_unless_overwrite(run_dir, tmp_path)
     (out / "keep.txt").write_text("mine")
     _assert_user_error(run_cli("merge", str(run_dir), "--output", str(out)), "already exists", "--overwrite")
     # --overwrite replaces only an earlier merged model, never some other directory.
-    _assert_user_error(run_cli("merge", str(run_dir), "--output", str(out), "--overwrite"), "does not look like")
+    _assert_user_error(run_cli("merge", str(run_dir), "--output", str(out), "--overwrite"), "only replaces an earlier")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "config.json").write_text("{}")  # a downloaded model or a project folder is not ours to delete
+    _assert_user_error(run_cli("merge", str(run_dir), "--output", str(out), "--overwrite"), "only replaces an earlier")
     assert (out / "keep.txt").read_text() == "mine"
     _assert_user_error(run_cli("merge", str(run_dir), "--output", str(run_dir), "--overwrite"), "which the merge reads")
 
@@ -339,6 +380,75 @@ def test_disk_full_or_permission_error_leaves_nothing_and_keeps_the_old_output(r
     assert "--output" in info.value.render()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier output is intact
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial directory
+
+
+def test_a_real_disk_full_error_from_safetensors_is_a_user_error(run_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):  # what safetensors raises when the disk fills up mid-file
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(UserError, match="No space left on device"):
+        merge(run_dir, output=tmp_path / "out", verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_an_output_that_appears_during_the_merge_is_left_alone(run_dir, tmp_path, monkeypatch):
+    import qlora_cli.merge as merge_module
+
+    out = tmp_path / "out"
+    real = merge_module.write_companions
+
+    def someone_else_writes(*args, **kwargs):
+        real(*args, **kwargs)
+        out.mkdir()
+        (out / "precious.txt").write_text("theirs")
+
+    monkeypatch.setattr(merge_module, "write_companions", someone_else_writes)
+    with pytest.raises(UserError, match="appeared while merging"):
+        merge(run_dir, output=out, verify=False)
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
+
+
+def test_unreadable_inputs_are_user_errors(tiny, tmp_path, run_dir):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    _assert_user_error(run_cli("merge", str(bad)), "cannot read the adapter")
+
+    shutil.copy(run_dir / "adapter_model.safetensors", bad / "adapter_model.safetensors")
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    _assert_user_error(run_cli("merge", str(bad)), "lora_alpha")
+
+    shutil.copy(run_dir / "adapter_config.json", bad / "adapter_config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bad / name).unlink()
+    _assert_user_error(run_cli("merge", str(bad)), "cannot load the tokenizer")
+    assert not (bad / "merged").exists()
+
+
+def test_pre_quantized_base_and_output_inside_the_base_are_refused(tiny, tmp_path, run_dir):
+    base = yaml.safe_load((run_dir / "recipe.yaml").read_text())["model"]["name_or_path"]
+    _assert_user_error(run_cli("merge", str(run_dir), "--output", f"{base}/merged"), "inside the base model")
+
+    import shutil
+
+    prequant = tmp_path / "prequant"
+    shutil.copytree(base, prequant)
+    config = json.loads((prequant / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (prequant / "config.json").write_text(json.dumps(config))
+    raw = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    raw["model"]["name_or_path"] = str(prequant)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    _assert_user_error(run_cli("merge", str(run_dir)), "pre-quantized", "full-precision")
 
 
 def test_not_enough_free_space_is_refused_before_writing(run_dir, tmp_path, monkeypatch):
