@@ -37,6 +37,19 @@ def test_user_error_exits_2_without_traceback(monkeypatch, capsys):
     assert "lora.r (line 3): must be at least 1" in err and "Traceback" not in err
 
 
+def test_ctrl_c_wrapped_by_a_library_is_an_interrupt_not_a_bug(monkeypatch, capsys):
+    def wrapped():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:  # e.g. Python's __set_name__ machinery during an import
+            raise RuntimeError("Error calling __set_name__") from exc
+
+    monkeypatch.setattr("qlora_cli.config.json_schema", wrapped)
+    assert _run_main(monkeypatch, ["schema"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+
+
 def test_validate_checks_everything_but_trains_nothing(write_recipe, tmp_path):
     from conftest import run_cli
 
