@@ -264,6 +264,29 @@ class Recipe(Section):
         """The fully resolved recipe (defaults included), in section order, loadable by `load_recipe`."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def with_absolute_paths(self) -> "Recipe":
+        """A copy whose local paths (model, data files, template file, output) are absolute.
+
+        Relative paths are relative to where `qlora train` ran; the run directory's recipe.yaml
+        must work from anywhere (`qlora merge /abs/run` from another directory), so it stores
+        them resolved. Hub ids are left alone.
+        """
+        from qlora_cli.data.sources import is_hub_id
+
+        def absolute(path: str) -> str:
+            return str(Path(path).expanduser().absolute())
+
+        r = self.model_copy(deep=True)
+        if Path(r.model.name_or_path).expanduser().exists():
+            r.model.name_or_path = absolute(r.model.name_or_path)
+        for source in [*r.data.sources, *r.data.val_sources]:
+            if not is_hub_id(source.path):
+                source.path = absolute(source.path)
+        if r.data.template and Path(r.data.template).expanduser().is_file():
+            r.data.template = absolute(r.data.template)
+        r.output.dir = absolute(r.output.dir)
+        return r
+
 
 # ---------------------------------------------------------------------------------------------
 # Cross-field rules. Each returns the problems it finds; each message says what to do.

@@ -165,7 +165,7 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     # 3. The run directory, starting with the fully resolved recipe (main process only); then train.
     if is_main_process():
         run.create(overwrite)
-        run.write_recipe(recipe)
+        run.write_recipe(recipe.with_absolute_paths())  # usable from any directory
         _announce(console, recipe, setup.model, data_stats, setup.template)
     started = time.perf_counter()
     output = trainer.train()

@@ -282,15 +282,22 @@ def test_plain_transformers_loads_it_without_peft_and_generates_like_the_adapter
 
 
 def test_cli_merge_of_the_trained_tiny_run_meets_the_fidelity_targets(tiny, tmp_path):
+    # Trained with paths relative to where `qlora train` ran, merged from another directory:
+    # the run's recipe.yaml stores them absolute, so the run directory works from anywhere.
+    raw = tiny_recipe(tiny, tmp_path / "run")
+    raw["model"]["name_or_path"] = os.path.relpath(raw["model"]["name_or_path"], tiny.parent)
+    raw["data"]["sources"][0]["path"] = os.path.relpath(raw["data"]["sources"][0]["path"], tiny.parent)
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny, tmp_path / "run")))
-    assert run_cli("train", str(recipe)).returncode == 0
-    proc = run_cli("merge", str(tmp_path / "run"), "--compare")
+    recipe.write_text(yaml.safe_dump(raw))
+    assert run_cli("train", str(recipe), cwd=tiny.parent).returncode == 0
+    proc = run_cli("merge", str(tmp_path / "run"), "--compare", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run" / "merged"
     assert proc.stdout.strip() == str(out)
     assert "top-1 agreement" in proc.stderr and "original*" in proc.stderr
-    fid = json.loads((out / "merge_report.json").read_text())["fidelity"]["results"]
+    report = json.loads((out / "merge_report.json").read_text())["fidelity"]
+    assert "validation rows of the run's data" in report["prompts"]  # found the data, too
+    fid = report["results"]
     assert fid["dequantized"]["top1_agreement"] >= 0.999 and fid["dequantized"]["positions"] >= 1000
     assert fid["original"]["max_abs_logit_diff"] >= 10 * fid["dequantized"]["max_abs_logit_diff"]
 
