@@ -2,7 +2,8 @@
 
     adapter = read_adapter(run_dir)                           # LoRA/DoRA factors + saved modules
     base = BaseCheckpoint.open(model_dir)                     # safetensors headers only, no weights
-    plan = plan_merge(adapter, base, quantized=quantized_weight_names(model_dir, recipe))
+    quantized, tied = inspect_model(config, recipe.quant, model_dtype)  # what training held in 4 bits
+    plan = plan_merge(adapter, base, tied=tied, quantized=quantized, ...)
     for shard in base.shards:                                 # streams, never the whole model
         for name, tensor in merged_shard(plan, shard, "dequantized"):
             writer.add(name, tensor)
