@@ -168,6 +168,37 @@ def merge(
 
 
 @app.command()
+def generate(
+    target: str = typer.Argument(..., help="A run directory, a merged model directory, or a base model id/path."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt; the reply streams to stdout."),
+    input_file: Optional[str] = typer.Option(None, "--input", help="JSONL of prompts: {prompt}, {instruction, input} or {messages}."),
+    output_file: Optional[str] = typer.Option(None, "--output", help="With --input: write completions here (default: stdout)."),
+    interactive: bool = typer.Option(False, "--interactive", help="Multi-turn chat (runs with a chat template)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt to put first."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0),
+    top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0),
+    top_k: int = typer.Option(50, "--top-k", min=0),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.0),
+    seed: int = typer.Option(0, "--seed"),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (ignores temperature/top-p/top-k)."),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", help="NAME=RUN_DIR: another adapter on the same base (repeatable)."),
+    compare: bool = typer.Option(False, "--compare", help="With --prompt: answer with every adapter and the bare base, side by side."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per batch with --input."),
+):
+    """Generate with exactly the template the run was trained with."""
+    from qlora_cli.generate import run_generate
+
+    _quiet_libraries()
+    run_generate(
+        target, prompt=prompt, input_file=input_file, output_file=output_file, interactive=interactive,
+        system=system, adapters=adapter or [], compare=compare, batch_size=batch_size, console=err,
+        sampling=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                      repetition_penalty=repetition_penalty, seed=seed, greedy=greedy),
+    )
+
+
+@app.command()
 def schema():
     """Print the recipe's JSON Schema (for editor completion and validation)."""
     from qlora_cli.config import json_schema

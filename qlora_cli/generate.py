@@ -1,0 +1,284 @@
+"""`qlora generate`: sample from a run, a merged model or a base, with the training template.
+
+    target = load_target("runs/tiny")
+    text = complete(target, target.prompt_ids("Count from 3 to 7."), Sampling(greedy=True)).text
+
+Generation stops at the template's stop token or the tokenizer's EOS (training put the stop
+token inside the loss, so a trained model emits it). Prompts and replies never go through a
+second formatting path: `Target.prompt_ids` renders with the run's own template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_cli.errors import UserError
+
+BASE = "base"  # the name --compare gives the bare base model (adapters disabled)
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    greedy: bool = False
+    seed: int = 0
+
+    def generate_kwargs(self) -> dict:
+        if self.greedy or self.temperature == 0:
+            # Unset the sampling knobs too, or transformers warns that they are ignored.
+            return dict(do_sample=False, temperature=None, top_p=None, top_k=None,
+                        repetition_penalty=self.repetition_penalty)
+        return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                    repetition_penalty=self.repetition_penalty)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    stopped: bool  # ended on a stop token (not cut by max_new_tokens)
+
+
+@contextmanager
+def using_adapter(target, adapter: str | None):
+    """Run with one adapter active (by name), with none (BASE), or as loaded (None)."""
+    model = target.model
+    if adapter is None:
+        yield
+    elif adapter == BASE:
+        with model.disable_adapter():
+            yield
+    else:
+        previous = model.active_adapter
+        model.set_adapter(adapter)
+        try:
+            yield
+        finally:
+            model.set_adapter(previous)
+
+
+@torch.no_grad()
+def complete_batch(target, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None,
+                   streamer=None) -> list[Completion]:
+    """Generate for several prompts at once (left-padded, so every reply starts at the same column)."""
+    tok = target.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = next(target.model.parameters()).device
+    torch.manual_seed(sampling.seed)
+    with using_adapter(target, adapter):
+        out = target.model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=target.stop_ids, pad_token_id=pad, streamer=streamer, **sampling.generate_kwargs(),
+        )
+    completions = []
+    stops = set(target.stop_ids)
+    for row in out[:, width:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        new = row if end is None else row[: end + 1]
+        completions.append(Completion(tok.decode(new, skip_special_tokens=True).strip(), new, end is not None))
+    return completions
+
+
+def complete(target, prompt_ids: list[int], sampling: Sampling, adapter: str | None = None, stream=None) -> Completion:
+    """One prompt; with `stream` (a text file), the reply is written there token by token."""
+    streamer = None if stream is None else text_streamer(target.tokenizer, stream)
+    return complete_batch(target, [prompt_ids], sampling, adapter, streamer)[0]
+
+
+def text_streamer(tokenizer, stream):
+    """transformers' TextStreamer (whole words, special tokens skipped), writing to `stream`."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            stream.write(text + ("\n" if stream_end else ""))
+            stream.flush()
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+# --- Batch files -----------------------------------------------------------------------------------
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """JSONL rows: {"prompt": ...}, {"instruction": ..., "input": ...} or {"messages": [...]}, or a string."""
+    if not path.is_file():
+        raise UserError.single("--input", f"file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise UserError.single(f"{path}:{number}", f"not valid JSON ({exc.msg}): fix or remove the line") from None
+            if isinstance(row, str):
+                row = {"prompt": row}
+            if not isinstance(row, dict) or not _prompt_of(row):
+                raise UserError.single(
+                    f"{path}:{number}",
+                    "needs a non-empty 'prompt' or 'instruction' string, or a 'messages' list ending with a user turn",
+                )
+            rows.append(row)
+    if not rows:
+        raise UserError.single("--input", f"{path} has no prompts: write one JSON object per line")
+    return rows
+
+
+def _prompt_of(row: dict):
+    if isinstance(row.get("messages"), list) and row["messages"]:
+        last = row["messages"][-1]
+        return isinstance(last, dict) and last.get("role") == "user" and isinstance(last.get("content"), str)
+    for key in ("prompt", "instruction"):
+        if isinstance(row.get(key), str) and row[key].strip():
+            return True
+    return False
+
+
+def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
+    """Write next to the target and rename, so an interrupted run never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError.single("--output", f"cannot write {path}: {exc.strerror}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_output_path(path: Path) -> None:
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise UserError.single("--output", f"{parent} is not a directory")
+    if path.is_dir():
+        raise UserError.single("--output", f"{path} is a directory: give a .jsonl file path")
+
+
+# --- The command -----------------------------------------------------------------------------------
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip() or name.strip() == BASE:
+            raise UserError.single("--adapter", f"{spec!r}: write NAME=RUN_DIR (NAME not '{BASE}')")
+        adapters[name.strip()] = path.strip()
+    return adapters
+
+
+def run_generate(target_path: str, *, prompt, input_file, output_file, interactive, system, adapters, compare,
+                 batch_size, sampling: dict, console) -> None:
+    import sys
+
+    from qlora_cli.targets import load_target
+
+    modes = [m for m, on in (("--prompt", prompt is not None), ("--input", input_file), ("--interactive", interactive)) if on]
+    if len(modes) != 1:
+        raise UserError.single("generate", "give exactly one of --prompt TEXT, --input FILE.jsonl or --interactive")
+    if prompt is not None and not prompt.strip():
+        raise UserError.single("--prompt", "is empty: give the text to answer")
+    if compare and prompt is None:
+        raise UserError.single("--compare", "works with --prompt")
+    if output_file and not input_file:
+        raise UserError.single("--output", "works with --input")
+    rows = read_prompts(Path(input_file)) if input_file else None
+    if output_file:
+        check_output_path(Path(output_file))
+    named = parse_adapters(adapters)
+
+    target = load_target(target_path, adapters=named)
+    if interactive and target.template is None:
+        raise UserError.single("--interactive", f"{target_path} was trained on plain text and has no chat template")
+    s = Sampling(**sampling)
+    if prompt is not None and compare:
+        _compare(target, prompt, system, s, console)
+    elif prompt is not None:
+        c = complete(target, target.prompt_ids(prompt, system), s, stream=sys.stdout)
+        if not c.stopped:
+            console.print(f"[yellow](stopped at --max-new-tokens {s.max_new_tokens}, not at a stop token)[/]")
+    elif rows is not None:
+        _batch(target, rows, system, s, batch_size, output_file, console)
+    else:
+        _chat(target, system, s, console)
+
+
+def _compare(target, prompt: str, system, s: Sampling, console) -> None:
+    from rich.table import Table
+
+    if target.kind != "run":
+        raise UserError.single("--compare", "needs a run directory as TARGET (adapters on a base)")
+    ids = target.prompt_ids(prompt, system)
+    table = Table(title=prompt, show_lines=True, title_justify="left")
+    table.add_column("model")
+    table.add_column("reply")
+    for name in [*target.adapters, BASE]:
+        c = complete(target, ids, s, adapter=name)
+        table.add_row(name, c.text + ("" if c.stopped else " [dim](cut)[/]"))
+    from rich.console import Console
+
+    Console(highlight=False).print(table)
+
+
+def _batch(target, rows: list[dict], system, s: Sampling, batch_size: int, output_file, console) -> None:
+    from rich.progress import Progress
+
+    results = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("generating", total=len(rows))
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            ids = [target.prompt_ids(r, system) for r in chunk]
+            for row, c in zip(chunk, complete_batch(target, ids, s)):
+                results.append({**row, "completion": c.text, "stopped": c.stopped})
+            progress.advance(task, len(chunk))
+    if output_file:
+        write_jsonl_atomically(Path(output_file), results)
+        console.print(f"[green]done[/] {len(results)} completions in {output_file}")
+    else:
+        for row in results:
+            print(json.dumps(row, ensure_ascii=False))
+
+
+def _chat(target, system, s: Sampling, console) -> None:
+    """A multi-turn loop: each reply is appended to the conversation. /reset starts over, /exit (or EOF) ends."""
+    import sys
+
+    messages = [{"role": "system", "content": system}] if system else []
+    console.print("[dim]chat: /reset starts over, /exit or Ctrl-D ends[/]")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            messages = messages[:1] if system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("assistant> ")
+        c = complete(target, target.prompt_ids(messages), s, stream=sys.stdout)
+        messages.append({"role": "assistant", "content": c.text})

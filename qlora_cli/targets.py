@@ -1,0 +1,180 @@
+"""What `eval` and `generate` run on: a run directory, a merged model, or a base model.
+
+    target = load_target("runs/tiny")                  # adapter on the 4-bit base, as trained
+    ids = target.prompt_ids("Count from 3 to 7.")      # rendered exactly as training rendered
+    target.stop_ids                                    # the tokens that end a reply
+
+The point of this module is that nothing about the prompt format is chosen here: the template,
+the Alpaca preamble and the stop token all come from the run's recipe, through the same code
+(`prepare_tokenizer`, `Renderer`, `to_canonical`) that training used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlora_cli.errors import UserError
+from qlora_cli.rundir import RECIPE
+
+MERGE_REPORT = "merge_report.json"
+
+
+@dataclass
+class Target:
+    kind: str  # "run", "merged" or "base"
+    path: str
+    model: object  # PeftModel for a run, else a transformers model
+    tokenizer: object
+    template: object | None  # data.templates.Template; None = plain text
+    recipe: object | None  # the run's Recipe, when known
+    adapters: list[str] = field(default_factory=list)  # PEFT adapter names loaded, "default" first
+
+    @property
+    def chat_format(self) -> str | None:
+        """The format of the run's first data source (alpaca, messages, ...), when known."""
+        return self.recipe.data.sources[0].format if self.recipe is not None else None
+
+    @property
+    def stop_ids(self) -> list[int]:
+        ids = [self.tokenizer.eos_token_id]
+        if self.template is not None and self.template.stop:
+            ids.append(self.tokenizer.convert_tokens_to_ids(self.template.stop))
+        return sorted({i for i in ids if i is not None})
+
+    def messages_for(self, prompt: str | dict, system: str | None = None) -> list[dict]:
+        """A prompt (text, an Alpaca row or a messages row) as the conversation training would render."""
+        from qlora_cli.data.formats import to_canonical
+
+        if isinstance(prompt, str):
+            prompt = {"instruction": prompt} if self.chat_format == "alpaca" else {"prompt": prompt}
+        if "messages" in prompt:
+            messages = list(prompt["messages"])
+        elif "instruction" in prompt:
+            # Training's own conversion, with a placeholder answer that is then dropped.
+            messages = to_canonical({"input": "", **prompt, "output": "-"}, "alpaca")["messages"][:-1]
+        else:
+            messages = [{"role": "user", "content": prompt["prompt"]}]
+        if system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        return messages
+
+    def prompt_ids(self, prompt: str | dict | list, system: str | None = None) -> list[int]:
+        """Token ids of the prompt, ending where the model's reply begins."""
+        from qlora_cli.data.templates import Renderer
+
+        if self.template is None:  # plain-text runs: BOS + text, as training encoded it
+            text = prompt if isinstance(prompt, str) else prompt.get("prompt") or prompt.get("text", "")
+            bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+            return bos + self.tokenizer.encode(text, add_special_tokens=False)
+        messages = prompt if isinstance(prompt, list) else self.messages_for(prompt, system)
+        text, _ = Renderer(self.template, self.tokenizer).render(messages, add_generation_prompt=True)
+        return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def load_target(target: str, adapters: dict[str, str] | None = None, where: str = "TARGET") -> Target:
+    """Load TARGET as what it is; `adapters` adds more runs' adapters (same base) by name."""
+    path = Path(target).expanduser()
+    if (path / RECIPE).is_file() and (path / "adapter_config.json").is_file():
+        loaded = _load_run(path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        loaded = _load_merged(path)
+    elif path.exists() or target.startswith((".", "/", "~")):
+        raise UserError.single(
+            where,
+            f"{target} holds no model and no adapter: give a run directory (with {RECIPE} and "
+            "adapter_config.json), a merged model directory, or a model directory with config.json",
+        )
+    else:
+        loaded = _load_base(target)
+    for name, run_dir in (adapters or {}).items():
+        _add_adapter(loaded, name, Path(run_dir))
+    loaded.model.eval()
+    return loaded
+
+
+def _load_run(path: Path) -> Target:
+    from peft import PeftModel
+
+    from qlora_cli.config import load_recipe
+    from qlora_cli.modeling import check_model_path, load_base_model
+    from qlora_cli.train import prepare_tokenizer
+
+    recipe = load_recipe(path / RECIPE)
+    check_model_path(recipe.model, where=f"{path / RECIPE}: model.name_or_path")
+    tokenizer, template = prepare_tokenizer(recipe)
+    model = PeftModel.from_pretrained(load_base_model(recipe.model, recipe.quant), str(path))
+    return Target("run", str(path), model, tokenizer, template, recipe, adapters=["default"])
+
+
+def _load_merged(path: Path) -> Target:
+    """A merged model (or any saved model). Its run's recipe, when merge_report.json names one,
+    gives the template; otherwise the tokenizer's own chat template, if it has one."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.config import default_template, load_recipe
+    from qlora_cli.data.templates import BUILTINS, resolve_template
+    from qlora_cli.modeling import device_map, load_tokenizer
+
+    recipe = None
+    report = path / MERGE_REPORT
+    if report.is_file():
+        run_recipe = Path(json.loads(report.read_text(encoding="utf-8")).get("run_dir", "")) / RECIPE
+        recipe = load_recipe(run_recipe) if run_recipe.is_file() else None
+    tokenizer = load_tokenizer(_ModelRef(str(path)))
+    # The merged tokenizer carries the run's template; the recipe says which one it is (a built-in
+    # knows its stop token), or that the run was plain text and uses none.
+    if recipe is not None:
+        name = default_template(recipe)
+        template = None if name is None else BUILTINS.get(name) or resolve_template("tokenizer", tokenizer)
+    else:
+        template = resolve_template("tokenizer", tokenizer) if tokenizer.chat_template else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device_map())
+    except (OSError, ValueError) as exc:
+        raise UserError.single("TARGET", f"could not load the model in {path}: {exc}") from None
+    return Target("merged", str(path), model, tokenizer, template, recipe)
+
+
+def _load_base(model_id: str) -> Target:
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.data.templates import resolve_template
+    from qlora_cli.modeling import device_map, load_tokenizer
+
+    tokenizer = load_tokenizer(_ModelRef(model_id))
+    template = resolve_template("tokenizer", tokenizer) if tokenizer.chat_template else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map=device_map())
+    except (OSError, ValueError) as exc:
+        raise UserError.single("TARGET", f"could not load {model_id}: {exc}") from None
+    return Target("base", model_id, model, tokenizer, template, None)
+
+
+def _add_adapter(target: Target, name: str, run_dir: Path) -> None:
+    from qlora_cli.config import load_recipe
+
+    if target.kind != "run":
+        raise UserError.single("--adapter", "extra adapters go on a run directory's base: give a run as TARGET")
+    if not (run_dir / "adapter_config.json").is_file() or not (run_dir / RECIPE).is_file():
+        raise UserError.single("--adapter", f"{name}={run_dir}: not a run directory (no adapter_config.json / {RECIPE})")
+    other = load_recipe(run_dir / RECIPE)
+    if other.model.name_or_path != target.recipe.model.name_or_path:
+        raise UserError.single(
+            "--adapter", f"{name}={run_dir} was trained on {other.model.name_or_path}, not on this base "
+            f"({target.recipe.model.name_or_path})",
+        )
+    if name in target.adapters:
+        raise UserError.single("--adapter", f"the name {name!r} is used twice")
+    target.model.load_adapter(str(run_dir), adapter_name=name)
+    target.adapters.append(name)
+
+
+@dataclass
+class _ModelRef:
+    """The `model` section shape that modeling.load_tokenizer expects."""
+
+    name_or_path: str
+    revision: str | None = None
+    trust_remote_code: bool = False
