@@ -40,7 +40,7 @@ def fabricate_run(tiny, run_dir, model_dir=None, **lora):
     from qlora_cli.train import prepare_tokenizer
 
     raw = tiny_recipe(tiny, run_dir)
-    raw["lora"].update({"r": 8, "alpha": 16, **lora})
+    raw["lora"].update({"r": 8, "alpha": 16, "modules_to_save": [], **lora})
     if model_dir is not None:
         raw["model"]["name_or_path"] = str(model_dir)
     recipe = validate_recipe(raw)

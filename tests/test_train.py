@@ -160,10 +160,19 @@ def test_lora_weights_changed_and_base_weights_did_not(trained):
             checked += 1
     assert checked == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
     fresh_params = dict(_fresh_base(load_recipe_of(trained)).named_parameters())
+    saved = 0
     for name, p in model.base_model.model.named_parameters():
-        if "lora_" not in name and p.dtype.is_floating_point:
-            ref = fresh_params[name.replace(".base_layer", "")]
-            torch.testing.assert_close(p.float(), ref.float(), rtol=0, atol=0, msg=name)
+        if "lora_" in name or not p.dtype.is_floating_point:
+            continue
+        if ".modules_to_save." in name:  # the trained full copies (embed_tokens, lm_head): they moved
+            ref = fresh_params[name.replace(".modules_to_save.default", "")]
+            assert not torch.equal(p.float(), ref.float()), f"{name} never trained"
+            saved += 1
+            continue
+        # ...while everything else, the originals behind those copies included, is untouched.
+        ref = fresh_params[name.replace(".base_layer", "").replace(".original_module", "")]
+        torch.testing.assert_close(p.float(), ref.float(), rtol=0, atol=0, msg=name)
+    assert saved == len(load_recipe_of(trained).lora.modules_to_save)
 
 
 def test_reloaded_adapter_reproduces_training_logits(trained):

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: histogram bins as [lo, hi, count]; trained-token counts exclude position 0
 
 # Data settings that do not change the tokenized rows: toggling them must not cost a rebuild.
 # (packing happens later, inside TRL; num_proc only changes speed; cache is this switch.)
