@@ -1,5 +1,5 @@
 # Two commands for a fresh machine with only Python:
-#   make demo   - install into .venv, build the tiny offline model, train it, merge it, ask it
+#   make demo   - install into .venv, build the tiny offline model, train it, merge it, score it, ask it
 #   make test   - install into .venv, run the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -30,6 +30,7 @@ build/tiny/model/config.json: scripts/build_tiny.py | $(VENV)/.installed
 demo: install build/tiny/model/config.json
 	$(BIN)/qlora train configs/tiny.yaml --output-dir runs/tiny --overwrite
 	$(BIN)/qlora merge runs/tiny --compare --overwrite
+	$(BIN)/qlora eval runs/tiny --compare-base --split train
 	$(BIN)/qlora generate runs/tiny --prompt "What is the opposite of hot?" --greedy
 
 # pytest exits 5 when it collects no tests: say so plainly (a suite that tests nothing is broken).

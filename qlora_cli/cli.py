@@ -198,6 +198,45 @@ def generate(
     )
 
 
+@app.command(name="eval")
+def eval_(
+    target: str = typer.Argument(..., help="A run directory, a merged model directory, or a base model id/path."),
+    data_path: Optional[str] = typer.Option(
+        None, "--data", help="Evaluate on this file (read like the run's first source) instead of the recipe's split."
+    ),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="validation (default) or train: which split of the recipe's data; with a hub --data, the hub split."
+    ),
+    compare_base: bool = typer.Option(False, "--compare-base", help="Also evaluate the base model without the adapter, with deltas."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Evaluate only the first N rows."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Rows per batch (default: the recipe's train.batch_size)."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", min=1, help="Generation budget (default: the longest reference + 32 tokens)."
+    ),
+    no_generate: bool = typer.Option(False, "--no-generate", help="Loss, perplexity and token accuracy only (no exact match / ROUGE-L)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout instead of a table."),
+):
+    """Loss, perplexity, token accuracy, exact match and ROUGE-L, with exactly the training template."""
+    from qlora_cli.eval_report import describe, render_table
+    from qlora_cli.evaluation import run_eval
+
+    _quiet_libraries()
+    results = run_eval(
+        target, data_path=data_path, split=split, compare_base=compare_base, max_samples=max_samples,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, generate=not no_generate, console=err,
+    )
+    if "write_error" in results:
+        err.print(f"[yellow]warning:[/] {escape(results['write_error'])}")
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        out = Console(highlight=False)
+        out.print(render_table(results))
+        out.print(escape(describe(results)), soft_wrap=True)
+        for path in results.get("written", []):
+            err.print(f"[dim]wrote {escape(path)}[/]")
+
+
 @app.command()
 def schema():
     """Print the recipe's JSON Schema (for editor completion and validation)."""

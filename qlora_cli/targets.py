@@ -23,7 +23,7 @@ MERGE_REPORT = "merge_report.json"
 
 @dataclass
 class Target:
-    kind: str  # "run", "merged" or "base"
+    kind: str  # "run", "merged" (has merge_report.json) or "base" (a hub id or any other model directory)
     path: str
     model: object  # PeftModel for a run, else a transformers model
     tokenizer: object
@@ -134,7 +134,10 @@ def _load_merged(path: Path) -> Target:
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device_map())
     except (OSError, ValueError) as exc:
         raise UserError.single("TARGET", f"could not load the model in {path}: {exc}") from None
-    return Target("merged", str(path), model, tokenizer, template, recipe)
+    # Without a merge report this is some other saved model: treat it as a base (eval writes
+    # nothing into it, and --compare-base has no base to compare with).
+    kind = "merged" if report.is_file() else "base"
+    return Target(kind, str(path), model, tokenizer, template, recipe)
 
 
 def _load_base(model_id: str) -> Target:
@@ -150,6 +153,24 @@ def _load_base(model_id: str) -> Target:
     except (OSError, ValueError) as exc:
         raise UserError.single("TARGET", f"could not load {model_id}: {exc}") from None
     return Target("base", model_id, model, tokenizer, template, None)
+
+
+def original_base(target: Target) -> Target:
+    """The unquantized base model a merged TARGET came from, rendered with TARGET's tokenizer and template."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.modeling import check_model_path, device_map
+
+    model_cfg = target.recipe.model
+    check_model_path(model_cfg, where="--compare-base")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.name_or_path, revision=model_cfg.revision, dtype="auto", device_map=device_map(),
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError.single("--compare-base", f"could not load the base {model_cfg.name_or_path}: {exc}") from None
+    return Target("base", model_cfg.name_or_path, model.eval(), target.tokenizer, target.template, target.recipe)
 
 
 def _add_adapter(target: Target, name: str, run_dir: Path) -> None:

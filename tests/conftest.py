@@ -34,6 +34,17 @@ def tiny(tmp_path_factory) -> Path:
     return build_tiny.build(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny, tmp_path_factory) -> Path:
+    """configs/tiny.yaml trained once through the CLI: the demo's run. Tests must not write into it."""
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    recipe = tmp / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny, tmp / "run")))
+    proc = run_cli("train", str(recipe))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "run"
+
+
 def tiny_recipe(tiny: Path, output_dir: Path) -> dict:
     """configs/tiny.yaml as shipped, pointed at a built tiny model/data and an output directory."""
     recipe = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())

@@ -10,18 +10,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli, tiny_recipe
+from conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def run_dir(tiny, tmp_path_factory):
-    """configs/tiny.yaml trained through the CLI (the demo's run)."""
-    tmp = tmp_path_factory.mktemp("gen")
-    recipe = tmp / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny, tmp / "run")))
-    proc = run_cli("train", str(recipe))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return tmp / "run"
+@pytest.fixture()
+def run_dir(tiny_run):
+    """configs/tiny.yaml trained through the CLI (the demo's run; shared, so read only)."""
+    return tiny_run
 
 
 PROMPT = "What is the opposite of up?"
