@@ -35,14 +35,25 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny, tmp_path_factory) -> Path:
-    """configs/tiny.yaml trained once through the CLI: the demo's run. Tests must not write into it."""
+def tiny_run_proc(tiny, tmp_path_factory):
+    """configs/tiny.yaml (the demo's recipe) trained once through the CLI, the way a user would:
+    model and data paths relative to the directory `qlora train` runs in, and --output-dir
+    overriding output.dir. Returns (run directory, the finished process). Shared by several test
+    files, so tests must not write into the run directory: copy it first."""
     tmp = tmp_path_factory.mktemp("tiny_run")
+    raw = tiny_recipe(tiny, tmp / "elsewhere")
+    raw["model"]["name_or_path"] = os.path.relpath(raw["model"]["name_or_path"], tiny.parent)
+    raw["data"]["sources"][0]["path"] = os.path.relpath(raw["data"]["sources"][0]["path"], tiny.parent)
     recipe = tmp / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny, tmp / "run")))
-    proc = run_cli("train", str(recipe))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return tmp / "run"
+    recipe.write_text(yaml.safe_dump(raw))
+    proc = run_cli("train", str(recipe), "--output-dir", str(tmp / "run"), cwd=tiny.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run", proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_run_proc) -> Path:
+    return tiny_run_proc[0]
 
 
 def tiny_recipe(tiny: Path, output_dir: Path) -> dict:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli, tiny_recipe
+from conftest import tiny_recipe
 from qlora_cli.config import load_recipe
 
 RUN_FILES = {
@@ -25,16 +25,10 @@ RUN_FILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def cli_run(tiny, tmp_path_factory):
-    """`qlora train` on configs/tiny.yaml as shipped (only paths changed), in a subprocess."""
-    tmp = tmp_path_factory.mktemp("cli_run")
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe(tiny, tmp / "elsewhere")))
-    run_dir = tmp / "run"  # --output-dir wins over output.dir
-    proc = run_cli("train", str(path), "--output-dir", str(run_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, proc
+@pytest.fixture()
+def cli_run(tiny_run_proc):
+    """`qlora train` on configs/tiny.yaml as shipped (only paths changed), in a subprocess (conftest)."""
+    return tiny_run_proc
 
 
 def test_run_directory_holds_exactly_the_expected_files(cli_run):
