@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from qlora_cli.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, UserError
+from qlora_cli.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, StoppedRun, UserError
 
 app = typer.Typer(
     name="qlora",
@@ -30,6 +30,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
+RESUME_LATEST = "latest"  # what a bare --resume means (see main)
 SET_HELP = "Override a recipe key, e.g. --set lora.r=8 --set data.sources[0].path=x.jsonl (repeatable)."
 
 
@@ -39,13 +40,30 @@ def train(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (overrides output.dir)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty run directory."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume",
+        help="Continue the run in the run directory: alone, from its newest whole checkpoint; or --resume PATH "
+        "(a checkpoint-N directory, or the run directory).",
+    ),
 ):
     """Quantize the base model to 4 bits, attach LoRA, train, and write a run directory."""
+    from pathlib import Path
+
     from qlora_cli.config import load_recipe
+    from qlora_cli.rundir import RECIPE
     from qlora_cli.train import train as run_training
 
     _quiet_libraries()
-    result = run_training(load_recipe(recipe, set_ or []), output_dir=output_dir, overwrite=overwrite, console=err)
+    if resume is not None and overwrite:
+        raise UserError.single("--resume", "--resume continues a run and --overwrite replaces it: give one of them")
+    if resume not in (None, RESUME_LATEST) and (Path(resume).expanduser() / RECIPE).is_file():
+        if output_dir is not None and Path(output_dir).resolve() != Path(resume).expanduser().resolve():
+            raise UserError.single("--resume", f"{resume} is a run directory, but --output-dir names {output_dir}")
+        output_dir, resume = resume, RESUME_LATEST  # --resume RUN_DIR: that run, from its newest checkpoint
+    command = " ".join(["qlora train", recipe, *(f"--set {s}" for s in set_ or []),
+                        *(["--output-dir", output_dir] if output_dir else []), "--resume"])
+    result = run_training(load_recipe(recipe, set_ or []), output_dir=output_dir, overwrite=overwrite, resume=resume,
+                          resume_command=command, console=err)
     s = result.summary
     if s:
         err.print(
@@ -266,6 +284,20 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _bare_resume_to_latest(args: list[str]) -> list[str]:
+    """`--resume` may stand alone (newest checkpoint) or take a path; click options cannot be
+    optional-valued, so a bare one (last, or followed by another option or the recipe) becomes
+    `--resume latest`."""
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg == "--resume":
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt is None or nxt.startswith("-") or nxt.endswith((".yaml", ".yml")):
+                out.append(RESUME_LATEST)
+    return out
+
+
 def main() -> None:
     """Console-script entry point: run the app and map errors to exit codes.
 
@@ -273,7 +305,10 @@ def main() -> None:
     --help itself; what reaches us is either a UserError (exit 2) or a bug (exit 1).
     """
     try:
-        app(prog_name="qlora")
+        app(args=_bare_resume_to_latest(sys.argv[1:]), prog_name="qlora")
+    except StoppedRun as exc:
+        err.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        sys.exit(exc.exit_code)
     except UserError as exc:
         err.print("[bold red]error:[/] ", end="")
         err.print(exc.render(), markup=False, highlight=False, soft_wrap=True)  # user text: no markup

@@ -51,3 +51,12 @@ class UserError(Exception):
         lines = [self.header] if self.header else []
         lines += [f"  - {p.render()}" if len(self.problems) > 1 or self.header else p.render() for p in self.problems]
         return "\n".join(lines)
+
+
+class StoppedRun(Exception):
+    """A run that ended early on purpose (a signal, a non-finite loss). The CLI prints the message,
+    which says what was kept and what to do next, without a traceback, and exits with exit_code."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -84,7 +84,36 @@ class RunDir:
         path = self.path / METRICS
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # the last line of a run killed mid-write
+                continue
+        return records
+
+    def prepare_resume(self, step: int) -> None:
+        """Before continuing from checkpoint-STEP: forget what the interrupted run logged after it
+        (the resumed run logs those steps again), and mark the run unfinished until it is."""
+        from qlora_cli.trainer import staged_leftovers
+
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        tmp = self.path / (METRICS + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(self.path / METRICS)
+        (self.path / SUMMARY).unlink(missing_ok=True)
+        staged_leftovers(self.checkpoints)
+
+    def save_final(self, model, tokenizer) -> None:
+        """The adapter and tokenizer, saved beside the run directory's files and then renamed in one
+        file at a time, so no file in the run directory is ever half written."""
+        staging = self.path / ".final.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for path in staging.iterdir():
+            os.replace(path, self.path / path.name)
+        staging.rmdir()
 
     def write_summary(self, summary: dict) -> None:
         """Write summary.json last, via a temporary name, so a partial file never looks like a finished run."""

@@ -30,7 +30,7 @@ from qlora_cli.modeling import (
     load_base_model,
     load_tokenizer,
 )
-from qlora_cli.errors import UserError
+from qlora_cli.errors import EXIT_USER_ERROR, StoppedRun, UserError
 from qlora_cli.rundir import RunDir
 
 
@@ -52,7 +52,7 @@ def prepare_tokenizer(recipe: Recipe):
     return tokenizer, template
 
 
-def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template):
+def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template, resuming: bool = False):
     """Recipe -> TRL's SFTConfig. Pure apart from asking whether a GPU is present."""
     from trl import SFTConfig
 
@@ -79,10 +79,12 @@ def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template):
         logging_first_step=True,  # so the summary's first loss is the loss before any update
         eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
         eval_steps=t.eval_steps,
-        eval_on_start=has_eval and t.eval_on_start,
+        # On resume the step-0 evaluation is already in metrics.jsonl.
+        eval_on_start=has_eval and t.eval_on_start and not resuming,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # CheckpointingTrainer rotates, only once the new checkpoint is whole
+        logging_nan_inf_filter=False,  # a NaN loss must show in the log, not be averaged away
         report_to=list(t.report_to) or "none",
         # Mixed precision follows the 4-bit compute dtype. fp16 autocast needs a GPU.
         bf16=recipe.quant.compute_dtype == "bfloat16",
@@ -111,12 +113,12 @@ class Setup:
     model: object
 
 
-def build_trainer(recipe: Recipe, run: RunDir, console=None) -> Setup:
+def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = False, callbacks=()) -> Setup:
     """Tokenizer, data, 4-bit model, LoRA and the SFTTrainer, from a validated recipe."""
     from transformers import PrinterCallback, set_seed
-    from trl import SFTTrainer
 
     from qlora_cli.progress import MetricsLog, RichProgress
+    from qlora_cli.trainer import CheckpointingTrainer
 
     set_seed(recipe.train.seed)
     tokenizer, template = prepare_tokenizer(recipe)
@@ -130,28 +132,42 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None) -> Setup:
     model.config.use_cache = False
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
 
-    # SFTTrainer owns the loop, checkpointing, mixed precision and distributed launch.
-    trainer = SFTTrainer(
+    # SFTTrainer owns the loop, checkpointing, mixed precision and distributed launch; the
+    # subclass only makes checkpoints atomic and stops on a non-finite loss (trainer.py).
+    trainer = CheckpointingTrainer(
         model=model,
-        args=build_sft_config(recipe, run, has_eval=eval_ds is not None, template=template),
+        args=build_sft_config(recipe, run, has_eval=eval_ds is not None, template=template, resuming=resuming),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[MetricsLog(run), RichProgress(console)],
+        callbacks=[MetricsLog(run), RichProgress(console), *callbacks],
+        keep_checkpoints=recipe.train.save_total_limit,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     keep_adapter_fp32(trainer.model)  # after SFTTrainer, which casts adapters to bf16 for 4-bit models
     return Setup(trainer=trainer, tokenizer=tokenizer, template=template, data=prepared, model=model)
 
 
-def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, console=None) -> TrainResult:
-    """Run one QLoRA fine-tune as the recipe describes and write the run directory."""
+def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, resume: str | None = None,
+          resume_command: str = "qlora train RECIPE --resume", console=None) -> TrainResult:
+    """Run one QLoRA fine-tune as the recipe describes and write the run directory.
+
+    `resume` ("latest" or a checkpoint path) continues the run in the run directory from a whole
+    checkpoint; `resume_command` is what to tell the user if this run is interrupted.
+    """
+    from qlora_cli.trainer import GracefulStop, NonFiniteLoss
+
     if output_dir is not None:
         recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": output_dir})})
     run = RunDir(recipe.output.dir)
+    say = (lambda text: console.print(text, highlight=False, soft_wrap=True)) if console is not None else print
+    warn = lambda text: say(f"[yellow]warning:[/] {text}")  # noqa: E731
 
     # 1. Checks and loading that can fail on user input: before anything is written.
-    if is_main_process():
+    checkpoint = None
+    if resume is not None:
+        checkpoint = resume_point(run, recipe, resume, warn)
+    elif is_main_process():
         sources = [*recipe.data.sources, *recipe.data.val_sources]
         inputs = [Path(recipe.model.name_or_path)] + [Path(src.path) for src in sources]
         run.check_available(overwrite, protected=tuple(p for p in inputs if p.exists()))
@@ -159,28 +175,110 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     check_trackers(recipe.train)
     check_compute_dtype(recipe.quant)
     # 2. The trainer, built before the run directory, so a setting it rejects leaves nothing behind.
-    setup = build_trainer(recipe, run, console)
+    stop = GracefulStop(say=say, where_to_continue=lambda: f"{_last_checkpoint_text(run)} To continue: {resume_command}")
+    setup = build_trainer(recipe, run, console, resuming=checkpoint is not None, callbacks=[stop])
     trainer, data_stats = setup.trainer, setup.data.stats
 
     # 3. The run directory, starting with the fully resolved recipe (main process only); then train.
     if is_main_process():
-        run.create(overwrite)
+        if checkpoint is None:
+            run.create(overwrite)
+        else:
+            run.prepare_resume(step=int(checkpoint.name.rsplit("-", 1)[1]))
+            say(f"resuming from {checkpoint}")
         run.write_recipe(recipe.with_absolute_paths())  # usable from any directory
         _announce(console, recipe, setup.model, data_stats, setup.template)
     started = time.perf_counter()
-    output = trainer.train()
+    stop.install()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    except NonFiniteLoss as exc:
+        raise StoppedRun(EXIT_USER_ERROR, (
+            f"the {exc}. Nothing from that step was applied. "
+            f"{_last_checkpoint_text(run)} Lower train.learning_rate (or raise train.warmup_ratio, or use "
+            "bfloat16 instead of float16), then train again."
+        )) from None
+    finally:
+        stop.uninstall()
+    if stop.signum is not None:
+        raise StoppedRun(128 + stop.signum, (
+            f"{signal_name(stop.signum)} after step {trainer.state.global_step}. {stop.where_to_continue()}"
+        ))
     final_eval = final_evaluation(trainer) if setup.data.val is not None else {}
     runtime = time.perf_counter() - started
 
     # 4. Artifacts: adapter and tokenizer in the standard layout, then summary.json last.
     if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(run.path)
-        setup.tokenizer.save_pretrained(run.path)
+        run.save_final(trainer.model, setup.tokenizer)
         summary = build_summary(run, trainer, output, final_eval, runtime, data_stats, setup.template)
+        if checkpoint is not None:
+            summary["resumed_from"] = str(checkpoint)
         run.write_summary(summary)
     else:
         summary = {}
     return TrainResult(run_dir=run, summary=summary, trainer=trainer)
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def _last_checkpoint_text(run: RunDir) -> str:
+    from qlora_cli.checkpoints import checkpoints_in, looks_whole
+
+    whole = [c for c in checkpoints_in(run.checkpoints) if looks_whole(c)]
+    return f"The last checkpoint is {whole[0]}." if whole else "No checkpoint was written yet."
+
+
+# Recipe sections a resumed run must share with the checkpoint: they decide the model, the adapter's
+# shape and the data order. train.* may change (more steps, another save interval) with a warning.
+FIXED_ON_RESUME = ("model", "quant", "lora", "data")
+FREE_ON_RESUME = {"data.cache", "data.num_proc"}  # how the rows are prepared, not which rows
+
+
+def resume_point(run: RunDir, recipe: Recipe, resume: str, warn) -> Path:
+    """Check that RUN can be resumed with this recipe, and return the checkpoint to resume from."""
+    from qlora_cli.checkpoints import STATE, find_resume_point
+    from qlora_cli.config import load_recipe
+    from qlora_cli.rundir import RECIPE
+
+    if not (run / RECIPE).is_file():
+        raise UserError.single(
+            "--resume", f"{run.path} is not a run directory (no {RECIPE}): there is nothing to resume; "
+            "train without --resume, or point --output-dir at the run to continue",
+        )
+    saved = load_recipe(run / RECIPE).model_dump()
+    new = recipe.with_absolute_paths().model_dump()
+    fixed = [k for k in _changed_keys(saved, new) if k.split(".")[0] in FIXED_ON_RESUME and k not in FREE_ON_RESUME]
+    if fixed:
+        raise UserError.single(
+            "--resume", f"the recipe differs from the run's {RECIPE} in {', '.join(fixed)}: a checkpoint only "
+            "continues the same model, adapter and data; restore those keys, or train a new run",
+        )
+    for key in _changed_keys(saved["train"], new["train"], "train"):
+        warn(f"{key} changed since the run started; the continuation will differ from the original plan")
+    explicit = None
+    if resume != "latest":
+        explicit = Path(resume).expanduser()
+        if not (explicit / STATE).is_file() and not explicit.name.startswith("checkpoint-"):
+            raise UserError.single("--resume", f"{resume} is not a checkpoint directory (checkpoint-N with {STATE})")
+        if explicit.resolve().parent != run.checkpoints.resolve():
+            raise UserError.single(
+                "--resume", f"{resume} is not a checkpoint of {run.path}: resume a run in its own directory "
+                "(--output-dir RUN)",
+            )
+    return find_resume_point(run.checkpoints, explicit, warn)
+
+
+def _changed_keys(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(a.keys() | b.keys()):
+            out += _changed_keys(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if a == b else [prefix]
 
 
 def is_main_process() -> bool:

@@ -1,0 +1,142 @@
+"""Checkpoints that are either whole or absent, and finding the one to resume from.
+
+    RUN/checkpoints/checkpoint-200/   adapter, optimizer, scheduler, RNG states, trainer_state.json
+                                      (the step, hence the data position), and qlora_manifest.json
+
+transformers writes a checkpoint file by file. `CheckpointingTrainer` (trainer.py) has it write
+into a staging directory instead; the manifest (every file's size and SHA-256) is written last,
+and then the directory is renamed into place. So a checkpoint without a manifest was never
+finished, and one whose files no longer match their manifest was damaged afterwards (a full
+disk, a truncated copy): `find_resume_point` skips both, with a warning, and falls back to the
+previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from qlora_cli.errors import UserError
+
+MANIFEST = "qlora_manifest.json"
+STATE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def write_manifest(checkpoint: Path) -> None:
+    files = {}
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        files[str(path.relative_to(checkpoint))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    tmp = checkpoint / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(checkpoint / MANIFEST)
+
+
+def problem(checkpoint: Path) -> str | None:
+    """Why this checkpoint cannot be resumed from, or None when it is whole."""
+    manifest = checkpoint / MANIFEST
+    if not manifest.is_file():
+        return "it was never finished (no manifest)"
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, OSError):
+        return f"its {MANIFEST} is unreadable"
+    if STATE not in files:
+        return f"it has no {STATE}"
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size:,} bytes, not {expected['bytes']:,} (truncated?)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def step_of(checkpoint: Path) -> int:
+    match = _NAME.match(checkpoint.name)
+    return int(match.group(1)) if match else -1
+
+
+def checkpoints_in(root: Path) -> list[Path]:
+    """checkpoint-N directories under root, newest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def find_resume_point(root: Path, explicit: Path | None = None, warn=print) -> Path:
+    """The checkpoint to resume from: `explicit` if given and whole, else the newest whole one under
+    root. Damaged ones are skipped with a warning; none at all is a UserError (exit 2)."""
+    if explicit is not None:
+        reason = problem(explicit)
+        if reason is None:
+            return explicit
+        candidates = [p for p in checkpoints_in(explicit.parent) if step_of(p) < step_of(explicit)]
+        warn(f"cannot resume from {explicit}: {reason}")
+    else:
+        candidates = checkpoints_in(root)
+    skipped = []
+    for checkpoint in candidates:
+        reason = problem(checkpoint)
+        if reason is None:
+            if skipped or explicit is not None:
+                warn(f"resuming from the previous whole checkpoint, {checkpoint}")
+            return checkpoint
+        warn(f"skipping {checkpoint}: {reason}")
+        skipped.append(checkpoint)
+    where = explicit if explicit is not None else root
+    raise UserError.single(
+        "--resume",
+        f"no whole checkpoint to resume from in {where}"
+        + (f" ({len(skipped)} damaged)" if skipped else "")
+        + ": train again without --resume (add --overwrite to replace the run directory)",
+    )
+
+
+def rotate(root: Path, keep: int) -> None:
+    """Keep the newest `keep` whole checkpoints; delete older ones, and unfinished ones older than
+    the newest whole one. Runs only after a new checkpoint is whole, so a crash during rotation
+    can never leave zero checkpoints."""
+    whole = 0
+    for checkpoint in checkpoints_in(root):
+        if looks_whole(checkpoint) and whole < keep:
+            whole += 1
+            continue
+        if whole > 0:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def looks_whole(checkpoint: Path) -> bool:
+    """Manifest present and sizes right: enough to tell finished from unfinished while rotating,
+    without re-hashing gigabytes of optimizer state at every save."""
+    try:
+        files = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, OSError):
+        return False
+    return all((checkpoint / n).is_file() and (checkpoint / n).stat().st_size == f["bytes"] for n, f in files.items())
+
+
+def publish(staged: Path, root: Path) -> Path:
+    """Manifest, then one rename into place: the checkpoint appears whole or not at all."""
+    write_manifest(staged)
+    final = root / staged.name
+    if final.exists():  # a leftover from a run that died after this step was saved once before
+        shutil.rmtree(final)
+    root.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, final)
+    return final
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

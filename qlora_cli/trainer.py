@@ -1,0 +1,108 @@
+"""TRL's SFTTrainer, with the three guarantees `qlora train` makes about a run that stops early.
+
+1. Checkpoints are whole or absent: each is written to RUN/checkpoints/.staging/checkpoint-N,
+   given a manifest (checkpoints.py), and renamed into place. Old ones are rotated away only
+   after the new one is in place.
+2. The first SIGINT/SIGTERM finishes the current optimizer step, saves a checkpoint and stops;
+   `train` then exits 130/143 saying how to resume. A second signal exits at once.
+3. A NaN or inf loss stops the run before the optimizer applies that step, so the last
+   checkpoint stays good.
+
+The loop itself (optimizer, scheduler, RNG state, skipping already-seen batches on resume) is
+transformers' own; only these edges are ours.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from qlora_cli import checkpoints
+from qlora_cli.errors import StoppedRun
+
+STAGING = ".staging"
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss is {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+class CheckpointingTrainer(SFTTrainer):
+    """SFTTrainer whose checkpoints appear atomically and whose loss is checked every micro-step."""
+
+    def __init__(self, *args, keep_checkpoints: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_checkpoints = keep_checkpoints
+        self._staging: Path | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        # transformers writes checkpoint-N under this directory; while saving, that is the staging area.
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        root = Path(self.args.output_dir)
+        self._staging = root / STAGING
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        if self.args.should_save:  # the main process owns the files
+            staged = root / STAGING / f"checkpoint-{self.state.global_step}"
+            checkpoints.publish(staged, root)
+            checkpoints.rotate(root, self.keep_checkpoints)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        value = loss.detach().float().item()
+        if not math.isfinite(value):
+            # Raised before the optimizer step that would apply these gradients.
+            raise NonFiniteLoss(self.state.global_step + 1, value)
+        return loss
+
+
+class GracefulStop(TrainerCallback):
+    """First SIGINT/SIGTERM: save and stop after the current optimizer step. Second: stop now."""
+
+    def __init__(self, say=None, where_to_continue=lambda: ""):
+        self.signum: int | None = None
+        self.say = say or (lambda text: None)
+        self.where_to_continue = where_to_continue  # "The last checkpoint is ... To continue: ..."
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.uninstall()
+            raise StoppedRun(128 + signum, f"{signal.Signals(signum).name} again: stopped at once, without saving. "
+                             + self.where_to_continue())
+        self.signum = signum
+        self.say(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                 "(press Ctrl-C again to stop at once, without one)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def staged_leftovers(root: Path) -> None:
+    """Remove a staging directory a killed run left behind (it never became a checkpoint)."""
+    import shutil
+
+    shutil.rmtree(root / STAGING, ignore_errors=True)
+
