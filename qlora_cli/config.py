@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticUndefined
 
 from qlora_cli.errors import Problem, UserError
 
@@ -456,6 +457,14 @@ def _message(err: dict, loc: tuple) -> str:
         return f"{err['msg'].replace('Input should be', 'must be one of')}; got {err['input']!r}"
     if kind == "value_error":
         return err["msg"].removeprefix("Value error, ")
+    if kind == "too_short":
+        return f"needs at least {err.get('ctx', {}).get('min_length', 1)} entry; got an empty list"
+    if err.get("input", "") is None and not kind.startswith("none"):
+        field = _field_at(loc)
+        if field is None or field.is_required():
+            return "has no value: give one"
+        default = "" if field.default is PydanticUndefined else f" ({field.default!r})"
+        return f"has no value: give one, or remove the key to use the default{default}"
     # Type and range errors: "must be greater than 0; got -1".
     return f"{err['msg'].replace('Input should be', 'must be')}; got {err.get('input')!r}"
 

@@ -76,6 +76,34 @@ def check_model_path(model, where: str = "model.name_or_path") -> None:
         raise UserError.single(where, f"{path} has no config.json: point at a saved transformers model directory")
 
 
+def check_attention(model) -> None:
+    """flash_attention_2 needs a CUDA GPU and the flash-attn package: say so before the data is prepared.
+
+    (eager and sdpa need neither, and both keep packed examples apart through the per-example
+    position ids: tests/test_packing.py checks each.)
+    """
+    if model.attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError.single("model.attn_implementation", "flash_attention_2 needs a CUDA GPU: use sdpa here")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError.single(
+            "model.attn_implementation", "flash_attention_2 needs the flash-attn package: pip install flash-attn, or use sdpa"
+        )
+
+
+def remote_code_warning(model) -> str | None:
+    """The warning to show when the recipe lets the model repository run its own Python code."""
+    if not model.trust_remote_code:
+        return None
+    return (f"model.trust_remote_code is on: Python code from {model.name_or_path}"
+            f"{'@' + model.revision if model.revision else ''} will run on this machine with your permissions")
+
+
 def load_tokenizer(model):
     """Load the tokenizer, with a pad token (EOS when the model has none, as for Llama and Mistral).
 

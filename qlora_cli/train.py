@@ -25,10 +25,12 @@ from qlora_cli.data.pipeline import build_datasets
 from qlora_cli.data.templates import apply_template, resolve_template
 from qlora_cli.modeling import (
     attach_lora,
+    check_attention,
     check_model_path,
     keep_adapter_fp32,
     load_base_model,
     load_tokenizer,
+    remote_code_warning,
 )
 from qlora_cli.errors import EXIT_USER_ERROR, StoppedRun, UserError
 from qlora_cli.rundir import RunDir
@@ -172,8 +174,11 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
         inputs = [Path(recipe.model.name_or_path)] + [Path(src.path) for src in sources]
         run.check_available(overwrite, protected=tuple(p for p in inputs if p.exists()))
     check_model_path(recipe.model)
+    check_attention(recipe.model)
     check_trackers(recipe.train)
     check_compute_dtype(recipe.quant)
+    if remote_code_warning(recipe.model):
+        warn(remote_code_warning(recipe.model))
     # 2. The trainer, built before the run directory, so a setting it rejects leaves nothing behind.
     stop = GracefulStop(say=say, where_to_continue=lambda: f"{_last_checkpoint_text(run)} To continue: {resume_command}")
     setup = build_trainer(recipe, run, console, resuming=checkpoint is not None, callbacks=[stop])

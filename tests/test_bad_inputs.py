@@ -1,0 +1,63 @@
+"""The bad-input corpus: every file in tests/bad_inputs/recipes is a recipe that must be refused.
+
+For each one, `qlora train` must exit 2 with one clear message (the `error:` line) that names
+what to fix (the needles in tests/bad_inputs/expected.yaml), print no traceback, and create no
+output directory. The recipes point at the tiny model and data through placeholders:
+@MODEL@, @DATA@, @HERE@ (tests/bad_inputs) and @OUT@ (a fresh path that must stay absent).
+
+The cases run in-process through the CLI's real entry point (`qlora_cli.cli.main`, argument
+parsing and error printing included), so the corpus can grow without a subprocess per case;
+tests/test_cli_errors.py covers the same paths through real subprocesses.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+HERE = Path(__file__).parent / "bad_inputs"
+EXPECTED = yaml.safe_load((HERE / "expected.yaml").read_text())
+CASES = sorted(p.name for p in (HERE / "recipes").iterdir())
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    from qlora_cli import cli
+
+    argv, sys.argv = sys.argv, ["qlora", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.err, captured.out
+
+
+def test_corpus_is_large_and_fully_specified():
+    assert len(CASES) >= 40
+    assert sorted(EXPECTED) == CASES  # every file has expectations, and every expectation a file
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_recipe_is_refused_clearly(name, tiny, tmp_path, capsys):
+    source = (HERE / "recipes" / name).read_bytes()
+    out = tmp_path / "out"
+    for key, value in {"@MODEL@": tiny / "model", "@DATA@": tiny / "alpaca.jsonl", "@HERE@": HERE, "@OUT@": out}.items():
+        source = source.replace(key.encode(), str(value).encode())
+    recipe = tmp_path / name
+    recipe.write_bytes(source)
+
+    code, stderr, stdout = run_main(["train", str(recipe)], capsys)
+    assert code == 2, f"exit {code}\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr and "internal error" not in stderr, stderr[-3000:]
+    assert len(re.findall(r"^error: ", stderr, re.MULTILINE)) == 1, stderr  # one message, however many problems
+    for needle in EXPECTED[name]:
+        assert needle in stderr, f"{needle!r} not in:\n{stderr}"
+    assert stdout == ""
+    assert not out.exists()
