@@ -52,6 +52,9 @@ class CheckpointingTrainer(SFTTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
+        # Every process writes its own RNG state into the staging directory: let them all finish
+        # before the main process publishes it.
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:  # the main process owns the files
             staged = root / STAGING / f"checkpoint-{self.state.global_step}"
             checkpoints.publish(staged, root)

@@ -61,3 +61,35 @@ def test_bad_recipe_is_refused_clearly(name, tiny, tmp_path, capsys):
         assert needle in stderr, f"{needle!r} not in:\n{stderr}"
     assert stdout == ""
     assert not out.exists()
+
+
+def test_trust_remote_code_is_off_by_default_and_warned_about_when_on(tiny, tmp_path, capsys):
+    from qlora_cli.config import Recipe
+
+    assert Recipe.model_fields["model"].annotation.model_fields["trust_remote_code"].default is False
+    recipe = tmp_path / "remote.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny / "model"), "dtype": "float32", "trust_remote_code": True},
+        "data": {"sources": [{"path": str(tmp_path / "missing.jsonl"), "format": "alpaca"}]},
+        "output": {"dir": str(tmp_path / "out")},
+    }))
+    code, stderr, _ = run_main(["train", str(recipe)], capsys)
+    assert code == 2  # the missing data file; the warning came first, naming whose code would run
+    assert "trust_remote_code is on" in stderr and str(tiny / "model") in stderr
+
+
+def test_bf16_compute_is_refused_on_a_gpu_without_bf16(monkeypatch):
+    """This machine has no GPU, so the GPU is faked: the check must name the key and the fix."""
+    import torch
+
+    from qlora_cli.config import QuantSection
+    from qlora_cli.errors import UserError
+    from qlora_cli.train import check_compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    with pytest.raises(UserError) as exc:
+        check_compute_dtype(QuantSection(compute_dtype="bfloat16"))
+    assert "quant.compute_dtype" in str(exc.value) and "Tesla T4" in str(exc.value) and "float16" in str(exc.value)
+    check_compute_dtype(QuantSection(compute_dtype="float16"))  # the suggested fix passes

@@ -74,13 +74,26 @@ def recipe(tiny, tmp_path_factory):
     return path
 
 
+FAKE_TOKEN = "hf_qloraFakeTokenThatMustNeverBeWritten42"
+
+
 @pytest.fixture(scope="module")
 def reference(recipe, tmp_path_factory):
-    """The same recipe, never interrupted."""
+    """The same recipe, never interrupted; trained with fake credentials in the environment."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    proc = run_cli("train", str(recipe), "--output-dir", str(run_dir))
+    secrets = {"HF_TOKEN": FAKE_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_TOKEN, "WANDB_API_KEY": FAKE_TOKEN}
+    proc = run_cli("train", str(recipe), "--output-dir", str(run_dir), env=secrets)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_dir.parent / "console.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
+
+
+def test_credentials_never_reach_the_run_directory_or_the_console(reference):
+    files = [p for p in reference.parent.rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in files)  # the pickled arguments are checked too
+    assert len(files) > 20
+    for path in files:
+        assert FAKE_TOKEN.encode() not in path.read_bytes(), path
 
 
 def test_sigkill_then_resume_equals_the_uninterrupted_run(recipe, reference, tmp_path):
