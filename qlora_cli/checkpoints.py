@@ -131,6 +131,10 @@ def publish(staged: Path, root: Path) -> Path:
         shutil.rmtree(final)
     root.mkdir(parents=True, exist_ok=True)
     os.replace(staged, final)
+    try:
+        staged.parent.rmdir()  # the staging directory, now empty
+    except OSError:
+        pass
     return final
 
 

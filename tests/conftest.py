@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,36 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
         timeout=timeout,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture()
+def qlora_main(capsys, monkeypatch):
+    """qlora_main("train", "r.yaml") -> Result: the CLI's real entry point (argument parsing, error
+    printing, exit codes) run in this process. Much cheaper than a subprocess once torch is
+    imported; use run_cli where the process boundary itself matters."""
+
+    monkeypatch.setenv("COLUMNS", "200")  # as run_cli: long paths stay on one line
+
+    def run(*args: str) -> Result:
+        from qlora_cli import cli
+
+        capsys.readouterr()  # start clean
+        argv, sys.argv = sys.argv, ["qlora", *map(str, args)]
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.argv = argv
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run

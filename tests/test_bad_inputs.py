@@ -13,7 +13,6 @@ tests/test_cli_errors.py covers the same paths through real subprocesses.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,28 +23,13 @@ EXPECTED = yaml.safe_load((HERE / "expected.yaml").read_text())
 CASES = sorted(p.name for p in (HERE / "recipes").iterdir())
 
 
-def run_main(args: list[str], capsys) -> tuple[int, str, str]:
-    from qlora_cli import cli
-
-    argv, sys.argv = sys.argv, ["qlora", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return code, captured.err, captured.out
-
-
 def test_corpus_is_large_and_fully_specified():
     assert len(CASES) >= 40
     assert sorted(EXPECTED) == CASES  # every file has expectations, and every expectation a file
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_bad_recipe_is_refused_clearly(name, tiny, tmp_path, capsys):
+def test_bad_recipe_is_refused_clearly(name, tiny, tmp_path, qlora_main):
     source = (HERE / "recipes" / name).read_bytes()
     out = tmp_path / "out"
     for key, value in {"@MODEL@": tiny / "model", "@DATA@": tiny / "alpaca.jsonl", "@HERE@": HERE, "@OUT@": out}.items():
@@ -53,7 +37,8 @@ def test_bad_recipe_is_refused_clearly(name, tiny, tmp_path, capsys):
     recipe = tmp_path / name
     recipe.write_bytes(source)
 
-    code, stderr, stdout = run_main(["train", str(recipe)], capsys)
+    result = qlora_main("train", recipe)
+    code, stderr, stdout = result.returncode, result.stderr, result.stdout
     assert code == 2, f"exit {code}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr and "internal error" not in stderr, stderr[-3000:]
     assert len(re.findall(r"^error: ", stderr, re.MULTILINE)) == 1, stderr  # one message, however many problems
@@ -63,7 +48,7 @@ def test_bad_recipe_is_refused_clearly(name, tiny, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_trust_remote_code_is_off_by_default_and_warned_about_when_on(tiny, tmp_path, capsys):
+def test_trust_remote_code_is_off_by_default_and_warned_about_when_on(tiny, tmp_path, qlora_main):
     from qlora_cli.config import Recipe
 
     assert Recipe.model_fields["model"].annotation.model_fields["trust_remote_code"].default is False
@@ -73,7 +58,8 @@ def test_trust_remote_code_is_off_by_default_and_warned_about_when_on(tiny, tmp_
         "data": {"sources": [{"path": str(tmp_path / "missing.jsonl"), "format": "alpaca"}]},
         "output": {"dir": str(tmp_path / "out")},
     }))
-    code, stderr, _ = run_main(["train", str(recipe)], capsys)
+    result = qlora_main("train", recipe)
+    code, stderr = result.returncode, result.stderr
     assert code == 2  # the missing data file; the warning came first, naming whose code would run
     assert "trust_remote_code is on" in stderr and str(tiny / "model") in stderr
 

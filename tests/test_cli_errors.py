@@ -152,13 +152,21 @@ BAD_RECIPES = [
 
 
 @pytest.mark.parametrize("case", BAD_RECIPES, ids=[c.__name__.strip("_") for c in BAD_RECIPES])
-def test_bad_recipe_exits_2_and_writes_nothing(write_recipe, tiny, tmp_path, case):
+def test_bad_recipe_exits_2_and_writes_nothing(write_recipe, tiny, tmp_path, case, qlora_main):
     changes, needles = case(tiny, tmp_path)
     recipe = write_recipe(changes)
     run_dir = tmp_path / "run"
-    proc = run_cli("train", str(recipe), timeout=180)
-    assert_user_error(proc, *needles)
+    assert_user_error(qlora_main("train", str(recipe)), *needles)
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("case", [_missing_data_file, _row_without_output], ids=["missing_data_file", "row_without_output"])
+def test_bad_recipe_through_a_real_process(write_recipe, tiny, tmp_path, case):
+    """The same contract across the process boundary (exit status, stderr, nothing written)."""
+    changes, needles = case(tiny, tmp_path)
+    proc = run_cli("train", str(write_recipe(changes)), timeout=180)
+    assert_user_error(proc, *needles)
+    assert not (tmp_path / "run").exists()
 
 
 def test_misspelled_set_key_exits_2(write_recipe, tmp_path):

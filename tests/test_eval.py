@@ -169,26 +169,26 @@ def test_base_model_on_plain_text(tiny, tmp_path):
 # --- Bad input -----------------------------------------------------------------------------------
 
 
-def test_bad_targets_and_flags(tiny, tiny_run, tmp_path):
-    _user_error(run_cli("eval", str(tmp_path / "nowhere")), "holds no model and no adapter")
-    _user_error(run_cli("eval", str(tiny_run), "--split", "test"), "--split", "validation, train")
-    _user_error(run_cli("eval", str(tiny / "model")), "--data")
-    _user_error(run_cli("eval", str(tiny / "model"), "--data", str(tiny / "alpaca.jsonl")), "no chat template")
-    _user_error(run_cli("eval", str(tiny / "model"), "--compare-base", "--data", str(tiny / "alpaca.jsonl")),
+def test_bad_targets_and_flags(tiny, tiny_run, tmp_path, qlora_main):
+    _user_error(qlora_main("eval", str(tmp_path / "nowhere")), "holds no model and no adapter")
+    _user_error(qlora_main("eval", str(tiny_run), "--split", "test"), "--split", "validation, train")
+    _user_error(qlora_main("eval", str(tiny / "model")), "--data")
+    _user_error(qlora_main("eval", str(tiny / "model"), "--data", str(tiny / "alpaca.jsonl")), "no chat template")
+    _user_error(qlora_main("eval", str(tiny / "model"), "--compare-base", "--data", str(tiny / "alpaca.jsonl")),
                 "--compare-base", "base model already")
 
 
-def test_bad_data_files(run_copy, tmp_path):
-    _user_error(run_cli("eval", str(run_copy), "--data", str(tmp_path / "missing.jsonl")), "--data", "not found")
+def test_bad_data_files(run_copy, tmp_path, qlora_main):
+    _user_error(qlora_main("eval", str(run_copy), "--data", str(tmp_path / "missing.jsonl")), "--data", "not found")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": \n')
-    _user_error(run_cli("eval", str(run_copy), "--data", str(bad)), "bad.jsonl", "line 2")
+    _user_error(qlora_main("eval", str(run_copy), "--data", str(bad)), "bad.jsonl", "line 2")
     assert not (run_copy / "eval_results.json").exists()
 
 
-def test_no_validation_rows(run_copy):
+def test_no_validation_rows(run_copy, qlora_main):
     recipe = yaml.safe_load((run_copy / "recipe.yaml").read_text())
     recipe["data"]["val_size"] = 0
     recipe["train"]["eval_steps"] = None
     (run_copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    _user_error(run_cli("eval", str(run_copy)), "--split", "no validation rows", "--split train")
+    _user_error(qlora_main("eval", str(run_copy)), "--split", "no validation rows", "--split train")

@@ -115,31 +115,31 @@ def _user_error(proc, *needles):
         assert needle in proc.stderr, proc.stderr
 
 
-def test_bad_targets(run_dir, tmp_path):
-    _user_error(run_cli("generate", str(tmp_path / "nowhere"), "--prompt", "hi"), "holds no model and no adapter")
+def test_bad_targets(run_dir, tmp_path, qlora_main):
+    _user_error(qlora_main("generate", str(tmp_path / "nowhere"), "--prompt", "hi"), "holds no model and no adapter")
     (tmp_path / "empty").mkdir()
-    _user_error(run_cli("generate", str(tmp_path / "empty"), "--prompt", "hi"), "holds no model and no adapter")
+    _user_error(qlora_main("generate", str(tmp_path / "empty"), "--prompt", "hi"), "holds no model and no adapter")
     moved = tmp_path / "moved"
     shutil.copytree(run_dir, moved, ignore=shutil.ignore_patterns("checkpoints"))
     recipe = yaml.safe_load((moved / "recipe.yaml").read_text())
     recipe["model"]["name_or_path"] = str(tmp_path / "gone")
     (moved / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    _user_error(run_cli("generate", str(moved), "--prompt", "hi"), "model directory not found", "gone")
+    _user_error(qlora_main("generate", str(moved), "--prompt", "hi"), "model directory not found", "gone")
 
 
-def test_bad_prompt_files_and_flags(run_dir, tmp_path):
+def test_bad_prompt_files_and_flags(run_dir, tmp_path, qlora_main):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    _user_error(run_cli("generate", str(run_dir), "--input", str(empty)), "has no prompts")
+    _user_error(qlora_main("generate", str(run_dir), "--input", str(empty)), "has no prompts")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": "unterminated\n')
-    _user_error(run_cli("generate", str(run_dir), "--input", str(bad)), f"{bad}:2", "not valid JSON")
-    _user_error(run_cli("generate", str(run_dir)), "exactly one of")
-    _user_error(run_cli("generate", str(run_dir), "--prompt", "  "), "--prompt", "empty")
-    _user_error(run_cli("generate", str(run_dir), "--prompt", "hi", "--adapter", "nameonly"), "NAME=RUN_DIR")
+    _user_error(qlora_main("generate", str(run_dir), "--input", str(bad)), f"{bad}:2", "not valid JSON")
+    _user_error(qlora_main("generate", str(run_dir)), "exactly one of")
+    _user_error(qlora_main("generate", str(run_dir), "--prompt", "  "), "--prompt", "empty")
+    _user_error(qlora_main("generate", str(run_dir), "--prompt", "hi", "--adapter", "nameonly"), "NAME=RUN_DIR")
 
 
-def test_interactive_needs_a_chat_template(run_dir, tmp_path):
+def test_interactive_needs_a_chat_template(run_dir, tmp_path, qlora_main):
     text_run = tmp_path / "text_run"
     shutil.copytree(run_dir, text_run, ignore=shutil.ignore_patterns("checkpoints"))
     recipe = yaml.safe_load((text_run / "recipe.yaml").read_text())
@@ -147,4 +147,4 @@ def test_interactive_needs_a_chat_template(run_dir, tmp_path):
     recipe["data"]["sources"][0]["columns"] = {"text": "output"}
     recipe["data"]["template"] = None
     (text_run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    _user_error(run_cli("generate", str(text_run), "--interactive"), "--interactive", "no chat template")
+    _user_error(qlora_main("generate", str(text_run), "--interactive"), "--interactive", "no chat template")

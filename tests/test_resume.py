@@ -192,9 +192,9 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoints(recipe, tmp_pat
     assert not (run_dir / "summary.json").exists()
 
 
-def test_resume_bad_input(recipe, reference, tmp_path):
+def test_resume_bad_input(recipe, reference, tmp_path, qlora_main):
     def refused(*args, needle):
-        proc = run_cli("train", str(recipe), *args)
+        proc = qlora_main("train", str(recipe), *args)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and needle in proc.stderr, proc.stderr
 
