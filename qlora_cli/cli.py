@@ -45,6 +45,10 @@ def train(
         help="Continue the run in the run directory: alone, from its newest whole checkpoint; or --resume PATH "
         "(a checkpoint-N directory, or the run directory).",
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display: print only the final summary."),
+    log_format: str = typer.Option(
+        "rich", "--log-format", help="rich (live display) or json (one JSON object per log line on stdout, for scripts)."
+    ),
 ):
     """Quantize the base model to 4 bits, attach LoRA, train, and write a run directory."""
     from pathlib import Path
@@ -54,6 +58,8 @@ def train(
     from qlora_cli.train import train as run_training
 
     _quiet_libraries()
+    if log_format not in ("rich", "json"):
+        raise UserError.single("--log-format", f"{log_format!r} is not a log format: use rich or json")
     if resume is not None and overwrite:
         raise UserError.single("--resume", "--resume continues a run and --overwrite replaces it: give one of them")
     if resume not in (None, RESUME_LATEST) and (Path(resume).expanduser() / RECIPE).is_file():
@@ -62,24 +68,29 @@ def train(
         output_dir, resume = resume, RESUME_LATEST  # --resume RUN_DIR: that run, from its newest checkpoint
     command = " ".join(["qlora train", recipe, *(f"--set {s}" for s in set_ or []),
                         *(["--output-dir", output_dir] if output_dir else []), "--resume"])
-    result = run_training(load_recipe(recipe, set_ or []), output_dir=output_dir, overwrite=overwrite, resume=resume,
-                          resume_command=command, console=err)
+    recipe_obj = load_recipe(recipe, set_ or [])
+    display = "json" if log_format == "json" else ("quiet" if quiet else "rich")
+    result = run_training(recipe_obj, output_dir=output_dir, overwrite=overwrite, resume=resume,
+                          resume_command=command, console=err, display=display)
     s = result.summary
-    if s:
-        err.print(
-            f"[green]done[/] {s['steps']} steps in {s['runtime_s']:.1f}s, "
-            f"loss {s['first_train_loss']:.4g} -> {s['last_train_loss']:.4g}"
-            + (f", eval loss {s['eval_loss']:.4g}" if s.get("eval_loss") is not None else "")
-        )
-        typer.echo(str(result.run_dir.path))
+    if not s:  # a non-zero rank of a distributed run: rank 0 reports
+        return
+    if display == "json":
+        typer.echo(json.dumps({"event": "done", "run_dir": str(result.run_dir.path), "summary": s}, default=str))
+        return
+    from qlora_cli.run_report import render_summary_panel
+
+    err.print(render_summary_panel(s, recipe_obj, str(result.run_dir.path)))
+    typer.echo(str(result.run_dir.path))
 
 
 @app.command()
 def validate(
     recipe: str = typer.Argument(..., help="Path to the YAML recipe."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the check; do not print the resolved recipe."),
 ):
-    """Check a recipe without training: schema, paths, tokenizer, template and every data row."""
+    """Check a recipe without training: schema, paths, tokenizer, template and every data row; print it resolved."""
     from qlora_cli.config import load_recipe
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.data.report import data_warnings
@@ -100,6 +111,9 @@ def validate(
     )
     for line in data_warnings(stats):
         err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    if not quiet:
+        # The fully resolved recipe (defaults, overrides and all) on stdout: what `train` would run.
+        typer.echo(r.to_yaml(), nl=False)
 
 
 @app.command()
@@ -253,6 +267,47 @@ def eval_(
         out.print(escape(describe(results)), soft_wrap=True)
         for path in results.get("written", []):
             err.print(f"[dim]wrote {escape(path)}[/]")
+
+
+@app.command()
+def init(
+    model: str = typer.Option("mistralai/Mistral-7B-v0.1", "--model", help="Base model: hub id or local directory."),
+    fmt: str = typer.Option("alpaca", "--format", help="Data format: alpaca, messages, prompt_completion or text."),
+    output: str = typer.Option("recipe.yaml", "--output", "-o", help="Where to write the recipe (never overwritten)."),
+):
+    """Write a commented starter recipe for a model and data format."""
+    from pathlib import Path
+
+    from qlora_cli.starter import FORMATS, starter_recipe
+
+    if fmt not in FORMATS:
+        raise UserError.single("--format", f"{fmt!r} is not a starter format: use one of {', '.join(FORMATS)}")
+    path = Path(output)
+    if path.exists():
+        raise UserError.single("--output", f"{path} already exists: choose another --output (it is never overwritten)")
+    try:
+        with open(path, "x", encoding="utf-8") as f:  # "x": fails rather than replace a file made meanwhile
+            f.write(starter_recipe(model, fmt))
+    except OSError as exc:
+        raise UserError.single("--output", f"cannot write {path}: {exc.strerror}") from None
+    err.print(f"[green]wrote[/] {escape(str(path))}: edit data.sources[0].path, then `qlora validate {escape(str(path))}`")
+    typer.echo(str(path))
+
+
+@app.command()
+def plot(
+    runs: List[str] = typer.Argument(..., help="One or more run directories."),
+    output: str = typer.Option("loss.png", "--output", "-o", help="PNG file to write."),
+):
+    """Draw train loss (raw and smoothed) and eval loss against step; several runs are overlaid."""
+    from pathlib import Path
+
+    from qlora_cli.plots import plot_runs
+
+    if not output.lower().endswith(".png"):
+        raise UserError.single("--output", f"{output} is not a .png file name")
+    written = plot_runs([Path(r) for r in runs], Path(output))
+    typer.echo(str(written))
 
 
 @app.command()

@@ -69,11 +69,48 @@ def check_model_path(model, where: str = "model.name_or_path") -> None:
     path = Path(model.name_or_path).expanduser()
     looks_local = path.exists() or model.name_or_path.startswith((".", "/", "~")) or model.name_or_path.count("/") > 1
     if not looks_local:
-        return  # a hub id: checked when loading
+        check_hub_model(model, where)
+        return
     if not path.is_dir():
         raise UserError.single(where, f"model directory not found: {path}")
     if not (path / "config.json").is_file():
         raise UserError.single(where, f"{path} has no config.json: point at a saved transformers model directory")
+
+
+def check_hub_model(model, where: str = "model.name_or_path") -> None:
+    """A hub id must be in the local cache, or the hub must be reachable: say which, at once,
+    instead of a library's retries and a connection traceback."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model.name_or_path, "config.json", revision=model.revision), str):
+        return  # cached: works offline
+    fix = "pass a local model directory, or set HF_HOME to a cache that holds it"
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise UserError.single(where, f"{model.name_or_path} is not in the local cache and the hub is switched off "
+                               f"(HF_HUB_OFFLINE): {fix}, or unset HF_HUB_OFFLINE")
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise UserError.single(where, f"{model.name_or_path} is not in the local cache and the hub ({host}) is "
+                               f"unreachable: {fix}") from None
+
+
+def check_bitsandbytes() -> None:
+    """4-bit QLoRA needs bitsandbytes >= 0.50 (the first release with CPU NF4 kernels), and a device it supports."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError.single("bitsandbytes", "is not installed: pip install 'bitsandbytes>=0.50'")
+    version = importlib.metadata.version("bitsandbytes")
+    if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (0, 50):
+        raise UserError.single("bitsandbytes", f"{version} is too old (4-bit on this device needs >= 0.50): "
+                               "pip install -U 'bitsandbytes>=0.50'")
 
 
 def check_attention(model) -> None:

@@ -4,6 +4,8 @@
     RUN/tokenizer.json, tokenizer_config.json, chat_template.jinja  tokenizer with the run's template
     RUN/recipe.yaml      the fully resolved recipe, defaults included
     RUN/metrics.jsonl    one JSON object per logging or evaluation step
+    RUN/README.md        model card: recipe essentials, results, how to load it with plain peft
+    RUN/loss.png         train loss (raw and smoothed) and eval loss against step
     RUN/summary.json     written last: its presence means the run completed
     RUN/checkpoints/     trainer checkpoints (adapter, optimizer, scheduler, RNG state)
 
@@ -24,6 +26,8 @@ RECIPE = "recipe.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+LOSS_PLOT = "loss.png"
+MODEL_CARD = "README.md"
 
 
 class RunDir:
@@ -109,8 +113,12 @@ class RunDir:
         file at a time, so no file in the run directory is ever half written."""
         staging = self.path / ".final.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # e.g. a full disk: free what was written
+            raise
         for path in staging.iterdir():
             os.replace(path, self.path / path.name)
         staging.rmdir()

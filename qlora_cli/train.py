@@ -11,6 +11,7 @@ recipe never leaves a half-made directory behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import resource
@@ -26,6 +27,7 @@ from qlora_cli.data.templates import apply_template, resolve_template
 from qlora_cli.modeling import (
     attach_lora,
     check_attention,
+    check_bitsandbytes,
     check_model_path,
     keep_adapter_fp32,
     load_base_model,
@@ -33,7 +35,7 @@ from qlora_cli.modeling import (
     remote_code_warning,
 )
 from qlora_cli.errors import EXIT_USER_ERROR, StoppedRun, UserError
-from qlora_cli.rundir import RunDir
+from qlora_cli.rundir import LOSS_PLOT, RunDir
 
 
 @dataclass
@@ -115,11 +117,16 @@ class Setup:
     model: object
 
 
-def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = False, callbacks=()) -> Setup:
-    """Tokenizer, data, 4-bit model, LoRA and the SFTTrainer, from a validated recipe."""
+def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = False, callbacks=(),
+                  display: str = "rich") -> Setup:
+    """Tokenizer, data, 4-bit model, LoRA and the SFTTrainer, from a validated recipe.
+
+    display: "rich" (the live progress display on `console`), "json" (one JSON line per log on
+    stdout) or "quiet" (nothing while training).
+    """
     from transformers import PrinterCallback, set_seed
 
-    from qlora_cli.progress import MetricsLog, RichProgress
+    from qlora_cli.progress import JsonLines, MetricsLog, RichProgress
     from qlora_cli.trainer import CheckpointingTrainer
 
     set_seed(recipe.train.seed)
@@ -142,7 +149,8 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[MetricsLog(run), RichProgress(console), *callbacks],
+        callbacks=[MetricsLog(run), *{"rich": [RichProgress(console)], "json": [JsonLines()], "quiet": []}[display],
+                   *callbacks],
         keep_checkpoints=recipe.train.save_total_limit,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
@@ -151,7 +159,7 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
 
 
 def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, resume: str | None = None,
-          resume_command: str = "qlora train RECIPE --resume", console=None) -> TrainResult:
+          resume_command: str = "qlora train RECIPE --resume", console=None, display: str = "rich") -> TrainResult:
     """Run one QLoRA fine-tune as the recipe describes and write the run directory.
 
     `resume` ("latest" or a checkpoint path) continues the run in the run directory from a whole
@@ -174,6 +182,7 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
         inputs = [Path(recipe.model.name_or_path)] + [Path(src.path) for src in sources]
         run.check_available(overwrite, protected=tuple(p for p in inputs if p.exists()))
     check_model_path(recipe.model)
+    check_bitsandbytes()
     check_attention(recipe.model)
     check_trackers(recipe.train)
     check_compute_dtype(recipe.quant)
@@ -181,7 +190,7 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
         warn(remote_code_warning(recipe.model))
     # 2. The trainer, built before the run directory, so a setting it rejects leaves nothing behind.
     stop = GracefulStop(say=say, where_to_continue=lambda: f"{_last_checkpoint_text(run)} To continue: {resume_command}")
-    setup = build_trainer(recipe, run, console, resuming=checkpoint is not None, callbacks=[stop])
+    setup = build_trainer(recipe, run, console, resuming=checkpoint is not None, callbacks=[stop], display=display)
     trainer, data_stats = setup.trainer, setup.data.stats
 
     # 3. The run directory, starting with the fully resolved recipe (main process only); then train.
@@ -192,11 +201,23 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
             run.prepare_resume(step=int(checkpoint.name.rsplit("-", 1)[1]))
             say(f"resuming from {checkpoint}")
         run.write_recipe(recipe.with_absolute_paths())  # usable from any directory
-        _announce(console, recipe, setup.model, data_stats, setup.template)
+        if display == "rich":
+            _announce(console, recipe, setup.model, data_stats, setup.template)
     started = time.perf_counter()
     stop.install()
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    except torch.OutOfMemoryError:
+        raise StoppedRun(EXIT_USER_ERROR, (
+            f"out of memory at step {trainer.state.global_step + 1} (peak {peak_memory_text()}). "
+            f"{_last_checkpoint_text(run)} Lower train.batch_size (raise train.gradient_accumulation_steps to "
+            "keep the effective batch), turn on train.gradient_checkpointing, or lower data.max_seq_len; "
+            f"then train again, or continue: {resume_command}"
+        )) from None
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        raise _disk_error(exc, run, resume_command) from None
     except NonFiniteLoss as exc:
         raise StoppedRun(EXIT_USER_ERROR, (
             f"the {exc}. Nothing from that step was applied. "
@@ -205,6 +226,11 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
         )) from None
     finally:
         stop.uninstall()
+        from qlora_cli.progress import RichProgress
+
+        for callback in trainer.callback_handler.callbacks:  # leave the terminal clean on any exit
+            if isinstance(callback, RichProgress):
+                callback.stop()
     if stop.signum is not None:
         raise StoppedRun(128 + stop.signum, (
             f"{signal_name(stop.signum)} after step {trainer.state.global_step}. {stop.where_to_continue()}"
@@ -214,14 +240,44 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
 
     # 4. Artifacts: adapter and tokenizer in the standard layout, then summary.json last.
     if trainer.is_world_process_zero():
-        run.save_final(trainer.model, setup.tokenizer)
-        summary = build_summary(run, trainer, output, final_eval, runtime, data_stats, setup.template)
-        if checkpoint is not None:
-            summary["resumed_from"] = str(checkpoint)
-        run.write_summary(summary)
+        from qlora_cli.model_card import write_model_card
+        from qlora_cli.plots import plot_runs
+
+        try:
+            run.save_final(trainer.model, setup.tokenizer)
+            summary = build_summary(run, trainer, output, final_eval, runtime, data_stats, setup.template)
+            if checkpoint is not None:
+                summary["resumed_from"] = str(checkpoint)
+            write_model_card(run, recipe, summary)  # replaces PEFT's placeholder card
+            plot_runs([run.path], run / LOSS_PLOT)
+            run.write_summary(summary)
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            raise _disk_error(exc, run, resume_command) from None
     else:
         summary = {}
     return TrainResult(run_dir=run, summary=summary, trainer=trainer)
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}
+
+
+def _disk_error(exc: OSError, run: RunDir, resume_command: str) -> StoppedRun:
+    return StoppedRun(EXIT_USER_ERROR, (
+        f"could not write to {exc.filename or run.path}: {os.strerror(exc.errno)}. Nothing was left half written "
+        f"(checkpoints and final files are renamed into place). {_last_checkpoint_text(run)} Free space (or lower "
+        f"train.save_total_limit), then: {resume_command}"
+    ))
+
+
+def peak_memory_text() -> str:
+    from qlora_cli.progress import format_memory, peak_memory_gib
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+        return f"{format_memory(peak_memory_gib())} of {total:.1f} GiB"
+    return format_memory(peak_memory_gib())
 
 
 def signal_name(signum: int) -> str:
@@ -319,9 +375,7 @@ def _announce(console, recipe: Recipe, model, data_stats, template) -> None:
 
     from qlora_cli.data.report import data_warnings
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # A 4-bit parameter's numel() counts packed bytes (two weights each); its quant_state knows the real shape.
-    total = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) else p.numel() for p in model.parameters())
+    trainable, total = parameter_counts(model)
     q, lora = recipe.quant, recipe.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
     console.print(
@@ -339,6 +393,14 @@ def _announce(console, recipe: Recipe, model, data_stats, template) -> None:
     )
     for line in data_warnings(data_stats):
         console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters. A 4-bit parameter's numel() counts packed bytes (two weights
+    each); its quant_state knows the real shape."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) else p.numel() for p in model.parameters())
+    return trainable, total
 
 
 def final_evaluation(trainer) -> dict:
@@ -364,7 +426,8 @@ def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float
         "eval_loss": final_eval.get("eval_loss"),
         "runtime_s": round(runtime, 2),
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "trainable_params": parameter_counts(trainer.model)[0],
+        "total_params": parameter_counts(trainer.model)[1],
         "template": template.name if template else None,
         # Where the base was quantized: bitsandbytes' CUDA and CPU quantizers can differ by a step
         # in a few double-quantized scales, which `qlora merge` reports when it runs elsewhere.

@@ -15,6 +15,7 @@ transformers' own; only these edges are ours.
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 from pathlib import Path
 
@@ -48,17 +49,26 @@ class CheckpointingTrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         root = Path(self.args.output_dir)
         self._staging = root / STAGING
+        staged = root / STAGING / f"checkpoint-{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
+            # Every process writes its own RNG state into the staging directory: let them all
+            # finish before the main process publishes it.
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:  # the main process owns the files
+                checkpoints.publish(staged, root)
+                checkpoints.rotate(root, self.keep_checkpoints)
+        except BaseException:
+            # A full disk, a signal: drop the half-written copy (it was never a checkpoint) so it
+            # does not hold the space the next attempt needs.
+            shutil.rmtree(staged, ignore_errors=True)
+            try:
+                staged.parent.rmdir()
+            except OSError:
+                pass
+            raise
         finally:
             self._staging = None
-        # Every process writes its own RNG state into the staging directory: let them all finish
-        # before the main process publishes it.
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:  # the main process owns the files
-            staged = root / STAGING / f"checkpoint-{self.state.global_step}"
-            checkpoints.publish(staged, root)
-            checkpoints.rotate(root, self.keep_checkpoints)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -105,7 +115,5 @@ class GracefulStop(TrainerCallback):
 
 def staged_leftovers(root: Path) -> None:
     """Remove a staging directory a killed run left behind (it never became a checkpoint)."""
-    import shutil
-
     shutil.rmtree(root / STAGING, ignore_errors=True)
 

@@ -1,9 +1,10 @@
 """Print the recipe reference (Markdown) from the schema, the single source of truth.
 
     python scripts/recipe_reference.py            # print
-    python scripts/recipe_reference.py --write    # replace the section between the markers in README.md
+    python scripts/recipe_reference.py --write    # update README.md's section, docs/recipe.md and
+                                                  # docs/recipe.schema.json
 
-tests/test_docs.py fails when README.md and the schema disagree.
+tests/test_docs.py fails when any of the three and the schema disagree.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from pydantic import BaseModel
 from qlora_cli.config import Recipe, _section_type
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs" / "recipe.md"
+SCHEMA = ROOT / "docs" / "recipe.schema.json"
+MODELINE = "# yaml-language-server: $schema=../docs/recipe.schema.json"  # first line of each shipped recipe
 
 
 def _type_name(annotation) -> str:
@@ -74,6 +79,22 @@ def reference() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def docs_page() -> str:
+    return (
+        "# Recipe reference\n\n"
+        "Generated from the schema by `python scripts/recipe_reference.py --write`; do not edit by hand.\n"
+        "The JSON Schema beside this file (`recipe.schema.json`, also printed by `qlora schema`) gives\n"
+        "editors completion and checking: shipped recipes start with\n\n"
+        f"    {MODELINE}\n\n" + reference()
+    )
+
+
+def schema_text() -> str:
+    from qlora_cli.config import json_schema
+
+    return json.dumps(json_schema(), indent=2) + "\n"
+
+
 def readme_section(text: str) -> str:
     return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
 
@@ -84,5 +105,8 @@ if __name__ == "__main__":
         text = README.read_text(encoding="utf-8")
         head, rest = text.split(BEGIN, 1)
         README.write_text(head + BEGIN + "\n" + ref + END + rest.split(END, 1)[1], encoding="utf-8")
+        DOCS.parent.mkdir(exist_ok=True)
+        DOCS.write_text(docs_page(), encoding="utf-8")
+        SCHEMA.write_text(schema_text(), encoding="utf-8")
     else:
         print(ref, end="")

@@ -60,3 +60,12 @@ def test_validate_checks_everything_but_trains_nothing(write_recipe, tmp_path):
     assert "100 train rows, 100 validation rows, template alpaca" in proc.stderr
     assert "dropped 200 example(s) whose response starts after max_seq_len" in proc.stderr
     assert not (tmp_path / "run").exists()
+    # stdout is the fully resolved recipe: overrides applied, defaults written out, and valid itself.
+    import yaml
+
+    from qlora_cli.config import validate_recipe
+
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["data"]["max_seq_len"] == 64 and resolved["data"]["val_size"] == 100
+    assert resolved["quant"]["quant_type"] == "nf4" and "save_total_limit" in resolved["train"]
+    validate_recipe(resolved)

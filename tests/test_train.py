@@ -12,7 +12,8 @@ from conftest import tiny_recipe
 from qlora_cli.config import load_recipe
 
 RUN_FILES = {
-    "README.md",  # PEFT's model card, part of the standard adapter layout
+    "README.md",  # the model card (ours, in place of PEFT's template)
+    "loss.png",
     "adapter_config.json",
     "adapter_model.safetensors",
     "chat_template.jinja",
@@ -76,6 +77,8 @@ def test_progress_display_shows_step_loss_lr_and_throughput(cli_run):
     _, proc = cli_run
     assert "step 200/200" in proc.stderr
     assert "tok/s" in proc.stderr and "lr " in proc.stderr and "loss" in proc.stderr
+    for field in ("step/s", "(avg ", "gnorm", "eval ", "mem ", "ETA"):  # the live display's fields
+        assert field in proc.stderr, field
     assert "Traceback" not in proc.stderr
 
 

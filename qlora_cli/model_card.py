@@ -1,0 +1,78 @@
+"""RUN/README.md: a model card that says what was trained, how well, and how to load it.
+
+PEFT's save_pretrained writes a generic template full of "More Information Needed"; this one is
+filled from the run's own recipe and summary, so it stays true without anyone editing it.
+"""
+
+from __future__ import annotations
+
+from qlora_cli.rundir import MODEL_CARD
+
+
+def render_model_card(recipe, summary: dict, run_name: str) -> str:
+    m, q, lora, t = recipe.model, recipe.quant, recipe.lora, recipe.train
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    sources = ", ".join(f"`{s.path}` ({s.format})" for s in recipe.data.sources)
+    data = summary.get("data", {})
+
+    def num(key, fmt="{:.4g}"):
+        value = summary.get(key)
+        return "n/a" if value is None else fmt.format(value)
+
+    share = summary["trainable_params"] / summary["total_params"] if summary.get("total_params") else 0
+    return f"""---
+library_name: peft
+base_model: {m.name_or_path}
+tags: [qlora, lora, peft, trl, sft]
+---
+
+# {run_name}
+
+A LoRA adapter for `{m.name_or_path}`, trained with QLoRA by `qlora train`: the base model was
+held in 4-bit {q.quant_type.upper()}{' with double quantization' if q.double_quant else ''}, with {q.compute_dtype} compute.
+
+## Training
+
+| | |
+|---|---|
+| LoRA | r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, on {targets}{', DoRA' if lora.use_dora else ''}{', rsLoRA' if lora.use_rslora else ''} |
+| trained in full | {', '.join(lora.modules_to_save) or 'nothing'} |
+| trainable parameters | {summary['trainable_params']:,} ({share:.2%} of {summary.get('total_params', 0):,}) |
+| data | {sources}; {data.get('train_rows', 'n/a')} train / {data.get('val_rows', 'n/a')} validation rows; template `{summary.get('template')}`; max_seq_len {recipe.data.max_seq_len} |
+| schedule | {summary['steps']} steps, batch {t.batch_size} × {t.gradient_accumulation_steps} accumulation, lr {t.learning_rate:g} ({t.lr_scheduler}), {t.optimizer}, seed {t.seed} |
+
+## Results
+
+| | |
+|---|---|
+| train loss, first → last | {num('first_train_loss')} → {num('last_train_loss')} |
+| eval loss, before → after | {num('first_eval_loss')} → {num('eval_loss')} |
+| runtime | {num('runtime_s', '{:.1f}')} s on {summary.get('device')} |
+
+The full recipe is in `recipe.yaml`, every logged step in `metrics.jsonl`, and the curves in `loss.png`.
+
+## Use
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+tokenizer = AutoTokenizer.from_pretrained("{run_name}")          # carries the training chat template
+base = AutoModelForCausalLM.from_pretrained(
+    "{m.name_or_path}",
+    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="{q.quant_type}",
+                                           bnb_4bit_use_double_quant={q.double_quant}),
+)
+model = PeftModel.from_pretrained(base, "{run_name}")
+```
+
+Or with this tool: `qlora generate {run_name} --prompt "..."`, `qlora eval {run_name}`, and
+`qlora merge {run_name}` for a standalone model.
+"""
+
+
+def write_model_card(run, recipe, summary: dict) -> None:
+    path = run / MODEL_CARD
+    tmp = path.with_name(f".{MODEL_CARD}.partial")
+    tmp.write_text(render_model_card(recipe, summary, str(run.path)), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,81 @@
+"""loss.png: train loss (raw and smoothed) and eval loss against step, for one run or several.
+
+    plot_runs([Path("runs/a"), Path("runs/b")], Path("compare.png"))
+
+Drawn with matplotlib's Agg backend (no display needed over SSH), from each run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qlora_cli.errors import UserError
+from qlora_cli.rundir import METRICS
+
+def read_curves(run: Path) -> dict:
+    """{"train": [(step, loss)], "eval": [(step, eval_loss)]} from RUN/metrics.jsonl."""
+    path = Path(run) / METRICS
+    if not path.is_file():
+        raise UserError.single("RUN", f"{run} has no {METRICS}: give a run directory written by `qlora train`")
+    train, evals = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a run killed mid-write
+        if "loss" in record:
+            train.append((record["step"], record["loss"]))
+        if "eval_loss" in record:
+            evals.append((record["step"], record["eval_loss"]))
+    return {"train": train, "eval": evals}
+
+
+def smooth(values: list[float]) -> list[float]:
+    """Exponential moving average over a window of about 1/20 of the points (so a 40-step run and a
+    4,000-step run look equally smooth), debiased at the start as TensorBoard does."""
+    a = 1 - 1 / max(2.0, len(values) / 20)
+    out, current = [], 0.0
+    for i, v in enumerate(values, start=1):
+        current = a * current + (1 - a) * v
+        out.append(current / (1 - a**i))
+    return out
+
+
+def plot_runs(runs: list[Path], output: Path) -> Path:
+    """Draw every run on one figure; write it atomically to `output`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        curves, color = read_curves(run), colors[i % len(colors)]
+        name = Path(run).name if len(runs) > 1 else "train"
+        if curves["train"]:
+            steps, losses = zip(*curves["train"])
+            ax.plot(steps, losses, color=color, alpha=0.3, linewidth=1, label=f"{name} loss")
+            ax.plot(steps, smooth(list(losses)), color=color, linewidth=2, label=f"{name} loss (smoothed)")
+        if curves["eval"]:
+            steps, losses = zip(*curves["eval"])
+            ax.plot(steps, losses, color=color, linestyle="--", marker="o", markersize=4,
+                    label=f"{Path(run).name + ' ' if len(runs) > 1 else ''}eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(Path(runs[0]).name if len(runs) == 1 else "loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.partial.png")
+    try:
+        fig.savefig(tmp, format="png")
+        tmp.replace(output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError.single("--output", f"cannot write {output}: {exc.strerror}") from None
+    finally:
+        plt.close(fig)
+    return output

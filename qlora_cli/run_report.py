@@ -1,0 +1,57 @@
+"""The panel `qlora train` ends with: what was trained, on what, how it went, where it is, what next."""
+
+from __future__ import annotations
+
+import shlex
+
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+
+def next_commands(run_dir: str) -> list[str]:
+    run = shlex.quote(str(run_dir))
+    return [
+        f"qlora eval {run}",
+        f'qlora generate {run} --prompt "..."',
+        f"qlora merge {run}",
+    ]
+
+
+def render_summary_panel(summary: dict, recipe, run_dir: str) -> Panel:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    lora, data = recipe.lora, summary.get("data", {})
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    total = summary.get("total_params") or 0
+    share = f" ({summary['trainable_params'] / total:.2%} of {total:,})" if total else ""
+    table.add_row("trained", escape(f"{recipe.model.name_or_path}, 4-bit {recipe.quant.quant_type}; LoRA r={lora.r} "
+                                    f"alpha={lora.alpha:g} on {targets}; {summary['trainable_params']:,} trainable{share}"))
+    batching = data.get("trained_batches", {})
+    key = "packing_efficiency" if batching.get("packed") else "padding_efficiency"
+    efficiency = data.get("batching", {}).get(key)
+    table.add_row("data", escape(
+        f"{data.get('train_rows', 0):,} train / {data.get('val_rows', 0):,} validation rows, "
+        f"{data.get('train_tokens', 0):,} tokens per epoch"
+        + (f", {efficiency:.1%} real tokens per batch ({'packed' if batching.get('packed') else 'padded'})"
+           if efficiency is not None else "")
+    ))
+    table.add_row("results", escape(
+        f"{summary['steps']} steps in {summary['runtime_s']:.1f}s; train loss {_g(summary.get('first_train_loss'))} "
+        f"→ {_g(summary.get('last_train_loss'))}; eval loss {_g(summary.get('first_eval_loss'))} → "
+        f"{_g(summary.get('eval_loss'))}; peak memory {_memory(summary.get('peak_memory', {}))}"
+    ))
+    table.add_row("files", escape(f"{run_dir}/  (adapter, tokenizer, recipe.yaml, metrics.jsonl, loss.png, README.md)"))
+    table.add_row("next", "\n".join(escape(c) for c in next_commands(run_dir)))
+    return Panel(table, title="[green]qlora train: done[/]", title_align="left", expand=False)
+
+
+def _g(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _memory(peak: dict) -> str:
+    if "gpu_allocated_gib" in peak:
+        return f"{peak['gpu_allocated_gib']:.2f} GiB GPU"
+    return f"{peak.get('cpu_rss_gib', 0):.2f} GiB RSS"
