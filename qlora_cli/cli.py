@@ -71,7 +71,8 @@ def train(
     recipe_obj = load_recipe(recipe, set_ or [])
     display = "json" if log_format == "json" else ("quiet" if quiet else "rich")
     result = run_training(recipe_obj, output_dir=output_dir, overwrite=overwrite, resume=resume,
-                          resume_command=command, console=err, display=display)
+                          resume_command=command, console=err, display=display,
+                          estimate_command=" ".join(["qlora estimate", recipe, *(f"--set {s}" for s in set_ or [])]))
     s = result.summary
     if not s:  # a non-zero rank of a distributed run: rank 0 reports
         return
@@ -292,6 +293,59 @@ def init(
         raise UserError.single("--output", f"cannot write {path}: {exc.strerror}") from None
     err.print(f"[green]wrote[/] {escape(str(path))}: edit data.sources[0].path, then `qlora validate {escape(str(path))}`")
     typer.echo(str(path))
+
+
+@app.command()
+def estimate(
+    recipe: str = typer.Argument(..., help="Path to the YAML recipe."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory to fit in, e.g. 24GB (default: this GPU's, if any)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the breakdown as JSON on stdout."),
+):
+    """Predict peak training memory from the recipe and the model's config.json (no weights downloaded)."""
+    import torch
+    from rich.table import Table
+
+    from qlora_cli.config import load_recipe
+    from qlora_cli.estimate import GIB, estimate as run_estimate, suggestions
+    from qlora_cli.merge_weights import parse_size
+    from qlora_cli.modeling import check_model_path
+    from qlora_cli.progress import format_memory
+
+    _quiet_libraries()
+    r = load_recipe(recipe, set_ or [])
+    check_model_path(r.model)
+    budget = parse_size(gpu_memory, "--gpu-memory") if gpu_memory else (
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
+    try:
+        est = run_estimate(r)
+    except (OSError, ValueError) as exc:
+        raise UserError.single("model.name_or_path", f"could not read the model's config.json: {str(exc).splitlines()[0]}") from None
+    fits = None if budget is None else est.total <= budget
+    if as_json:
+        typer.echo(json.dumps({"parts_bytes": est.parts, "total_bytes": est.total, "budget_bytes": budget, "fits": fits,
+                               "quantized_params": est.quantized_params, "other_params": est.other_params,
+                               "trainable_params": est.trainable_params, "notes": est.notes}, indent=2))
+        return
+    table = Table(title=f"estimated peak training memory: {r.model.name_or_path}", title_justify="left")
+    table.add_column("part")
+    table.add_column("memory", justify="right")
+    for label, value in est.parts.items():
+        table.add_row(label, format_memory(value / GIB))
+    table.add_row("[bold]total[/]", f"[bold]{format_memory(est.total / GIB)}[/]")
+    out = Console(highlight=False)
+    out.print(table)
+    out.print(f"{est.quantized_params:,} parameters in 4 bits, {est.other_params:,} in full precision, "
+              f"{est.trainable_params:,} trainable; batch {r.train.batch_size} x {r.data.max_seq_len} tokens, "
+              f"gradient checkpointing {'on' if r.train.gradient_checkpointing else 'off'}", soft_wrap=True)
+    if budget is None:
+        out.print("no GPU here and no --gpu-memory: no verdict")
+    elif fits:
+        out.print(f"[green]fits[/] in {budget / GIB:.1f} GiB ({est.total / budget:.0%} of it)")
+    else:
+        out.print(f"[red]does not fit[/] in {budget / GIB:.1f} GiB ({est.total / budget:.0%} of it). To lower it:")
+        for line in suggestions(r, est, budget):
+            out.print(f"  - {escape(line)}", soft_wrap=True)
 
 
 @app.command()

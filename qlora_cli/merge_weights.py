@@ -443,11 +443,11 @@ class ShardWriter:
         return names
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     """'500MB', '2GB', '1.5GiB' or a byte count -> bytes (decimal units, as transformers uses)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m or m.group(2) in ("I", "IB") or (m.group(2) and not m.group(2).endswith("B")):
-        raise UserError.single("--max-shard-size", f"{text!r} is not a size: write e.g. 500MB, 2GB or 1.5GiB")
+        raise UserError.single(flag, f"{text!r} is not a size: write e.g. 500MB, 2GB or 1.5GiB")
     unit = m.group(2).removesuffix("B")
     base = 1024 if unit.endswith("I") else 1000
     power = "KMGT".find(unit[:1]) + 1 if unit else 0

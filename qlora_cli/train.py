@@ -159,7 +159,8 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
 
 
 def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, resume: str | None = None,
-          resume_command: str = "qlora train RECIPE --resume", console=None, display: str = "rich") -> TrainResult:
+          resume_command: str = "qlora train RECIPE --resume", console=None, display: str = "rich",
+          estimate_command: str = "qlora estimate RECIPE") -> TrainResult:
     """Run one QLoRA fine-tune as the recipe describes and write the run directory.
 
     `resume` ("latest" or a checkpoint path) continues the run in the run directory from a whole
@@ -212,7 +213,8 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
             f"out of memory at step {trainer.state.global_step + 1} (peak {peak_memory_text()}). "
             f"{_last_checkpoint_text(run)} Lower train.batch_size (raise train.gradient_accumulation_steps to "
             "keep the effective batch), turn on train.gradient_checkpointing, or lower data.max_seq_len; "
-            f"then train again, or continue: {resume_command}"
+            f"`{estimate_command}` shows where the memory goes and what fits. Then train again, or continue: "
+            f"{resume_command}"
         )) from None
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:

@@ -107,7 +107,8 @@ def test_out_of_memory_is_explained(write_recipe, tmp_path, qlora_main, monkeypa
     monkeypatch.setattr(CheckpointingTrainer, "training_step", oom)
     result = qlora_main("train", write_recipe(SHORT))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    for needle in ("out of memory at step 1", "train.batch_size", "train.gradient_checkpointing", "--resume"):
+    for needle in ("out of memory at step 1", "train.batch_size", "train.gradient_checkpointing", "--resume",
+                   "qlora estimate "):
         assert needle in result.stderr, result.stderr
 
 

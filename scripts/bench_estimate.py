@@ -1,0 +1,69 @@
+"""Check `qlora estimate`'s weight part against real 4-bit loads on this machine.
+
+    .venv/bin/python scripts/bench_estimate.py
+
+For the tiny model and a medium random Llama (about 0.5 B parameters, built locally from a
+config), it loads the base exactly as training does (4-bit NF4 + double quantization, then
+peft's prepare_model_for_kbit_training) and compares `get_memory_footprint()` with the estimate's
+weight part. It also checks the trainable-parameter count against PEFT's. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def medium_model(out: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=1536, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=12,
+                         num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def measure(model_dir: Path, dtype: str) -> dict:
+    from qlora_cli.config import validate_recipe
+    from qlora_cli.estimate import estimate
+    from qlora_cli.modeling import attach_lora, load_base_model
+
+    recipe = validate_recipe({
+        "model": {"name_or_path": str(model_dir), "dtype": dtype},
+        "quant": {"compute_dtype": dtype},
+        "lora": {"r": 16, "target_modules": "all-linear"},
+        "data": {"sources": [{"path": "unused.jsonl", "format": "alpaca"}]},
+    })
+    est = estimate(recipe, gpu=False)
+    model = load_base_model(recipe.model, recipe.quant)
+    peft_model = attach_lora(model, recipe.lora, gradient_checkpointing=False)
+    base = peft_model.get_base_model()
+    adapters = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "lora_" in n)
+    measured = base.get_memory_footprint() - adapters
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    return {
+        "model": model_dir.name, "quantized_params": est.quantized_params, "other_params": est.other_params,
+        "estimated_weights_bytes": round(est.weights), "measured_weights_bytes": measured,
+        "ratio": round(est.weights / measured, 4),
+        "estimated_trainable": est.trainable_params, "peft_trainable": trainable,
+    }
+
+
+def main() -> None:
+    import build_tiny
+
+    tmp = Path(tempfile.mkdtemp(prefix="qlora-estimate-"))
+    tiny = build_tiny.build(tmp / "tiny") / "model"
+    results = [measure(tiny, "float32"), measure(medium_model(tmp / "medium"), "bfloat16")]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
