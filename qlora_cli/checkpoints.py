@@ -23,6 +23,7 @@ from pathlib import Path
 from qlora_cli.errors import UserError
 
 MANIFEST = "qlora_manifest.json"
+STAGING = ".staging"  # checkpoints are written here, then renamed into place
 STATE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -36,8 +37,10 @@ def write_manifest(checkpoint: Path) -> None:
     tmp.replace(checkpoint / MANIFEST)
 
 
-def problem(checkpoint: Path) -> str | None:
-    """Why this checkpoint cannot be resumed from, or None when it is whole."""
+def problem(checkpoint: Path, hashes: bool = True) -> str | None:
+    """Why this checkpoint cannot be resumed from, or None when it is whole. Without `hashes`, only
+    presence and sizes are checked: enough to tell finished from unfinished while rotating,
+    without re-hashing gigabytes of optimizer state at every save."""
     manifest = checkpoint / MANIFEST
     if not manifest.is_file():
         return "it was never finished (no manifest)"
@@ -53,7 +56,7 @@ def problem(checkpoint: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{name} has {path.stat().st_size:,} bytes, not {expected['bytes']:,} (truncated?)"
-        if _sha256(path) != expected["sha256"]:
+        if hashes and _sha256(path) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
@@ -106,21 +109,16 @@ def rotate(root: Path, keep: int) -> None:
     can never leave zero checkpoints."""
     whole = 0
     for checkpoint in checkpoints_in(root):
-        if looks_whole(checkpoint) and whole < keep:
+        if problem(checkpoint, hashes=False) is None and whole < keep:
             whole += 1
             continue
         if whole > 0:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def looks_whole(checkpoint: Path) -> bool:
-    """Manifest present and sizes right: enough to tell finished from unfinished while rotating,
-    without re-hashing gigabytes of optimizer state at every save."""
-    try:
-        files = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError, OSError):
-        return False
-    return all((checkpoint / n).is_file() and (checkpoint / n).stat().st_size == f["bytes"] for n, f in files.items())
+def remove_staging(root: Path) -> None:
+    """Remove what a killed or failed save left in the staging directory (never a checkpoint)."""
+    shutil.rmtree(root / STAGING, ignore_errors=True)
 
 
 def publish(staged: Path, root: Path) -> Path:

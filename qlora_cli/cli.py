@@ -10,6 +10,7 @@ Exit codes: 0 success, 2 bad input (recipe, data, path, flag; printed without a 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 import traceback
@@ -66,13 +67,15 @@ def train(
         if output_dir is not None and Path(output_dir).resolve() != Path(resume).expanduser().resolve():
             raise UserError.single("--resume", f"{resume} is a run directory, but --output-dir names {output_dir}")
         output_dir, resume = resume, RESUME_LATEST  # --resume RUN_DIR: that run, from its newest checkpoint
-    command = " ".join(["qlora train", recipe, *(f"--set {s}" for s in set_ or []),
-                        *(["--output-dir", output_dir] if output_dir else []), "--resume"])
+    # What to type to continue, or to see the memory: with this run's overrides, quoted for a shell.
+    overrides = [arg for s in set_ or [] for arg in ("--set", s)]
+    command = shlex.join(["qlora", "train", recipe, *overrides, *(["--output-dir", output_dir] if output_dir else []),
+                          "--resume"])
     recipe_obj = load_recipe(recipe, set_ or [])
     display = "json" if log_format == "json" else ("quiet" if quiet else "rich")
     result = run_training(recipe_obj, output_dir=output_dir, overwrite=overwrite, resume=resume,
                           resume_command=command, console=err, display=display,
-                          estimate_command=" ".join(["qlora estimate", recipe, *(f"--set {s}" for s in set_ or [])]))
+                          estimate_command=shlex.join(["qlora", "estimate", recipe, *overrides]))
     s = result.summary
     if not s:  # a non-zero rank of a distributed run: rank 0 reports
         return
@@ -344,7 +347,7 @@ def estimate(
         out.print(f"[green]fits[/] in {budget / GIB:.1f} GiB ({est.total / budget:.0%} of it)")
     else:
         out.print(f"[red]does not fit[/] in {budget / GIB:.1f} GiB ({est.total / budget:.0%} of it). To lower it:")
-        for line in suggestions(r, est, budget):
+        for line in suggestions(r, est):
             out.print(f"  - {escape(line)}", soft_wrap=True)
 
 

@@ -65,18 +65,18 @@ def nf4_bytes(n: int, double_quant: bool) -> float:
 
 
 def estimate(recipe, gpu: bool = True) -> Estimate:
+    import bitsandbytes as bnb
     import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from qlora_cli.merge_weights import inspect_model
+    from qlora_cli.merge_weights import quantized_meta_model
     from qlora_cli.modeling import TORCH_DTYPES
 
     m, q, lora, t, d = recipe.model, recipe.quant, recipe.lora, recipe.train, recipe.data
     config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    quantized_names, tied = inspect_model(config, q, TORCH_DTYPES[m.dtype])
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    model = quantized_meta_model(config, q, TORCH_DTYPES[m.dtype])
+    quantized_names = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
+    tied = getattr(model, "all_tied_weights_keys", None)
     est = Estimate()
     seen = set()
     quantized_bytes = other = 0
@@ -110,7 +110,7 @@ def estimate(recipe, gpu: bool = True) -> Estimate:
     est.trainable_params = trainable
     est.parts["trainable parameters (fp32)"] = trainable * 4
     est.parts["gradients (fp32)"] = trainable * 4
-    est.parts[f"optimizer state ({t.optimizer})"] = trainable * OPTIMIZER_BYTES.get(t.optimizer, 8)
+    est.parts[f"optimizer state ({t.optimizer})"] = trainable * OPTIMIZER_BYTES[t.optimizer]
 
     # Activations, per micro-batch of batch_size x max_seq_len tokens, in the compute dtype.
     tokens = t.batch_size * d.max_seq_len
@@ -134,7 +134,7 @@ def estimate(recipe, gpu: bool = True) -> Estimate:
     return est
 
 
-def suggestions(recipe, est: Estimate, budget: float) -> list[str]:
+def suggestions(recipe, est: Estimate) -> list[str]:
     """What to change, largest saving first, when the estimate exceeds the budget."""
     t, d, lora = recipe.train, recipe.data, recipe.lora
     out = []

@@ -53,8 +53,7 @@ def eval_rows(target, data_path: str | None = None, split: str | None = None, ma
                 "--data", f"{target.path} has no recipe to take a validation split from: give --data FILE"
             )
         split = split or "validation"
-        if split not in SPLITS:
-            raise UserError.single("--split", f"{split!r} is not a split of the recipe's data: use one of {', '.join(SPLITS)}")
+        check_split(split)
         data = recipe.data.model_copy(update={"train_on_inputs": False})
         seed, batch = recipe.train.seed, recipe.train.batch_size
     else:
@@ -90,6 +89,11 @@ def eval_rows(target, data_path: str | None = None, split: str | None = None, ma
         raise UserError.single("--data", f"no rows to evaluate in {where}")
     text_only = target.template is None
     return EvalRows(rows, f"{where} ({len(rows)} rows)", has_replies=not text_only)
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UserError.single("--split", f"{split!r} is not a split of the recipe's data: use one of {', '.join(SPLITS)}")
 
 
 def _flag_name(where: str) -> str:
@@ -282,8 +286,8 @@ def run_eval(target_path: str, data_path: str | None = None, split: str | None =
     from qlora_cli.eval_report import write_results
     from qlora_cli.targets import load_target, original_base
 
-    if split is not None and data_path is None and split not in SPLITS:
-        raise UserError.single("--split", f"{split!r} is not a split of the recipe's data: use one of {', '.join(SPLITS)}")
+    if split is not None and data_path is None:
+        check_split(split)  # before loading any model
     target = load_target(target_path)
     if compare_base and target.kind == "base":
         raise UserError.single("--compare-base", f"{target_path} is a base model already: give a run or merged directory")

@@ -208,6 +208,15 @@ def inspect_model(config, quant, model_dtype: torch.dtype) -> tuple[set[str], di
     lm_head.weight -> model.embed_tokens.weight when tie_word_embeddings is set).
     """
     import bitsandbytes as bnb
+
+    model = quantized_meta_model(config, quant, model_dtype)
+    quantized = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    return quantized, dict(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def quantized_meta_model(config, quant, model_dtype: torch.dtype):
+    """The model on the meta device, its layers swapped for 4-bit ones exactly as a training load
+    would (no memory used; parameters keep their full shapes)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     from transformers.quantizers import AutoHfQuantizer
@@ -218,8 +227,7 @@ def inspect_model(config, quant, model_dtype: torch.dtype) -> tuple[set[str], di
         model = AutoModelForCausalLM.from_config(config)
     quantizer = AutoHfQuantizer.from_config(build_bnb_config(quant), pre_quantized=False)
     quantizer.preprocess_model(model, dtype=model_dtype, device_map={"": "cpu"})
-    quantized = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    return quantized, dict(getattr(model, "all_tied_weights_keys", None) or {})
+    return model
 
 
 # --- The plan -------------------------------------------------------------------------------------
@@ -453,5 +461,5 @@ def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     power = "KMGT".find(unit[:1]) + 1 if unit else 0
     size = int(float(m.group(1)) * base**power)
     if size < 1:
-        raise UserError.single("--max-shard-size", f"{text!r} is not a positive size")
+        raise UserError.single(flag, f"{text!r} is not a positive size")
     return size

@@ -52,7 +52,7 @@ class RichProgress(TrainerCallback):
     rate, grad norm, last eval loss and peak memory; plus one plain line per log for the scrollback
     (over SSH, the line history is what one reads when coming back)."""
 
-    SMOOTHING = 0.9  # exponential moving average of the logged loss, as TensorBoard's default-ish slider
+    SMOOTHING = 0.9  # exponential moving average of the logged loss (loss.png uses a debiased one: plots.py)
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console(stderr=True)
@@ -142,15 +142,23 @@ class JsonLines(TrainerCallback):
         print(json.dumps(record, default=str), file=self.stream, flush=True)
 
 
-def peak_memory_gib() -> float:
-    """Peak GPU memory allocated when on a GPU, else the process's peak resident memory."""
+def peak_memory() -> dict:
+    """Peak accelerator memory when on a GPU, and the process's peak resident memory in any case."""
     import resource
 
     import torch
 
+    out = {"cpu_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        out["gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        out["gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    return out
+
+
+def peak_memory_gib() -> float:
+    """The one number the display shows: GPU memory allocated on a GPU, else peak resident memory."""
+    peak = peak_memory()
+    return peak.get("gpu_allocated_gib", peak["cpu_rss_gib"])
 
 
 def format_memory(gib: float) -> str:

@@ -99,14 +99,14 @@ class RunDir:
     def prepare_resume(self, step: int) -> None:
         """Before continuing from checkpoint-STEP: forget what the interrupted run logged after it
         (the resumed run logs those steps again), and mark the run unfinished until it is."""
-        from qlora_cli.trainer import staged_leftovers
+        from qlora_cli.checkpoints import remove_staging
 
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         tmp = self.path / (METRICS + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         tmp.replace(self.path / METRICS)
         (self.path / SUMMARY).unlink(missing_ok=True)
-        staged_leftovers(self.checkpoints)
+        remove_staging(self.checkpoints)
 
     def save_final(self, model, tokenizer) -> None:
         """The adapter and tokenizer, saved beside the run directory's files and then renamed in one

@@ -111,11 +111,9 @@ def _load_run(path: Path) -> Target:
 def _load_merged(path: Path) -> Target:
     """A merged model (or any saved model). Its run's recipe, when merge_report.json names one,
     gives the template; otherwise the tokenizer's own chat template, if it has one."""
-    from transformers import AutoModelForCausalLM
-
     from qlora_cli.config import default_template, load_recipe
     from qlora_cli.data.templates import BUILTINS, resolve_template
-    from qlora_cli.modeling import device_map, load_tokenizer
+    from qlora_cli.modeling import load_tokenizer
 
     recipe = None
     report = path / MERGE_REPORT
@@ -130,10 +128,7 @@ def _load_merged(path: Path) -> Target:
         template = None if name is None else BUILTINS.get(name) or resolve_template("tokenizer", tokenizer)
     else:
         template = resolve_template("tokenizer", tokenizer) if tokenizer.chat_template else None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device_map())
-    except (OSError, ValueError) as exc:
-        raise UserError.single("TARGET", f"could not load the model in {path}: {exc}") from None
+    model = _load_model(_ModelRef(str(path)), "TARGET")
     # Without a merge report this is some other saved model: treat it as a base (eval writes
     # nothing into it, and --compare-base has no base to compare with).
     kind = "merged" if report.is_file() else "base"
@@ -141,36 +136,37 @@ def _load_merged(path: Path) -> Target:
 
 
 def _load_base(model_id: str) -> Target:
-    from transformers import AutoModelForCausalLM
-
     from qlora_cli.data.templates import resolve_template
-    from qlora_cli.modeling import device_map, load_tokenizer
+    from qlora_cli.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(_ModelRef(model_id))
     template = resolve_template("tokenizer", tokenizer) if tokenizer.chat_template else None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map=device_map())
-    except (OSError, ValueError) as exc:
-        raise UserError.single("TARGET", f"could not load {model_id}: {exc}") from None
-    return Target("base", model_id, model, tokenizer, template, None)
+    return Target("base", model_id, _load_model(_ModelRef(model_id), "TARGET"), tokenizer, template, None)
 
 
 def original_base(target: Target) -> Target:
     """The unquantized base model a merged TARGET came from, rendered with TARGET's tokenizer and template."""
-    from transformers import AutoModelForCausalLM
-
-    from qlora_cli.modeling import check_model_path, device_map
+    from qlora_cli.modeling import check_model_path
 
     model_cfg = target.recipe.model
     check_model_path(model_cfg, where="--compare-base")
+    model = _load_model(model_cfg, "--compare-base")
+    return Target("base", model_cfg.name_or_path, model.eval(), target.tokenizer, target.template, target.recipe)
+
+
+def _load_model(ref, where: str):
+    """A full-precision model in its saved dtype, on this process's device; a load failure names `where`."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.modeling import device_map
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.name_or_path, revision=model_cfg.revision, dtype="auto", device_map=device_map(),
-            trust_remote_code=model_cfg.trust_remote_code,
+        return AutoModelForCausalLM.from_pretrained(
+            ref.name_or_path, revision=ref.revision, dtype="auto", device_map=device_map(),
+            trust_remote_code=ref.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
-        raise UserError.single("--compare-base", f"could not load the base {model_cfg.name_or_path}: {exc}") from None
-    return Target("base", model_cfg.name_or_path, model.eval(), target.tokenizer, target.template, target.recipe)
+        raise UserError.single(where, f"could not load the model {ref.name_or_path}: {exc}") from None
 
 
 def _add_adapter(target: Target, name: str, run_dir: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import os
 import platform
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from qlora_cli.modeling import (
     remote_code_warning,
 )
 from qlora_cli.errors import EXIT_USER_ERROR, StoppedRun, UserError
+from qlora_cli.progress import peak_memory
 from qlora_cli.rundir import LOSS_PLOT, RunDir
 
 
@@ -289,9 +289,9 @@ def signal_name(signum: int) -> str:
 
 
 def _last_checkpoint_text(run: RunDir) -> str:
-    from qlora_cli.checkpoints import checkpoints_in, looks_whole
+    from qlora_cli.checkpoints import checkpoints_in, problem
 
-    whole = [c for c in checkpoints_in(run.checkpoints) if looks_whole(c)]
+    whole = [c for c in checkpoints_in(run.checkpoints) if problem(c, hashes=False) is None]
     return f"The last checkpoint is {whole[0]}." if whole else "No checkpoint was written yet."
 
 
@@ -435,7 +435,7 @@ def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float
         # in a few double-quantized scales, which `qlora merge` reports when it runs elsewhere.
         "device": trainer.model.device.type,
         "data": {**data_stats.to_dict(), "trained_batches": trained_batching(trainer)},
-        "peak_memory": peak_memory(),
+        "peak_memory": peak_memory(),  # progress.peak_memory: the same numbers the live display shows
         "versions": library_versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_dir": str(Path(run.path).resolve()),
@@ -459,15 +459,6 @@ def trained_batching(trainer) -> dict:
         "examples": sum(len(s) for s in ds["seq_lengths"]),
         "packing_efficiency": round(tokens / (len(ds) * max_len), 4),
     }
-
-
-def peak_memory() -> dict:
-    """Peak accelerator memory when on a GPU, and the process's peak resident memory in any case."""
-    out = {"cpu_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
-    if torch.cuda.is_available():
-        out["gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        out["gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    return out
 
 
 def library_versions() -> dict:

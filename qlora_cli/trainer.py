@@ -25,9 +25,6 @@ from trl import SFTTrainer
 from qlora_cli import checkpoints
 from qlora_cli.errors import StoppedRun
 
-STAGING = ".staging"
-
-
 class NonFiniteLoss(RuntimeError):
     def __init__(self, step: int, loss: float):
         super().__init__(f"loss is {loss} at step {step}")
@@ -48,8 +45,8 @@ class CheckpointingTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         root = Path(self.args.output_dir)
-        self._staging = root / STAGING
-        staged = root / STAGING / f"checkpoint-{self.state.global_step}"
+        self._staging = root / checkpoints.STAGING
+        staged = self._staging / f"checkpoint-{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
             # Every process writes its own RNG state into the staging directory: let them all
@@ -112,8 +109,4 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
         return control
 
-
-def staged_leftovers(root: Path) -> None:
-    """Remove a staging directory a killed run left behind (it never became a checkpoint)."""
-    shutil.rmtree(root / STAGING, ignore_errors=True)
 

@@ -43,5 +43,6 @@ def test_verdict_and_suggestions(tiny, tmp_path, qlora_main):
     lower = qlora_main("estimate", path, "--json", "--set", "train.gradient_checkpointing=true",
                        "--set", "train.batch_size=8")
     assert json.loads(lower.stdout)["total_bytes"] < data["total_bytes"]
-    bad = qlora_main("estimate", path, "--gpu-memory", "lots")
-    assert bad.returncode == 2 and "--gpu-memory" in bad.stderr
+    for size in ("lots", "0"):
+        bad = qlora_main("estimate", path, "--gpu-memory", size)
+        assert bad.returncode == 2 and "--gpu-memory" in bad.stderr and "Traceback" not in bad.stderr
