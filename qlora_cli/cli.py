@@ -10,6 +10,7 @@ Exit codes: 0 success, 2 bad input (recipe, data, path, flag; printed without a 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -50,6 +51,11 @@ def train(
     log_format: str = typer.Option(
         "rich", "--log-format", help="rich (live display) or json (one JSON object per log line on stdout, for scripts)."
     ),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1,
+        help="Train in N processes on this machine (one per GPU, or N CPU processes), launched through "
+        "accelerate. The recipe's distributed section picks DDP, FSDP or DeepSpeed.",
+    ),
 ):
     """Quantize the base model to 4 bits, attach LoRA, train, and write a run directory."""
     from pathlib import Path
@@ -72,6 +78,19 @@ def train(
     command = shlex.join(["qlora", "train", recipe, *overrides, *(["--output-dir", output_dir] if output_dir else []),
                           "--resume"])
     recipe_obj = load_recipe(recipe, set_ or [])
+    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # Check everything that needs no model before starting N processes, so a bad recipe or
+        # path is reported once, plainly, instead of by every rank and then by the launcher.
+        from qlora_cli.distributed import launch
+        from qlora_cli.rundir import RunDir
+        from qlora_cli.train import preflight, with_output_dir
+
+        checked = with_output_dir(recipe_obj, output_dir)
+        preflight(checked, RunDir(checked.output.dir), overwrite, resume, warn=lambda text: None)
+        args = [recipe, *overrides, *(["--output-dir", output_dir] if output_dir else []),
+                *(["--overwrite"] if overwrite else []), *(["--resume", resume] if resume else []),
+                *(["--quiet"] if quiet else []), "--log-format", log_format]
+        raise typer.Exit(launch(nproc, args))
     display = "json" if log_format == "json" else ("quiet" if quiet else "rich")
     result = run_training(recipe_obj, output_dir=output_dir, overwrite=overwrite, resume=resume,
                           resume_command=command, console=err, display=display,
@@ -416,12 +435,21 @@ def main() -> None:
     Typer's standalone mode handles usage errors (unknown flag, missing argument: exit 2) and
     --help itself; what reaches us is either a UserError (exit 2) or a bug (exit 1).
     """
+    from qlora_cli.distributed import STOP_FILE_ENV, is_main_process
+
     try:
         app(args=_bare_resume_to_latest(sys.argv[1:]), prog_name="qlora")
     except StoppedRun as exc:
-        err.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        if is_main_process():  # under a launcher every rank stops the same way; one says so
+            err.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        if exc.graceful and os.environ.get(STOP_FILE_ENV):
+            # Launched by `qlora train --nproc`, which exits with the signal's code itself; a worker
+            # exiting non-zero would make the launcher print a failure report over the message.
+            sys.exit(0)
         sys.exit(exc.exit_code)
     except UserError as exc:
+        if not is_main_process():  # every rank runs the same checks; rank 0 reports
+            sys.exit(EXIT_USER_ERROR)
         err.print("[bold red]error:[/] ", end="")
         err.print(exc.render(), markup=False, highlight=False, soft_wrap=True)  # user text: no markup
         sys.exit(EXIT_USER_ERROR)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 
 from qlora_cli.errors import Problem, UserError
@@ -67,8 +67,10 @@ class QuantSection(Section):
         "bfloat16",
         description="dtype the 4-bit weights are dequantized to for matmuls. Also sets mixed precision for training.",
     )
-    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
-        "uint8", description="Container dtype for packed 4-bit weights. Use the model dtype when sharding with FSDP."
+    storage_dtype: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Container dtype for packed 4-bit weights (the 4-bit values are the same in any). auto: uint8, "
+        "or model.dtype under distributed.strategy fsdp or deepspeed, which shard only float tensors of one dtype.",
     )
 
 
@@ -245,6 +247,27 @@ class TrainSection(Section):
     )
 
 
+class DistributedSection(Section):
+    """How several processes share the work. Used only under a launcher (torchrun, accelerate launch,
+    or `qlora train --nproc N`); a single process ignores it apart from validation."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="ddp: each process holds the whole 4-bit model and trains on its share of each batch "
+        "(the usual choice while the model fits one GPU). fsdp: FSDP-QLoRA, the 4-bit weights sharded "
+        "across GPUs (for models that do not fit one). deepspeed: DeepSpeed with deepspeed_config.",
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="FSDP only: keep the sharded parameters in CPU RAM between uses. Fits bigger models; slower."
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="DeepSpeed only: path to a DeepSpeed JSON config (ZeRO stage and so on); "
+        "configs/deepspeed/zero3.json is an example. Batch, accumulation, clipping and precision are "
+        "left as \"auto\" there: the recipe sets them.",
+    )
+
+
 class OutputSection(Section):
     """Where the run directory goes."""
 
@@ -259,7 +282,22 @@ class Recipe(Section):
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings.")
     data: DataSection = Field(description="Training data: sources, template, sequence length, validation rows.")
     train: TrainSection = Field(default_factory=TrainSection, description="Training loop settings.")
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection, description="Multi-process training: DDP, FSDP-QLoRA or DeepSpeed."
+    )
     output: OutputSection = Field(default_factory=OutputSection, description="Run directory.")
+
+    @model_validator(mode="after")
+    def _resolve_storage_dtype(self) -> "Recipe":
+        # FSDP flattens each wrapped layer's parameters into one tensor, and ZeRO-3 partitions
+        # them: both take only floating-point tensors of one dtype ("Cannot flatten integer dtype
+        # tensors", fsdp_qlora#26). bitsandbytes can pack 4-bit values into any container
+        # (bnb_4bit_quant_storage), so under those strategies the container is the model's dtype.
+        # Resolved here so recipe.yaml records the concrete value the run used.
+        if self.quant.storage_dtype == "auto":
+            sharded = self.distributed.strategy in ("fsdp", "deepspeed")
+            self.quant.storage_dtype = self.model.dtype if sharded else "uint8"
+        return self
 
     def to_yaml(self) -> str:
         """The fully resolved recipe (defaults included), in section order, loadable by `load_recipe`."""
@@ -285,6 +323,8 @@ class Recipe(Section):
                 source.path = absolute(source.path)
         if r.data.template and Path(r.data.template).expanduser().is_file():
             r.data.template = absolute(r.data.template)
+        if r.distributed.deepspeed_config:
+            r.distributed.deepspeed_config = absolute(r.distributed.deepspeed_config)
         r.output.dir = absolute(r.output.dir)
         return r
 
@@ -360,6 +400,37 @@ def _rule_dora_bias(r: Recipe):
         yield Problem("lora.bias", "DoRA does not support training biases in PEFT: set lora.bias to none")
 
 
+def _rule_fsdp_uniform_dtype(r: Recipe):
+    if r.distributed.strategy == "fsdp" and r.quant.storage_dtype != r.model.dtype:
+        yield Problem(
+            "quant.storage_dtype",
+            f"is {r.quant.storage_dtype}, but FSDP needs every parameter in one float dtype (\"Cannot flatten "
+            f"integer dtype tensors\"): set it to {r.model.dtype} like model.dtype, or remove it (auto)",
+        )
+
+
+def _rule_fsdp_optimizer(r: Recipe):
+    if r.distributed.strategy == "fsdp" and r.train.optimizer in ("paged_adamw_8bit", "adamw_8bit"):
+        yield Problem(
+            "train.optimizer",
+            f"{r.train.optimizer} fails when FSDP-QLoRA saves a checkpoint (8-bit optimizer state cannot be "
+            "gathered; PEFT's FSDP notes): use adamw_torch or paged_adamw_32bit",
+        )
+
+
+def _rule_strategy_options(r: Recipe):
+    d = r.distributed
+    if d.strategy == "deepspeed" and d.deepspeed_config is None:
+        yield Problem("distributed.deepspeed_config", "is required by strategy deepspeed: point it at a DeepSpeed "
+                      "JSON config (configs/deepspeed/zero3.json is an example)")
+    if d.deepspeed_config is not None and d.strategy != "deepspeed":
+        yield Problem("distributed.deepspeed_config", f"is only used by strategy deepspeed, not {d.strategy}: "
+                      "remove it, or set distributed.strategy: deepspeed")
+    if d.fsdp_cpu_offload and d.strategy != "fsdp":
+        yield Problem("distributed.fsdp_cpu_offload", f"is only used by strategy fsdp, not {d.strategy}: "
+                      "remove it, or set distributed.strategy: fsdp")
+
+
 RULES = [
     _rule_eval_needs_validation_rows,
     _rule_one_validation_set,
@@ -370,6 +441,9 @@ RULES = [
     _rule_text_has_no_template,
     _rule_one_template_family,
     _rule_dora_bias,
+    _rule_fsdp_uniform_dtype,
+    _rule_fsdp_optimizer,
+    _rule_strategy_options,
 ]
 
 # Which template each format gets when data.template is null (data/templates.py defines them).

@@ -57,6 +57,7 @@ class StoppedRun(Exception):
     """A run that ended early on purpose (a signal, a non-finite loss). The CLI prints the message,
     which says what was kept and what to do next, without a traceback, and exits with exit_code."""
 
-    def __init__(self, exit_code: int, message: str):
+    def __init__(self, exit_code: int, message: str, graceful: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.graceful = graceful  # stopped on a signal after saving a checkpoint

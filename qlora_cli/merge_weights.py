@@ -302,11 +302,11 @@ def nf4_roundtrip(weight: torch.Tensor, quant, model_dtype: torch.dtype, device:
     transformers does at load time (a Params4bit moved to the device), and dequantized."""
     import bitsandbytes as bnb
 
-    from qlora_cli.modeling import TORCH_DTYPES
+    from qlora_cli.modeling import storage_dtype
 
     param = bnb.nn.Params4bit(
         weight.to(model_dtype), requires_grad=False, quant_type=quant.quant_type,
-        compress_statistics=quant.double_quant, quant_storage=TORCH_DTYPES[quant.storage_dtype],
+        compress_statistics=quant.double_quant, quant_storage=storage_dtype(quant),
     ).to(device)
     return bnb.functional.dequantize_4bit(param.data, param.quant_state).cpu()
 

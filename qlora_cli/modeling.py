@@ -43,8 +43,14 @@ def build_bnb_config(quant):
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=TORCH_DTYPES[quant.compute_dtype],
-        bnb_4bit_quant_storage=TORCH_DTYPES[quant.storage_dtype],
+        bnb_4bit_quant_storage=storage_dtype(quant),
     )
+
+
+def storage_dtype(quant) -> torch.dtype:
+    """The container dtype for packed 4-bit weights. A Recipe resolves "auto" (config.py); a bare
+    QuantSection has no strategy to go by, so "auto" is bitsandbytes' default, uint8."""
+    return TORCH_DTYPES["uint8" if quant.storage_dtype == "auto" else quant.storage_dtype]
 
 
 def build_lora_config(lora):
@@ -164,8 +170,11 @@ def load_tokenizer(model):
     return tokenizer
 
 
-def load_base_model(model, quant):
-    """Load the base model with its linear layers quantized to 4 bits."""
+def load_base_model(model, quant, place: bool = True):
+    """Load the base model with its linear layers quantized to 4 bits.
+
+    place=False leaves placement to FSDP/DeepSpeed, which load on the CPU and shard (distributed.py).
+    """
     from transformers import AutoModelForCausalLM
 
     try:
@@ -174,7 +183,7 @@ def load_base_model(model, quant):
             revision=model.revision,
             quantization_config=build_bnb_config(quant),
             dtype=TORCH_DTYPES[model.dtype],
-            device_map=device_map(),
+            device_map=device_map() if place else None,
             trust_remote_code=model.trust_remote_code,
             attn_implementation=model.attn_implementation,
         )

@@ -108,13 +108,19 @@ class RunDir:
         (self.path / SUMMARY).unlink(missing_ok=True)
         remove_staging(self.checkpoints)
 
-    def save_final(self, model, tokenizer) -> None:
-        """The adapter and tokenizer, saved beside the run directory's files and then renamed in one
-        file at a time, so no file in the run directory is ever half written."""
-        staging = self.path / ".final.partial"
+    @property
+    def final_staging(self) -> Path:
+        """Where save_final writes before renaming into place (a fixed path every rank can name)."""
+        return self.path / ".final.partial"
+
+    def save_final(self, save_adapter, tokenizer) -> None:
+        """The adapter (`save_adapter(directory)`, e.g. a PeftModel's save_pretrained) and tokenizer,
+        saved beside the run directory's files and then renamed in one file at a time, so no file
+        in the run directory is ever half written."""
+        staging = self.final_staging
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            model.save_pretrained(staging)
+            save_adapter(staging)
             tokenizer.save_pretrained(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # e.g. a full disk: free what was written

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_cli import distributed
 from qlora_cli.config import Recipe, default_template
 from qlora_cli.data.pipeline import build_datasets
 from qlora_cli.data.templates import apply_template, resolve_template
@@ -61,7 +62,7 @@ def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template, resu
     from trl import SFTConfig
 
     t, cuda = recipe.train, torch.cuda.is_available()
-    return SFTConfig(
+    args = dict(
         output_dir=str(run.checkpoints),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -104,6 +105,10 @@ def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template, resu
         disable_tqdm=True,  # RichProgress replaces tqdm
         dataloader_pin_memory=cuda,
     )
+    # DDP, FSDP or DeepSpeed settings (distributed.py). use_cpu above is also what makes the Trainer
+    # wrap the model in DDP over gloo on the CPU; without it each rank would train alone.
+    args.update(distributed.trainer_arguments(recipe))
+    return SFTConfig(**args)
 
 
 @dataclass
@@ -115,6 +120,8 @@ class Setup:
     template: object  # Template or None
     data: object  # PreparedData
     model: object
+    parameters: tuple[int, int]  # (trainable, total), counted before FSDP/DeepSpeed shard the model
+    process_group: object = None  # accelerate's PartialState under a launcher, else None
 
 
 def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = False, callbacks=(),
@@ -130,12 +137,15 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
     from qlora_cli.trainer import CheckpointingTrainer
 
     set_seed(recipe.train.seed)
+    group = distributed.init_process_group(cuda=torch.cuda.is_available())
     tokenizer, template = prepare_tokenizer(recipe)
-    prepared = build_datasets(
-        recipe.data, tokenizer, template, seed=recipe.train.seed, batch_size=recipe.train.batch_size
-    )
+    with distributed.main_process_first(group):  # rank 0 prepares and caches; the others read the cache
+        prepared = build_datasets(
+            recipe.data, tokenizer, template, seed=recipe.train.seed, batch_size=recipe.train.batch_size
+        )
     train_ds, eval_ds = prepared.for_trainer()
-    model = load_base_model(recipe.model, recipe.quant)
+    distributed.prepare_loading(recipe)
+    model = load_base_model(recipe.model, recipe.quant, place=not distributed.sharded(recipe))
     # No KV cache in training: it is useless there, and with one, transformers ignores packed
     # position ids and lets packed examples attend to each other (tests/test_packing.py).
     model.config.use_cache = False
@@ -155,7 +165,8 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     keep_adapter_fp32(trainer.model)  # after SFTTrainer, which casts adapters to bf16 for 4-bit models
-    return Setup(trainer=trainer, tokenizer=tokenizer, template=template, data=prepared, model=model)
+    return Setup(trainer=trainer, tokenizer=tokenizer, template=template, data=prepared, model=model,
+                 parameters=parameter_counts(model), process_group=group)
 
 
 def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, resume: str | None = None,
@@ -168,34 +179,20 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     """
     from qlora_cli.trainer import GracefulStop, NonFiniteLoss
 
-    if output_dir is not None:
-        recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": output_dir})})
+    recipe = with_output_dir(recipe, output_dir)
     run = RunDir(recipe.output.dir)
     say = (lambda text: console.print(text, highlight=False, soft_wrap=True)) if console is not None else print
     warn = lambda text: say(f"[yellow]warning:[/] {text}")  # noqa: E731
 
     # 1. Checks and loading that can fail on user input: before anything is written.
-    checkpoint = None
-    if resume is not None:
-        checkpoint = resume_point(run, recipe, resume, warn)
-    elif is_main_process():
-        sources = [*recipe.data.sources, *recipe.data.val_sources]
-        inputs = [Path(recipe.model.name_or_path)] + [Path(src.path) for src in sources]
-        run.check_available(overwrite, protected=tuple(p for p in inputs if p.exists()))
-    check_model_path(recipe.model)
-    check_bitsandbytes()
-    check_attention(recipe.model)
-    check_trackers(recipe.train)
-    check_compute_dtype(recipe.quant)
-    if remote_code_warning(recipe.model):
-        warn(remote_code_warning(recipe.model))
+    checkpoint = preflight(recipe, run, overwrite, resume, warn)
     # 2. The trainer, built before the run directory, so a setting it rejects leaves nothing behind.
     stop = GracefulStop(say=say, where_to_continue=lambda: f"{_last_checkpoint_text(run)} To continue: {resume_command}")
     setup = build_trainer(recipe, run, console, resuming=checkpoint is not None, callbacks=[stop], display=display)
     trainer, data_stats = setup.trainer, setup.data.stats
 
     # 3. The run directory, starting with the fully resolved recipe (main process only); then train.
-    if is_main_process():
+    if distributed.is_main_process():
         if checkpoint is None:
             run.create(overwrite)
         else:
@@ -203,7 +200,9 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
             say(f"resuming from {checkpoint}")
         run.write_recipe(recipe.with_absolute_paths())  # usable from any directory
         if display == "rich":
-            _announce(console, recipe, setup.model, data_stats, setup.template)
+            _announce(console, recipe, setup, data_stats)
+    if setup.process_group is not None:
+        setup.process_group.wait_for_everyone()  # the run directory exists before any rank writes a checkpoint
     started = time.perf_counter()
     stop.install()
     try:
@@ -236,9 +235,19 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     if stop.signum is not None:
         raise StoppedRun(128 + stop.signum, (
             f"{signal_name(stop.signum)} after step {trainer.state.global_step}. {stop.where_to_continue()}"
-        ))
-    final_eval = final_evaluation(trainer) if setup.data.val is not None else {}
+        ), graceful=True)
     runtime = time.perf_counter() - started
+    replicas = replica_check(recipe, trainer, warn)  # every rank takes part
+    final_eval = final_evaluation(trainer) if setup.data.val is not None else {}
+    if distributed.sharded(recipe):
+        # FSDP/DeepSpeed hold the adapter in shards: every rank takes part in gathering it whole.
+        if trainer.is_fsdp_enabled:
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        save_adapter = lambda path: trainer.save_model(str(path))  # noqa: E731 (writes on rank 0 only)
+        if not trainer.is_world_process_zero():
+            save_adapter(run.final_staging)
+    else:
+        save_adapter = trainer.model.save_pretrained
 
     # 4. Artifacts: adapter and tokenizer in the standard layout, then summary.json last.
     if trainer.is_world_process_zero():
@@ -246,8 +255,15 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
         from qlora_cli.plots import plot_runs
 
         try:
-            run.save_final(trainer.model, setup.tokenizer)
-            summary = build_summary(run, trainer, output, final_eval, runtime, data_stats, setup.template)
+            run.save_final(save_adapter, setup.tokenizer)
+            summary = build_summary(run, trainer, output, final_eval, runtime, data_stats, setup.template,
+                                    setup.parameters)
+            summary["distributed"] = {
+                "strategy": recipe.distributed.strategy if distributed.world_size() > 1 else "single process",
+                "world_size": distributed.world_size(),
+                "global_batch": distributed.global_batch(recipe),  # per device x accumulation x processes
+                **replicas,
+            }
             if checkpoint is not None:
                 summary["resumed_from"] = str(checkpoint)
             write_model_card(run, recipe, summary)  # replaces PEFT's placeholder card
@@ -260,6 +276,36 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     else:
         summary = {}
     return TrainResult(run_dir=run, summary=summary, trainer=trainer)
+
+
+def with_output_dir(recipe: Recipe, output_dir: str | None) -> Recipe:
+    if output_dir is None:
+        return recipe
+    return recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": output_dir})})
+
+
+def preflight(recipe: Recipe, run: RunDir, overwrite: bool, resume: str | None, warn) -> Path | None:
+    """Every check that needs no model or data loaded; returns the checkpoint to resume from, if any.
+
+    Read-only, so each rank of a launch runs it and stops alike (rank 0 alone reports, cli.main),
+    and `qlora train --nproc` runs it before launching anything.
+    """
+    checkpoint = None
+    if resume is not None:
+        checkpoint = resume_point(run, recipe, resume, warn)
+    else:
+        sources = [*recipe.data.sources, *recipe.data.val_sources]
+        inputs = [Path(recipe.model.name_or_path)] + [Path(src.path) for src in sources]
+        run.check_available(overwrite, protected=tuple(p for p in inputs if p.exists()))
+    check_model_path(recipe.model)
+    check_bitsandbytes()
+    check_attention(recipe.model)
+    check_trackers(recipe.train)
+    check_compute_dtype(recipe.quant)
+    distributed.check_launch(recipe)
+    if remote_code_warning(recipe.model):
+        warn(remote_code_warning(recipe.model))
+    return checkpoint
 
 
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}
@@ -344,9 +390,17 @@ def _changed_keys(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix]
 
 
-def is_main_process() -> bool:
-    """True unless this is a non-zero rank of a distributed launch (torchrun sets RANK)."""
-    return int(os.environ.get("RANK", "0")) == 0
+def replica_check(recipe, trainer, warn) -> dict:
+    """Under DDP every rank must end with the same adapter. A launch where the model was never
+    wrapped in DDP trains one replica per rank, silently; this catches it."""
+    if distributed.world_size() == 1 or recipe.distributed.strategy != "ddp":
+        return {}
+    prints = distributed.gather_fingerprints(trainer.model)
+    same = len(set(prints)) == 1
+    if not same and distributed.is_main_process():
+        warn(f"the ranks ended with different adapters ({', '.join(prints)}): the processes did not train "
+             "together (no DDP wrapping?). The saved adapter is rank 0's alone; please report this.")
+    return {"replica_fingerprints": prints, "replicas_identical": same}
 
 
 def check_trackers(train_section) -> None:
@@ -369,7 +423,7 @@ def check_compute_dtype(quant) -> None:
         )
 
 
-def _announce(console, recipe: Recipe, model, data_stats, template) -> None:
+def _announce(console, recipe: Recipe, setup: Setup, data_stats) -> None:
     """One paragraph saying what is about to happen, so a wrong setting is caught in the first second."""
     if console is None:
         return
@@ -377,8 +431,11 @@ def _announce(console, recipe: Recipe, model, data_stats, template) -> None:
 
     from qlora_cli.data.report import data_warnings
 
-    trainable, total = parameter_counts(model)
-    q, lora = recipe.quant, recipe.lora
+    model, template = setup.model, setup.template
+    trainable, total = setup.parameters
+    q, lora, t = recipe.quant, recipe.lora, recipe.train
+    world = distributed.world_size()
+    processes = f" x {world} processes ({recipe.distributed.strategy})" if world > 1 else ""
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
     console.print(
         f"[bold]qlora[/] {escape(recipe.model.name_or_path)} in 4-bit {q.quant_type}"
@@ -389,6 +446,8 @@ def _announce(console, recipe: Recipe, model, data_stats, template) -> None:
         f"max_seq_len {recipe.data.max_seq_len}, {data_stats.dropped_too_long + data_stats.dropped_no_response} "
         f"dropped, {data_stats.bad_rows} bad rows skipped, packing {'on' if recipe.data.packing else 'off'} "
         f"(cache {data_stats.cache})\n"
+        f"  batch: {t.batch_size} per device x {t.gradient_accumulation_steps} accumulation{processes} = "
+        f"{distributed.global_batch(recipe)} rows per optimizer step\n"
         f"  run directory: {escape(recipe.output.dir)}",
         highlight=False,
         soft_wrap=True,
@@ -413,7 +472,8 @@ def final_evaluation(trainer) -> dict:
     return trainer.evaluate()
 
 
-def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float, data_stats, template) -> dict:
+def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float, data_stats, template,
+                  parameters: tuple[int, int]) -> dict:
     """The facts a user wants after a run, from metrics.jsonl and the trainer state."""
     metrics = run.read_metrics()
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -428,8 +488,8 @@ def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float
         "eval_loss": final_eval.get("eval_loss"),
         "runtime_s": round(runtime, 2),
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        "trainable_params": parameter_counts(trainer.model)[0],
-        "total_params": parameter_counts(trainer.model)[1],
+        "trainable_params": parameters[0],
+        "total_params": parameters[1],
         "template": template.name if template else None,
         # Where the base was quantized: bitsandbytes' CUDA and CPU quantizers can differ by a step
         # in a few double-quantized scales, which `qlora merge` reports when it runs elsewhere.

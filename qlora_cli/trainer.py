@@ -15,14 +15,16 @@ transformers' own; only these edges are ours.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from qlora_cli import checkpoints
+from qlora_cli import checkpoints, distributed
 from qlora_cli.errors import StoppedRun
 
 class NonFiniteLoss(RuntimeError):
@@ -84,6 +86,7 @@ class GracefulStop(TrainerCallback):
         self.say = say or (lambda text: None)
         self.where_to_continue = where_to_continue  # "The last checkpoint is ... To continue: ..."
         self._previous = {}
+        self._first = 0.0
 
     def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -95,15 +98,32 @@ class GracefulStop(TrainerCallback):
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None and time.monotonic() - self._first < 1.0:
+            # torchrun and accelerate launch forward the terminal's Ctrl-C to workers that already
+            # got it from the terminal: the same press, not a second one.
+            return
         if self.signum is not None:
             self.uninstall()
             raise StoppedRun(128 + signum, f"{signal.Signals(signum).name} again: stopped at once, without saving. "
                              + self.where_to_continue())
-        self.signum = signum
-        self.say(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-                 "(press Ctrl-C again to stop at once, without one)")
+        self.signum, self._first = signum, time.monotonic()
+        self._announce()
+
+    def _announce(self) -> None:
+        if distributed.is_main_process():
+            self.say(f"{signal.Signals(self.signum).name}: finishing this step and saving a checkpoint "
+                     "(press Ctrl-C again to stop at once, without one)")
 
     def on_step_end(self, args, state, control, **kwargs):
+        # `qlora train --nproc` keeps its processes out of the terminal's signals (distributed.launch)
+        # and asks them to stop through a file instead.
+        stop_file = os.environ.get(distributed.STOP_FILE_ENV)
+        if self.signum is None and stop_file and os.path.exists(stop_file):
+            self.signum = int(Path(stop_file).read_text() or signal.SIGINT)
+            self._announce()
+        # Under a launcher the ranks agree first (one tiny all-reduce per step), so they all stop
+        # and save at the same step.
+        self.signum = distributed.agreed_signal(self.signum, args.device)
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True

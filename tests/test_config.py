@@ -15,6 +15,7 @@ from qlora_cli.config import (
     DataSource,
     LoraSection,
     ModelSection,
+    DistributedSection,
     OutputSection,
     QuantSection,
     Recipe,
@@ -120,7 +121,7 @@ def test_to_yaml_is_fully_resolved_with_defaults(recipe_file, tmp_path):
     text = recipe.to_yaml()
     # Every section, in schema order, with every default spelled out.
     assert [line.rstrip(":") for line in text.splitlines() if line and not line.startswith(" ")] == [
-        "model", "quant", "lora", "data", "train", "output",
+        "model", "quant", "lora", "data", "train", "distributed", "output",
     ]
     assert "  storage_dtype: uint8" in text
     assert "  save_total_limit: 2" in text
@@ -600,7 +601,7 @@ def test_directory_instead_of_recipe(tmp_path):
 # JSON Schema: the documentation
 
 
-SECTIONS = [ModelSection, QuantSection, LoraSection, DataSource, DataSection, TrainSection, OutputSection]
+SECTIONS = [ModelSection, QuantSection, LoraSection, DataSource, DataSection, TrainSection, DistributedSection, OutputSection]
 
 
 def test_json_schema_is_json_and_covers_every_section():

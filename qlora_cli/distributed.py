@@ -1,0 +1,276 @@
+"""Several processes, one run: what the launcher gave us, and what transformers needs for it.
+
+    torchrun --nproc_per_node 2 -m qlora_cli train RECIPE       # or: accelerate launch -m qlora_cli train RECIPE
+    qlora train RECIPE --nproc 2                                # the same, through accelerate launch
+
+The launcher sets WORLD_SIZE, RANK and LOCAL_RANK; transformers' Trainer and accelerate do the rest
+(process group, DistributedSampler, DDP/FSDP/DeepSpeed wrapping, gradient all-reduce). This
+module only makes the choices they leave to the caller, each a known way for QLoRA runs to fail:
+
+- Each rank loads the 4-bit model onto its own GPU (`device_map={"": LOCAL_RANK}`, modeling.py);
+  a 4-bit model cannot be moved afterwards ("can't train a model loaded in 8-bit on a different
+  device"). Under FSDP/DeepSpeed there is no device_map: the model is loaded on the CPU and the
+  engine shards it.
+- On the CPU, the Trainer only wraps the model in DDP when `use_cpu=True` (gloo). Without it each
+  rank silently trains its own replica. build_sft_config sets it, and after training every rank's
+  adapter fingerprint is compared (`replica_fingerprints`), so that silent failure cannot pass.
+- FSDP-QLoRA needs the 4-bit container in the model's float dtype (config.py resolves it), FSDP1
+  with use_orig_params=False, and loading on rank 0 only (cpu_ram_efficient_loading), as in
+  PEFT's and bitsandbytes' FSDP-QLoRA guides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from qlora_cli.errors import UserError
+
+
+# Set by `qlora train --nproc` for the processes it launches: the file it writes to ask them to stop.
+STOP_FILE_ENV = "QLORA_STOP_FILE"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed launch."""
+    return rank() == 0
+
+
+def launcher_strategy() -> str | None:
+    """The strategy an `accelerate launch --config_file` asked for, from the environment it sets."""
+    truthy = ("1", "true", "yes")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in truthy:
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in truthy:
+        return "deepspeed"
+    return None
+
+
+def sharded(recipe) -> bool:
+    """FSDP and DeepSpeed place the model themselves; DDP keeps a whole replica per process."""
+    return recipe.distributed.strategy in ("fsdp", "deepspeed")
+
+
+def check_launch(recipe) -> None:
+    """Problems with the strategy that only the launch environment shows. Run before loading anything."""
+    import torch
+
+    d, cuda = recipe.distributed, torch.cuda.is_available()
+    asked = launcher_strategy()
+    if asked is not None and asked != d.strategy:
+        raise UserError.single(
+            "distributed.strategy", f"is {d.strategy}, but the accelerate config this was launched with uses "
+            f"{asked}: set distributed.strategy: {asked} (the recipe decides how the 4-bit model is stored and "
+            "loaded), or launch with a config for " + d.strategy,
+        )
+    if d.strategy != "ddp" and not cuda:
+        raise UserError.single(
+            "distributed.strategy", f"{d.strategy} shards the model across CUDA GPUs and there is none here: "
+            "use ddp (the default), which also runs on the CPU",
+        )
+    if cuda and world_size() > 1 and os.environ.get("LOCAL_WORLD_SIZE"):
+        local, gpus = int(os.environ["LOCAL_WORLD_SIZE"]), torch.cuda.device_count()
+        if local > gpus:
+            raise UserError.single(
+                "--nproc", f"{local} processes on this machine but {gpus} GPU(s): launch at most {gpus} per machine "
+                "(each process holds its own GPU; a 4-bit model cannot share or change devices)",
+            )
+    if d.strategy == "deepspeed":
+        deepspeed_stage(recipe)  # checks the file
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError.single("distributed.strategy", "deepspeed is not installed: pip install deepspeed")
+
+
+def deepspeed_stage(recipe) -> int:
+    """The ZeRO stage of distributed.deepspeed_config, checking the file on the way."""
+    where = "distributed.deepspeed_config"
+    path = Path(recipe.distributed.deepspeed_config).expanduser()
+    if not path.is_file():
+        raise UserError.single(where, f"file not found: {path}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError.single(where, f"{path} is not valid JSON ({exc}): see configs/deepspeed/zero3.json") from None
+    if not isinstance(config, dict):
+        raise UserError.single(where, f"{path} must hold a JSON object: see configs/deepspeed/zero3.json")
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3 and recipe.quant.storage_dtype == "uint8":
+        raise UserError.single(
+            "quant.storage_dtype", f"is uint8, but ZeRO-3 ({path.name}) partitions only float tensors: set it to "
+            f"{recipe.model.dtype} like model.dtype, or remove it (auto)",
+        )
+    return stage
+
+
+def init_process_group(cuda: bool):
+    """Join the launcher's process group now, before the data is prepared (accelerate's shared state,
+    so the Trainer later finds it ready). Returns None in a single process."""
+    if world_size() == 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not cuda)
+
+
+@contextmanager
+def main_process_first(state):
+    """Rank 0 prepares (and caches) the data first; the others then read its cache."""
+    with state.main_process_first() if state is not None else nullcontext():
+        yield
+
+
+def prepare_loading(recipe) -> None:
+    """Under FSDP, transformers loads the 4-bit weights on rank 0 and leaves the other ranks' copies
+    empty for FSDP to fill (sync_module_states); it reads that choice from the environment, which
+    `accelerate launch` sets but torchrun does not."""
+    if recipe.distributed.strategy == "fsdp":
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+
+
+def trainer_arguments(recipe) -> dict:
+    """SFTConfig keyword arguments for the strategy (pure: a function of the recipe and WORLD_SIZE)."""
+    d = recipe.distributed
+    if d.strategy == "fsdp":
+        return {
+            "fsdp": "full_shard auto_wrap" + (" offload" if d.fsdp_cpu_offload else ""),
+            "fsdp_config": {
+                # FSDP1, the path FSDP-QLoRA was built and documented on (PEFT, bitsandbytes): FSDP2
+                # turns Params4bit into plain tensors and loses their quantization state.
+                "version": 1,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # PEFT's policy is applied on top by the Trainer
+                "use_orig_params": False,  # what makes frozen 4-bit and trainable LoRA weights shard apart
+                "cpu_ram_efficient_loading": True,  # rank 0 loads, the others receive
+                "sync_module_states": True,
+                "state_dict_type": "SHARDED_STATE_DICT",  # checkpoints; the final adapter is gathered whole
+                "cpu_offload": d.fsdp_cpu_offload,
+            },
+            # Reentrant checkpointing, as PEFT's FSDP-QLoRA example runs it.
+            "gradient_checkpointing_kwargs": {"use_reentrant": True} if recipe.train.gradient_checkpointing else None,
+        }
+    if d.strategy == "deepspeed":
+        return {"deepspeed": str(Path(d.deepspeed_config).expanduser())}
+    if world_size() > 1:
+        # Every LoRA weight gets a gradient each step; searching the graph for unused ones costs a
+        # traversal per step (and breaks reentrant checkpointing).
+        return {"ddp_find_unused_parameters": False}
+    return {}
+
+
+def global_batch(recipe) -> int:
+    t = recipe.train
+    return t.batch_size * t.gradient_accumulation_steps * world_size()
+
+
+def fingerprint(model) -> str:
+    """A hash of this process's trainable weights: equal on every rank after a correct DDP run."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def gather_fingerprints(model) -> list[str]:
+    """Every rank's fingerprint, in rank order (all ranks must call this)."""
+    import torch.distributed as dist
+
+    mine = fingerprint(model)
+    if world_size() == 1 or not dist.is_initialized():
+        return [mine]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def agreed_signal(signum: int | None, device) -> int | None:
+    """The stop signal any rank has seen, on every rank (all ranks must call this at the same step).
+
+    A Ctrl-C reaches each process on its own, and not always within the same step. A rank that
+    stopped alone would wait forever for the others in the checkpoint barrier, while they wait
+    for it in the next gradient all-reduce.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1 or not dist.is_initialized():
+        return signum
+    tensor = torch.tensor([signum or 0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item()) or None
+
+
+def launch(nproc: int, train_args: list[str]) -> int:
+    """`qlora train ... --nproc N`: run `qlora train` in N processes through `accelerate launch`
+    (torchrun underneath) on this machine, and return the exit code of the launch.
+
+    One process per GPU when there are GPUs; N CPU processes (DDP over gloo) when there are none.
+    Multi-machine runs take an accelerate config instead: see configs/accelerate/.
+    """
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise UserError.single(
+            "--nproc", f"is {nproc}, but this machine has {torch.cuda.device_count()} GPU(s): one process per GPU "
+            "(a 4-bit model cannot share or change devices)",
+        )
+    with socket.socket() as sock:  # a free rendezvous port, so two runs on one machine do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", str(nproc), "--num_machines", "1", "--main_process_port", str(port),
+        # The recipe decides precision and compilation; the launcher's own defaults would only warn.
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        # accelerate's --cpu mode starts a single process; its multi-GPU launcher (torchrun) runs
+        # CPU processes too, and the Trainer then uses gloo (use_cpu).
+        "--multi_gpu",
+        "-m", "qlora_cli", "train", *train_args,
+    ]
+    # The launch runs in its own session, out of reach of the terminal's Ctrl-C: torchrun would
+    # otherwise take the signal too, kill the workers 30 s later whatever they were writing, and
+    # print its own traceback. Instead the first Ctrl-C (or SIGTERM) here writes the stop file,
+    # which every rank checks after each step (GracefulStop): they save a checkpoint, stop together
+    # and exit 0; the second kills the launch at once. Checkpoints are atomic either way.
+    import os
+    import tempfile
+
+    stop_file = Path(tempfile.mkdtemp(prefix="qlora-stop-")) / "stop"
+    process = subprocess.Popen(command, env={**os.environ, STOP_FILE_ENV: str(stop_file)}, start_new_session=True)
+    asked: list[int] = []
+
+    def on_signal(signum, frame):
+        asked.append(signum)
+        if len(asked) == 1:
+            stop_file.write_text(str(signum))
+        else:
+            os.killpg(process.pid, signal.SIGKILL)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop_file.unlink(missing_ok=True)
+        stop_file.parent.rmdir()
+    return 128 + asked[0] if asked else code
