@@ -74,6 +74,8 @@ def check_launch(recipe) -> None:
             f"{asked}: set distributed.strategy: {asked} (the recipe decides how the 4-bit model is stored and "
             "loaded), or launch with a config for " + d.strategy,
         )
+    if d.strategy == "deepspeed":
+        deepspeed_stage(recipe)  # the file, and what its stage needs of the recipe
     if d.strategy != "ddp" and not cuda:
         raise UserError.single(
             "distributed.strategy", f"{d.strategy} shards the model across CUDA GPUs and there is none here: "
@@ -87,7 +89,6 @@ def check_launch(recipe) -> None:
                 "(each process holds its own GPU; a 4-bit model cannot share or change devices)",
             )
     if d.strategy == "deepspeed":
-        deepspeed_stage(recipe)  # checks the file
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
@@ -146,10 +147,13 @@ def trainer_arguments(recipe) -> dict:
     d = recipe.distributed
     if d.strategy == "fsdp":
         return {
-            "fsdp": "full_shard auto_wrap" + (" offload" if d.fsdp_cpu_offload else ""),
+            "fsdp": True,
             "fsdp_config": {
-                # FSDP1, the path FSDP-QLoRA was built and documented on (PEFT, bitsandbytes): FSDP2
-                # turns Params4bit into plain tensors and loses their quantization state.
+                "reshard_after_forward": "full_shard",  # FSDP1's name for the sharding strategy
+                # FSDP1, the path FSDP-QLoRA was built and documented on (PEFT, bitsandbytes), still in
+                # the pinned transformers. FSDP2's fully_shard turns each Params4bit into a plain
+                # tensor and drops its quantization state (axolotl#2992); accelerate only works
+                # around that by not sharding uint8 weights at all (accelerate#3983).
                 "version": 1,
                 "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # PEFT's policy is applied on top by the Trainer
                 "use_orig_params": False,  # what makes frozen 4-bit and trainable LoRA weights shard apart

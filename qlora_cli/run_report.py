@@ -37,6 +37,12 @@ def render_summary_panel(summary: dict, recipe, run_dir: str) -> Panel:
         + (f", {efficiency:.1%} real tokens per batch ({'packed' if batching.get('packed') else 'padded'})"
            if efficiency is not None else "")
     ))
+    dist = summary.get("distributed", {})
+    if dist.get("world_size", 1) > 1:
+        same = {True: ", replicas identical", False: ", REPLICAS DIFFER"}.get(dist.get("replicas_identical"), "")
+        table.add_row("processes", escape(
+            f"{dist['world_size']} ({dist['strategy']}); global batch {dist['global_batch']} rows per optimizer step{same}"
+        ))
     table.add_row("results", escape(
         f"{summary['steps']} steps in {summary['runtime_s']:.1f}s; train loss {_g(summary.get('first_train_loss'))} "
         f"→ {_g(summary.get('last_train_loss'))}; eval loss {_g(summary.get('first_eval_loss'))} → "
