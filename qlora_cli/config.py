@@ -232,6 +232,16 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in the backward pass: much less memory, about 30% slower."
     )
+    liger_kernel: bool = Field(
+        False,
+        description="Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (less memory, faster on GPUs). Needs a CUDA "
+        "GPU and the liger extra: pip install 'qlora-cli[liger]'.",
+    )
+    torch_compile: bool = Field(
+        False,
+        description="Compile the model with torch.compile: faster steps after a compile of a minute or more at the "
+        "start (and again for each new sequence shape without packing).",
+    )
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for adapter init, data order and dropout.")
     logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and throughput every N steps.")
     eval_steps: int | None = Field(

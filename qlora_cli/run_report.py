@@ -43,8 +43,13 @@ def render_summary_panel(summary: dict, recipe, run_dir: str) -> Panel:
         table.add_row("processes", escape(
             f"{dist['world_size']} ({dist['strategy']}); global batch {dist['global_batch']} rows per optimizer step{same}"
         ))
+    speed = summary.get("throughput", {})
+    rate = f" ({speed['tokens_per_s']:,.0f} tokens/s" if speed.get("tokens_per_s") else ""
+    if rate and summary.get("device") == "cuda" and speed.get("model_tflops"):
+        rate += f", {speed['model_tflops']:.1f} model TFLOP/s"  # meaningful against a GPU's peak only
+    rate += ")" if rate else ""
     table.add_row("results", escape(
-        f"{summary['steps']} steps in {summary['runtime_s']:.1f}s; train loss {_g(summary.get('first_train_loss'))} "
+        f"{summary['steps']} steps in {summary['runtime_s']:.1f}s{rate}; train loss {_g(summary.get('first_train_loss'))} "
         f"→ {_g(summary.get('last_train_loss'))}; eval loss {_g(summary.get('first_eval_loss'))} → "
         f"{_g(summary.get('eval_loss'))}; peak memory {_memory(summary.get('peak_memory', {}))}"
     ))

@@ -104,6 +104,8 @@ def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template, resu
         eos_token=template.stop if template and template.stop else None,
         disable_tqdm=True,  # RichProgress replaces tqdm
         dataloader_pin_memory=cuda,
+        use_liger_kernel=t.liger_kernel,  # applied by the Trainer (layer kernels; TRL keeps its own fused LM head)
+        torch_compile=t.torch_compile,
     )
     # DDP, FSDP or DeepSpeed settings (distributed.py). use_cpu above is also what makes the Trainer
     # wrap the model in DDP over gloo on the CPU; without it each rank would train alone.
@@ -257,7 +259,7 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
         try:
             run.save_final(save_adapter, setup.tokenizer)
             summary = build_summary(run, trainer, output, final_eval, runtime, data_stats, setup.template,
-                                    setup.parameters)
+                                    setup.parameters, setup.model)
             summary["distributed"] = {
                 "strategy": recipe.distributed.strategy if distributed.world_size() > 1 else "single process",
                 "world_size": distributed.world_size(),
@@ -303,6 +305,7 @@ def preflight(recipe: Recipe, run: RunDir, overwrite: bool, resume: str | None, 
     check_trackers(recipe.train)
     check_compute_dtype(recipe.quant)
     distributed.check_launch(recipe)
+    check_speed_options(recipe.train)
     if remote_code_warning(recipe.model):
         warn(remote_code_warning(recipe.model))
     return checkpoint
@@ -415,6 +418,20 @@ def check_trackers(train_section) -> None:
         )
 
 
+def check_speed_options(train_section) -> None:
+    """Liger's kernels are Triton kernels: they need CUDA and the package (an optional extra)."""
+    if not train_section.liger_kernel:
+        return
+    from importlib.util import find_spec
+
+    if not torch.cuda.is_available():
+        raise UserError.single("train.liger_kernel", "Liger's kernels run on CUDA GPUs only and there is none here: "
+                               "set it to false")
+    if find_spec("liger_kernel") is None:
+        raise UserError.single("train.liger_kernel", "liger-kernel is not installed: pip install 'qlora-cli[liger]' "
+                               "(or liger-kernel), or set it to false")
+
+
 def check_compute_dtype(quant) -> None:
     """bf16 compute needs a GPU that has it (Ampere or newer); say so before loading 7B weights."""
     if quant.compute_dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
@@ -473,7 +490,7 @@ def final_evaluation(trainer) -> dict:
 
 
 def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float, data_stats, template,
-                  parameters: tuple[int, int]) -> dict:
+                  parameters: tuple[int, int], flops_model=None) -> dict:
     """The facts a user wants after a run, from metrics.jsonl and the trainer state."""
     metrics = run.read_metrics()
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -488,6 +505,7 @@ def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float
         "eval_loss": final_eval.get("eval_loss"),
         "runtime_s": round(runtime, 2),
         "tokens_seen": trainer.state.num_input_tokens_seen,
+        "throughput": throughput_figures(trainer, data_stats, runtime, flops_model),
         "trainable_params": parameters[0],
         "total_params": parameters[1],
         "template": template.name if template else None,
@@ -500,6 +518,20 @@ def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_dir": str(Path(run.path).resolve()),
     }
+
+
+def throughput_figures(trainer, data_stats, runtime: float, model) -> dict:
+    """Trained (non-padding) tokens per second over the whole training loop, all processes together,
+    and the model TFLOP/s that makes (throughput.py; shown on GPUs, where it compares with a peak)."""
+    from qlora_cli.throughput import achieved_tflops, flops_per_token
+
+    tokens = trainer.state.num_input_tokens_seen
+    out = {"tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None}
+    if model is not None and data_stats.train_rows:
+        per_token = flops_per_token(model, data_stats.train_tokens / data_stats.train_rows)
+        tflops = achieved_tflops(tokens, runtime, per_token)
+        out.update(flops_per_token=round(per_token), model_tflops=round(tflops, 3) if tflops is not None else None)
+    return out
 
 
 def trained_batching(trainer) -> dict:

@@ -1,0 +1,107 @@
+"""Speed options reach the trainer, and the run summary reports throughput (issue: performance)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import tiny_recipe
+from qlora_cli.errors import UserError
+
+
+def _recipe(tiny, tmp_path, *overrides):
+    from qlora_cli.config import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny, tmp_path / "run")))
+    return load_recipe(path, list(overrides))
+
+
+def _args(recipe, tmp_path):
+    from qlora_cli.rundir import RunDir
+    from qlora_cli.train import build_sft_config
+
+    return build_sft_config(recipe, RunDir(tmp_path / "run"), has_eval=True, template=None)
+
+
+def test_speed_defaults_are_the_safe_ones(tiny, tmp_path):
+    args = _args(_recipe(tiny, tmp_path, "train.gradient_checkpointing=true"), tmp_path)
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.use_liger_kernel is False and args.torch_compile is False
+    assert args.packing is False  # packing changes what a step is: opt in (data.packing)
+
+
+def test_packing_is_padding_free_best_fit(tiny, tmp_path):
+    from qlora_cli.rundir import RunDir
+    from qlora_cli.train import build_trainer
+
+    recipe = _recipe(tiny, tmp_path, "data.packing=true")
+    trainer = build_trainer(recipe, RunDir(tmp_path / "run"), display="quiet").trainer
+    assert trainer.args.packing is True and trainer.args.packing_strategy == "bfd"
+    # TRL turns best-fit packing into padding-free batches: one row, no pad tokens, position ids
+    # restarting at each example (which the attention keeps apart: tests/test_packing.py).
+    assert trainer.padding_free is True and trainer.data_collator.padding_free is True
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch
+    assert (batch["position_ids"] == 0).sum() > 1  # several examples in the one row
+
+
+def test_torch_compile_reaches_the_trainer(tiny, tmp_path):
+    args = _args(_recipe(tiny, tmp_path, "train.torch_compile=true"), tmp_path)
+    assert args.torch_compile is True
+
+
+def test_liger_reaches_the_trainer_and_is_refused_without_a_gpu(tiny, tmp_path, monkeypatch):
+    import torch
+
+    from qlora_cli.train import check_speed_options
+
+    recipe = _recipe(tiny, tmp_path, "train.liger_kernel=true")
+    assert _args(recipe, tmp_path).use_liger_kernel is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="train.liger_kernel: .*CUDA GPUs only"):
+        check_speed_options(recipe.train)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"pip install 'qlora-cli\[liger\]'"):
+        check_speed_options(recipe.train)
+
+
+def test_attention_choice_reaches_the_model_config(tiny, tmp_path):
+    from qlora_cli.modeling import load_base_model
+
+    for choice in ("eager", "sdpa"):
+        recipe = _recipe(tiny, tmp_path, f"model.attn_implementation={choice}")
+        model = load_base_model(recipe.model, recipe.quant)
+        assert model.config._attn_implementation == choice
+
+
+def test_flops_per_token_counts_qlora_arithmetic(tiny, tmp_path):
+    """4 FLOPs per frozen base weight, 6 per trained weight, plus attention scores: by hand."""
+    from qlora_cli.modeling import attach_lora, load_base_model
+    from qlora_cli.throughput import achieved_tflops, flops_per_token
+
+    recipe = _recipe(tiny, tmp_path)  # r=16 on all linear layers; embed_tokens and lm_head trained in full
+    model = attach_lora(load_base_model(recipe.model, recipe.quant), recipe.lora, gradient_checkpointing=False)
+    c = model.config
+    d, f, L, V, q, kv = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size, \
+        c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]  # q k v o gate up down: (in, out)
+    frozen = L * sum(i * o for i, o in shapes)
+    lora = L * sum(16 * (i + o) for i, o in shapes)
+    trained = lora + d * V  # the trained copy of lm_head (its frozen original never runs)
+    assert flops_per_token(model, 50) == 4 * frozen + 6 * trained + 12 * L * q * 50
+    assert achieved_tflops(10**6, 2.0, 3e6) == pytest.approx(1.5)
+    assert achieved_tflops(0, 2.0, 3e6) is None
+
+
+def test_summary_reports_throughput(tiny_run):
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    speed = summary["throughput"]
+    assert speed["tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["runtime_s"], rel=0.01)
+    assert speed["flops_per_token"] > 0 and speed["model_tflops"] == pytest.approx(
+        summary["tokens_seen"] * speed["flops_per_token"] / summary["runtime_s"] / 1e12, rel=0.01, abs=1e-3)
+    assert summary["data"]["batching"]["padding_efficiency"] > 0.5
+    assert set(summary["peak_memory"]) >= {"cpu_rss_gib"}
