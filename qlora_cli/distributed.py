@@ -62,6 +62,13 @@ def sharded(recipe) -> bool:
     return recipe.distributed.strategy in ("fsdp", "deepspeed")
 
 
+def sharded_model(model) -> bool:
+    """True once FSDP or DeepSpeed ZeRO-3 has split the model's parameters across processes."""
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()) or any(
+        hasattr(p, "ds_id") for p in model.parameters()
+    )
+
+
 def check_launch(recipe) -> None:
     """Problems with the strategy that only the launch environment shows. Run before loading anything."""
     import torch

@@ -53,6 +53,12 @@ def render_summary_panel(summary: dict, recipe, run_dir: str) -> Panel:
         f"→ {_g(summary.get('last_train_loss'))}; eval loss {_g(summary.get('first_eval_loss'))} → "
         f"{_g(summary.get('eval_loss'))}; peak memory {_memory(summary.get('peak_memory', {}))}"
     ))
+    weights = summary.get("model_memory") or {}
+    if weights.get("measured_bytes"):
+        table.add_row("4-bit model", escape(
+            f"{weights['measured_bytes'] / 2**20:,.2f} MiB measured vs {weights['theoretical_bytes'] / 2**20:,.2f} MiB "
+            f"in theory ({weights['bits_per_quantized_param']:.3f} bits per quantized weight)"
+        ))
     table.add_row("files", escape(f"{run_dir}/  (adapter, tokenizer, recipe.yaml, metrics.jsonl, loss.png, README.md)"))
     table.add_row("next", "\n".join(escape(c) for c in next_commands(run_dir)))
     return Panel(table, title="[green]qlora train: done[/]", title_align="left", expand=False)

@@ -514,10 +514,22 @@ def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float
         "device": trainer.model.device.type,
         "data": {**data_stats.to_dict(), "trained_batches": trained_batching(trainer)},
         "peak_memory": peak_memory(),  # progress.peak_memory: the same numbers the live display shows
+        "model_memory": model_memory(flops_model),
         "versions": library_versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_dir": str(Path(run.path).resolve()),
     }
+
+
+def model_memory(model) -> dict | None:
+    """The loaded 4-bit model's bytes, measured (every tensor, quantization constants included)
+    against theory (NF4 with double quantization at 4.127 bits per weight plus lookup tables, the
+    rest at its dtype): footprint.py. None for FSDP/DeepSpeed, which hold the model in shards."""
+    from qlora_cli.footprint import footprint
+
+    if model is None or distributed.sharded_model(model):
+        return None
+    return footprint(model)
 
 
 def throughput_figures(trainer, data_stats, runtime: float, model) -> dict:

@@ -105,3 +105,8 @@ def test_summary_reports_throughput(tiny_run):
         summary["tokens_seen"] * speed["flops_per_token"] / summary["runtime_s"] / 1e12, rel=0.01, abs=1e-3)
     assert summary["data"]["batching"]["padding_efficiency"] > 0.5
     assert set(summary["peak_memory"]) >= {"cpu_rss_gib"}
+    # The 4-bit model as loaded, measured tensor by tensor, against NF4 + double-quant theory.
+    weights = summary["model_memory"]
+    assert weights["double_quant"] is True and weights["quantized_params"] == 73_728  # 2 layers x (q, k, v, o, gate, up, down)
+    assert weights["ratio"] == pytest.approx(1.0, abs=0.03)
+    assert weights["bits_per_quantized_param"] == pytest.approx(4.127, abs=0.01)
