@@ -191,6 +191,8 @@ def main() -> None:
         "mean_train_loss": output.training_loss,
         "first_eval_loss": evals[0] if evals else None,
         "eval_loss": evals[-1] if evals else None,
+        # What qlora's summary reports as peak_memory.gpu_allocated_gib (bench_gpu.py compares them).
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
