@@ -98,9 +98,10 @@ class GracefulStop(TrainerCallback):
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None and time.monotonic() - self._first < 1.0:
+        if self.signum is not None and distributed.world_size() > 1 and time.monotonic() - self._first < 1.0:
             # torchrun and accelerate launch forward the terminal's Ctrl-C to workers that already
-            # got it from the terminal: the same press, not a second one.
+            # got it from the terminal: the same press, not a second one. (A single process has no
+            # such echo, so there a second press counts however fast it comes.)
             return
         if self.signum is not None:
             self.uninstall()

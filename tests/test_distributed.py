@@ -95,7 +95,8 @@ def test_two_processes_train_one_model_into_one_run_directory(ddp_runs):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == sorted(set(steps)) and steps[-1] == 40  # each step logged once, across the stop
-    assert "processes  2 (ddp); global batch 18 rows per optimizer step, replicas identical" in resumed.stderr
+    panel = " ".join(resumed.stderr.replace("│", " ").split())  # the end panel, its line wrapping undone
+    assert "processes 2 (ddp); global batch 18 rows per optimizer step, replicas identical" in panel
 
 
 def test_sigint_stops_every_rank_at_one_checkpoint_and_resume_continues(ddp_runs):
