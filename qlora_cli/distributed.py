@@ -134,6 +134,42 @@ def init_process_group(cuda: bool):
 
 
 @contextmanager
+def leaving_together():
+    """Leave the launcher's process group explicitly, and together, however `train` ends.
+
+    A process that exits still in the group can die in interpreter teardown: gloo's worker
+    threads still hold tensors whose release needs the GIL, and the process aborts (SIGABRT,
+    pytorch/pytorch#179291). The launcher then kills the other ranks and the run exits 1 after
+    all its work was saved. So on a normal end, and on a graceful stop (which every rank reaches
+    at the same step), the ranks first wait for each other, then each destroys its group. On an
+    error only one rank may have seen, nobody waits (the others might never arrive).
+    """
+    from qlora_cli.errors import StoppedRun
+
+    together = True
+    try:
+        yield
+    except StoppedRun as exc:
+        together = exc.graceful
+        raise
+    except BaseException:
+        together = False
+        raise
+    finally:
+        _leave(together)
+
+
+def _leave(together: bool) -> None:
+    import torch.distributed as dist
+
+    if world_size() == 1 or not dist.is_available() or not dist.is_initialized():
+        return
+    if together:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+@contextmanager
 def main_process_first(state):
     """Rank 0 prepares (and caches) the data first; the others then read its cache."""
     with state.main_process_first() if state is not None else nullcontext():

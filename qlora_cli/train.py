@@ -179,6 +179,11 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     `resume` ("latest" or a checkpoint path) continues the run in the run directory from a whole
     checkpoint; `resume_command` is what to tell the user if this run is interrupted.
     """
+    with distributed.leaving_together():  # under a launcher: every rank leaves the process group cleanly
+        return _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command)
+
+
+def _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command) -> TrainResult:
     from qlora_cli.trainer import GracefulStop, NonFiniteLoss
 
     recipe = with_output_dir(recipe, output_dir)

@@ -267,3 +267,36 @@ def test_nproc_checks_the_recipe_before_launching_anything(write_recipe, tmp_pat
     assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
     result = qlora_main("train", write_recipe(), "--nproc", "0")
     assert result.returncode == 2 and "--nproc" in result.stderr
+
+
+@pytest.mark.parametrize("ending, waits", [("returns", True), ("graceful stop", True), ("second signal", False),
+                                           ("error", False)])
+def test_every_rank_leaves_the_process_group_and_waits_only_when_all_will_arrive(monkeypatch, tmp_path, ending, waits):
+    """A rank that exits still in a gloo group can abort in interpreter teardown (pytorch#179291),
+    and the launcher then fails the whole run; a rank that waited after an error only it saw would
+    hang. A one-member gloo group stands in for the launcher's."""
+    import torch.distributed as dist
+
+    from qlora_cli import distributed
+    from qlora_cli.errors import StoppedRun
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what a launcher sets; the group below has one member
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    barriers = []
+    real_barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (barriers.append(1), real_barrier(*a, **k)))
+    raised = {"returns": None, "graceful stop": StoppedRun(130, "stopped", graceful=True),
+              "second signal": StoppedRun(130, "stopped at once"), "error": OSError("disk full")}[ending]
+    try:
+        with distributed.leaving_together():
+            if raised is not None:
+                raise raised
+    except (StoppedRun, OSError) as exc:
+        assert exc is raised  # passed on unchanged
+    else:
+        assert raised is None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+            pytest.fail("the process group was left initialized")
+    assert barriers == ([1] if waits else [])
