@@ -15,7 +15,9 @@ Measured, medians over --repeats:
     same run (interpreter start excluded);
   - train: the time inside trainer.train() (qlora: `runtime_s` in RUN/summary.json; baseline: its
     own train_s);
-  - cpu: user + system CPU seconds of each process (corroboration: less sensitive to other load).
+  - cpu: user + system CPU seconds of each process (corroboration: less sensitive to other load);
+  - paired: the same three as the median (and quartiles) of each repeat's qlora/baseline ratio,
+    whose two runs were back to back.
 Target: tool/baseline <= 1.05 for wall and train. Also checks that both trained the same tokens.
 
 Other processes on a small machine can slow one run by several times, which no number of repeats
@@ -119,7 +121,16 @@ def summarise(tool: list[dict], base: list[dict], interp: list[float], max_forei
         "train": (med(tool_used, "train_s"), med(base_used, "train_s")),
         "cpu": (med(tool_used, "cpu_s"), med(base_used, "cpu_s")),
     }
+    # Each repeat's two runs were back to back, so their ratio cancels slow drifts in the machine's
+    # speed; the spread of these ratios shows how far one repeat can be trusted.
+    pairs = [(t, b) for t, b in zip(tool, base)
+             if not use_clean or max(t["foreign_cores"], b["foreign_cores"]) <= max_foreign] or list(zip(tool, base))
+    keys = {"wall": ("wall_s", start), "train": ("train_s", 0.0), "cpu": ("cpu_s", 0.0)}
+    paired = {k: sorted((t[key] - minus) / (b[key] - minus) for t, b in pairs) for k, (key, minus) in keys.items()}
     return {
+        "paired_ratio": {k: {"median": round(statistics.median(v), 4), "quartiles": [round(q, 4) for q in
+                             statistics.quantiles(v, n=4)] if len(v) > 1 else None, "pairs": len(v)}
+                         for k, v in paired.items()},
         "runs_used": {"qlora": len(tool_used), "baseline": len(base_used),
                       "which": f"runs with other load <= {max_foreign} cores" if use_clean else "all (too few clean runs)"},
         "python_start_s": round(start, 4),
@@ -186,7 +197,9 @@ def main() -> None:
     for key, label in labels.items():
         q, b = summary[f"{key}_s"]["qlora"], summary[f"{key}_s"]["baseline"]
         verdict = f" (target <= {TARGET}): {'met' if met[key] else 'NOT met'}" if key in met else ""
-        print(f"{label}: qlora {q:.2f} s, baseline {b:.2f} s: ratio {q / b:.3f}{verdict}")
+        pr = summary["paired_ratio"][key]
+        print(f"{label}: qlora {q:.2f} s, baseline {b:.2f} s: ratio {q / b:.3f}{verdict}; "
+              f"per-repeat ratios: median {pr['median']:.3f}, quartiles {pr['quartiles']}")
 
 
 if __name__ == "__main__":
