@@ -222,6 +222,26 @@ def global_batch(recipe) -> int:
     return t.batch_size * t.gradient_accumulation_steps * world_size()
 
 
+def checkpoint_world_size(checkpoint: Path) -> int | None:
+    """How many processes wrote a checkpoint: transformers saves one RNG state per process
+    (rng_state_<rank>.pth), or a single rng_state.pth without a launcher. None if it has neither."""
+    ranks = len(list(checkpoint.glob("rng_state_*.pth")))
+    return ranks or (1 if (checkpoint / "rng_state.pth").is_file() else None)
+
+
+def resume_world_size_warning(checkpoint: Path, recipe) -> str | None:
+    """A resume with another number of processes works but does not continue exactly: say why."""
+    before, now = checkpoint_world_size(checkpoint), world_size()
+    if before is None or before == now:
+        return None
+    per_process = recipe.train.batch_size * recipe.train.gradient_accumulation_steps
+    again = f"`--nproc {before}` (or the same launcher)" if before > 1 else "one process (no --nproc, no launcher)"
+    return (f"{checkpoint.name} was written by {before} process(es) and this run has {now}: the global batch changes "
+            f"from {per_process * before} to {per_process * now} rows per step, and the batches skipped to reach "
+            f"that step are not the ones trained before, so some rows of this epoch will be trained twice and "
+            f"others not at all. To continue exactly, resume with {again}")
+
+
 def fingerprint(model) -> str:
     """A hash of this process's trainable weights: equal on every rank after a correct DDP run."""
     digest = hashlib.sha256()

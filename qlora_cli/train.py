@@ -386,7 +386,10 @@ def resume_point(run: RunDir, recipe: Recipe, resume: str, warn) -> Path:
                 "--resume", f"{resume} is not a checkpoint of {run.path}: resume a run in its own directory "
                 "(--output-dir RUN)",
             )
-    return find_resume_point(run.checkpoints, explicit, warn)
+    checkpoint = find_resume_point(run.checkpoints, explicit, warn)
+    if message := distributed.resume_world_size_warning(checkpoint, recipe):
+        warn(message)
+    return checkpoint
 
 
 def _changed_keys(a, b, prefix: str = "") -> list[str]:

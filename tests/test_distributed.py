@@ -116,6 +116,28 @@ def test_sigint_stops_every_rank_at_one_checkpoint_and_resume_continues(ddp_runs
     assert problem(checkpoint, hashes=True) is None
 
 
+@pytest.mark.parametrize("which, world, warned", [("2 processes", "1", "from 18 to 9 rows per step"),
+                                                   ("2 processes", "2", None),
+                                                   ("1 process", "2", "from 18 to 36 rows per step")])
+def test_resuming_with_another_number_of_processes_is_warned_about(ddp_runs, monkeypatch, which, world, warned):
+    from qlora_cli.config import load_recipe
+    from qlora_cli.rundir import RECIPE, RunDir
+    from qlora_cli.train import preflight
+
+    run = ddp_runs[0] if which == "2 processes" else ddp_runs[2]
+    monkeypatch.setenv("WORLD_SIZE", world)
+    warnings = []
+    checkpoint = preflight(load_recipe(run / RECIPE), RunDir(run), False, "latest", warnings.append)
+    assert checkpoint.name == "checkpoint-40"
+    if warned is None:
+        assert warnings == []
+    else:
+        before = 2 if which == "2 processes" else 1
+        [message] = warnings
+        assert f"written by {before} process(es) and this run has {world}" in message and warned in message
+        assert ("--nproc 2" if before == 2 else "one process") in message
+
+
 def test_two_processes_match_one_process_at_twice_the_batch(ddp_runs):
     run, _, single, _ = ddp_runs
     # accelerate splits each global batch between the ranks, and the loss is averaged over all
