@@ -212,15 +212,29 @@ def disable_cpu_weight_repacking(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(model, lora, gradient_checkpointing: bool):
+def attach_lora(model, lora, gradient_checkpointing: bool, upcast: bool = True):
     """Prepare the quantized model for training and wrap it with fresh LoRA adapters.
 
     `prepare_model_for_kbit_training` freezes the base, upcasts the small unquantized layers
     (norms, embeddings) to fp32 for stable training, and turns on gradient checkpointing.
+
+    upcast=False (FSDP, DeepSpeed): the same without the upcast. FSDP flattens each wrapped
+    decoder layer into one tensor of one dtype, so its norms must stay in the dtype the 4-bit
+    weights are stored in; fp32 norms beside bf16 storage fail with "Must flatten tensors with
+    uniform dtype" (TRL#1654, axolotl#1494). The LoRA layers are wrapped on their own (PEFT's
+    wrap policy), so they may stay fp32.
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if upcast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if gradient_checkpointing:
+            # As prepare_model_for_kbit_training does (transformers also makes the embeddings'
+            # output require grad, without which reentrant checkpointing gives the adapters none).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     try:
         peft_model = get_peft_model(model, build_lora_config(lora))
     except ValueError as exc:  # e.g. a target module name that matches nothing

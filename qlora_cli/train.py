@@ -151,7 +151,8 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
     # No KV cache in training: it is useless there, and with one, transformers ignores packed
     # position ids and lets packed examples attend to each other (tests/test_packing.py).
     model.config.use_cache = False
-    model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing,
+                        upcast=not distributed.sharded(recipe))  # sharded: one dtype per FSDP unit
 
     # SFTTrainer owns the loop, checkpointing, mixed precision and distributed launch; the
     # subclass only makes checkpoints atomic and stops on a non-finite loss (trainer.py).

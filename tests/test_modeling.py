@@ -92,3 +92,25 @@ def test_an_evaluation_does_not_change_training_gradients(tiny):
     for name, grad in reference.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(after_eval[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_sharded_training_keeps_one_frozen_dtype_and_still_trains_the_adapters(tiny, upcast):
+    """FSDP flattens each decoder layer into one tensor of one dtype. Under fsdp/deepspeed the
+    4-bit weights are stored in bf16 (quant.storage_dtype auto), so the norms must stay bf16 too:
+    PEFT's usual fp32 upcast would fail FSDP's wrapping. Gradients must still reach every adapter
+    through reentrant gradient checkpointing."""
+    base = load_base_model(ModelSection(name_or_path=str(tiny / "model"), dtype="bfloat16"),
+                           QuantSection(compute_dtype="bfloat16", storage_dtype="bfloat16"))
+    model = attach_lora(base, LoraSection(r=4, dropout=0.0), gradient_checkpointing=True, upcast=upcast)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == ({torch.bfloat16, torch.float32} if upcast else {torch.bfloat16})
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    model.train()
+    ids = torch.tensor([[1, 20, 30, 40, 50, 2]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
