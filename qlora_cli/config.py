@@ -277,6 +277,11 @@ class DistributedSection(Section):
         "left as \"auto\" there: the recipe sets them.",
     )
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP and DeepSpeed split the model across processes; DDP keeps a whole replica in each."""
+        return self.strategy in ("fsdp", "deepspeed")
+
 
 class OutputSection(Section):
     """Where the run directory goes."""
@@ -305,8 +310,7 @@ class Recipe(Section):
         # (bnb_4bit_quant_storage), so under those strategies the container is the model's dtype.
         # Resolved here so recipe.yaml records the concrete value the run used.
         if self.quant.storage_dtype == "auto":
-            sharded = self.distributed.strategy in ("fsdp", "deepspeed")
-            self.quant.storage_dtype = self.model.dtype if sharded else "uint8"
+            self.quant.storage_dtype = self.model.dtype if self.distributed.sharded else "uint8"
         return self
 
     def to_yaml(self) -> str:

@@ -27,7 +27,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from qlora_cli.errors import UserError
+from qlora_cli.errors import StoppedRun, UserError
 
 
 # Set by `qlora train --nproc` for the processes it launches: the file it writes to ask them to stop.
@@ -55,11 +55,6 @@ def launcher_strategy() -> str | None:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in truthy:
         return "deepspeed"
     return None
-
-
-def sharded(recipe) -> bool:
-    """FSDP and DeepSpeed place the model themselves; DDP keeps a whole replica per process."""
-    return recipe.distributed.strategy in ("fsdp", "deepspeed")
 
 
 def sharded_model(model) -> bool:
@@ -144,8 +139,6 @@ def leaving_together():
     at the same step), the ranks first wait for each other, then each destroys its group. On an
     error only one rank may have seen, nobody waits (the others might never arrive).
     """
-    from qlora_cli.errors import StoppedRun
-
     together = True
     try:
         yield
@@ -292,6 +285,7 @@ def launch(nproc: int, train_args: list[str]) -> int:
     import socket
     import subprocess
     import sys
+    import tempfile
 
     import torch
 
@@ -318,9 +312,6 @@ def launch(nproc: int, train_args: list[str]) -> int:
     # print its own traceback. Instead the first Ctrl-C (or SIGTERM) here writes the stop file,
     # which every rank checks after each step (GracefulStop): they save a checkpoint, stop together
     # and exit 0; the second kills the launch at once. Checkpoints are atomic either way.
-    import os
-    import tempfile
-
     stop_file = Path(tempfile.mkdtemp(prefix="qlora-stop-")) / "stop"
     process = subprocess.Popen(command, env={**os.environ, STOP_FILE_ENV: str(stop_file)}, start_new_session=True)
     asked: list[int] = []

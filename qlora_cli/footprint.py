@@ -124,7 +124,7 @@ def bits_per_quantized_param(model, measured: bool = True) -> float:
     if not n:
         return 0.0
     if measured:
-        tensors = [p for p in quantized]
+        tensors = list(quantized)
         for p in quantized:
             s = p.quant_state
             tensors.append(s.absmax)

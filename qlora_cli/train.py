@@ -147,12 +147,12 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
         )
     train_ds, eval_ds = prepared.for_trainer()
     distributed.prepare_loading(recipe)
-    model = load_base_model(recipe.model, recipe.quant, place=not distributed.sharded(recipe))
+    model = load_base_model(recipe.model, recipe.quant, place=not recipe.distributed.sharded)
     # No KV cache in training: it is useless there, and with one, transformers ignores packed
     # position ids and lets packed examples attend to each other (tests/test_packing.py).
     model.config.use_cache = False
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing,
-                        upcast=not distributed.sharded(recipe))  # sharded: one dtype per FSDP unit
+                        upcast=not recipe.distributed.sharded)  # sharded: one dtype per FSDP unit
 
     # SFTTrainer owns the loop, checkpointing, mixed precision and distributed launch; the
     # subclass only makes checkpoints atomic and stops on a non-finite loss (trainer.py).
@@ -247,7 +247,7 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
     runtime = time.perf_counter() - started
     replicas = replica_check(recipe, trainer, warn)  # every rank takes part
     final_eval = final_evaluation(trainer) if setup.data.val is not None else {}
-    if distributed.sharded(recipe):
+    if recipe.distributed.sharded:
         # FSDP/DeepSpeed hold the adapter in shards: every rank takes part in gathering it whole.
         if trainer.is_fsdp_enabled:
             trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
