@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from qlora_cli.config import DataSection, ModelSection
-from qlora_cli.data.pipeline import IGNORE_INDEX, build_datasets
+from qlora_cli.data.pipeline import IGNORE_INDEX, _column, batching_efficiency, build_datasets
 from qlora_cli.data.templates import apply_template, resolve_template
 from qlora_cli.errors import UserError
 from qlora_cli.modeling import load_tokenizer
@@ -371,6 +372,33 @@ def test_length_and_batching_statistics(tok, tmp_path):
     assert b["packed_rows"] <= 30 / 2 and b["packed_batches_per_epoch"] < b["batches_per_epoch"]
     assert b["packing_efficiency"] == pytest.approx(sum(lengths) / (b["packed_rows"] * 128), abs=1e-4)
     assert 0 < b["padding_efficiency"] <= 1
+
+
+def test_packing_statistics_equal_what_trl_packs_from_the_real_token_ids(tok, tmp_path):
+    # The statistics pack rows of the right lengths (not the token ids); over 1,000 rows TRL packs
+    # each map batch of 1,000 separately, so the row order must also be the trainer's for the counts
+    # to agree. Lengths vary (1 to 40 words) so that the bins depend on which rows share a batch.
+    from trl import pack_dataset
+
+    rows = [{"instruction": "Say " + " ".join(["apple"] * (1 + i % 40)), "input": "", "output": f"apple {i}"}
+            for i in range(2300)]
+    data = _data(_write(tmp_path / "d.jsonl", rows), max_seq_len=128, val_size=0.1)
+    p = build(data, tok)
+    for max_len in (128, 512):
+        trl_packed = pack_dataset(p.train.select_columns(["input_ids"]), max_len, "bfd")
+        stats = batching_efficiency(np.minimum(_column(p.train, "length"), max_len), max_len, 8, seed=0)
+        assert stats["packed_rows"] == len(trl_packed)
+    assert p.stats.batching["packed_rows"] == len(pack_dataset(p.train.select_columns(["input_ids"]), 128, "bfd"))
+
+
+def test_a_column_is_read_in_the_order_select_and_shuffle_set():
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"n": list(range(50)), "s": [str(i) for i in range(50)]})
+    picked = ds.shuffle(seed=3).select([4, 4, 0, 49, 17])
+    assert _column(picked, "n").tolist() == picked["n"][:]
+    assert _column(picked, "s") == picked["s"][:]
+    assert _column(ds, "n").tolist() == list(range(50))
 
 
 # ---------------------------------------------------------------------------------------------
