@@ -322,9 +322,10 @@ def estimate(
     recipe: str = typer.Argument(..., help="Path to the YAML recipe."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory to fit in, e.g. 24GB (default: this GPU's, if any)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    nproc: int = typer.Option(1, "--nproc", help="GPUs (one process each) the run will use; the figures are per GPU, under distributed.strategy."),
     as_json: bool = typer.Option(False, "--json", help="Print the breakdown as JSON on stdout."),
 ):
-    """Predict peak training memory from the recipe and the model's config.json (no weights downloaded)."""
+    """Predict peak training memory per GPU from the recipe and the model's config.json (no weights downloaded)."""
     import torch
     from rich.table import Table
 
@@ -335,28 +336,36 @@ def estimate(
     from qlora_cli.progress import format_memory
 
     _quiet_libraries()
+    if nproc < 1:
+        raise UserError.single("--nproc", f"is {nproc}: give the number of GPUs, 1 or more")
     r = load_recipe(recipe, set_ or [])
     check_model_path(r.model)
     budget = parse_size(gpu_memory, "--gpu-memory") if gpu_memory else (
         torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
     try:
-        est = run_estimate(r)
+        est = run_estimate(r, nproc=nproc)
     except (OSError, ValueError) as exc:
         raise UserError.single("model.name_or_path", f"could not read the model's config.json: {str(exc).splitlines()[0]}") from None
     fits = None if budget is None else est.total <= budget
     if as_json:
         typer.echo(json.dumps({"parts_bytes": est.parts, "total_bytes": est.total, "budget_bytes": budget, "fits": fits,
+                               "nproc": nproc, "strategy": r.distributed.strategy, "cpu_ram_bytes": est.offloaded,
                                "quantized_params": est.quantized_params, "other_params": est.other_params,
                                "trainable_params": est.trainable_params, "notes": est.notes}, indent=2))
         return
-    table = Table(title=f"estimated peak training memory: {r.model.name_or_path}", title_justify="left")
+    per_gpu = f" per GPU ({nproc} GPUs, {r.distributed.strategy})" if nproc > 1 else ""
+    table = Table(title=f"estimated peak training memory{per_gpu}: {r.model.name_or_path}", title_justify="left")
     table.add_column("part")
     table.add_column("memory", justify="right")
     for label, value in est.parts.items():
         table.add_row(label, format_memory(value / GIB))
     table.add_row("[bold]total[/]", f"[bold]{format_memory(est.total / GIB)}[/]")
+    for label, value in est.offloaded.items():
+        table.add_row(f"[dim]{label} (in CPU RAM, not counted)[/]", f"[dim]{format_memory(value / GIB)}[/]")
     out = Console(highlight=False)
     out.print(table)
+    for note in est.notes:
+        out.print(f"[dim]{escape(note)}[/]", soft_wrap=True)
     out.print(f"{est.quantized_params:,} parameters in 4 bits, {est.other_params:,} in full precision, "
               f"{est.trainable_params:,} trainable; batch {r.train.batch_size} x {r.data.max_seq_len} tokens, "
               f"gradient checkpointing {'on' if r.train.gradient_checkpointing else 'off'}", soft_wrap=True)
@@ -366,7 +375,7 @@ def estimate(
         out.print(f"[green]fits[/] in {budget / GIB:.1f} GiB ({est.total / budget:.0%} of it)")
     else:
         out.print(f"[red]does not fit[/] in {budget / GIB:.1f} GiB ({est.total / budget:.0%} of it). To lower it:")
-        for line in suggestions(r, est):
+        for line in suggestions(r, est, nproc):
             out.print(f"  - {escape(line)}", soft_wrap=True)
 
 

@@ -99,6 +99,18 @@ def check_launch(recipe) -> None:
 
 def deepspeed_stage(recipe) -> int:
     """The ZeRO stage of distributed.deepspeed_config, checking the file on the way."""
+    path = Path(recipe.distributed.deepspeed_config).expanduser()
+    stage = (read_deepspeed_config(recipe).get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3 and recipe.quant.storage_dtype == "uint8":
+        raise UserError.single(
+            "quant.storage_dtype", f"is uint8, but ZeRO-3 ({path.name}) partitions only float tensors: set it to "
+            f"{recipe.model.dtype} like model.dtype, or remove it (auto)",
+        )
+    return stage
+
+
+def read_deepspeed_config(recipe) -> dict:
+    """distributed.deepspeed_config as a dict; a missing or malformed file is a UserError naming it."""
     where = "distributed.deepspeed_config"
     path = Path(recipe.distributed.deepspeed_config).expanduser()
     if not path.is_file():
@@ -109,13 +121,7 @@ def deepspeed_stage(recipe) -> int:
         raise UserError.single(where, f"{path} is not valid JSON ({exc}): see configs/deepspeed/zero3.json") from None
     if not isinstance(config, dict):
         raise UserError.single(where, f"{path} must hold a JSON object: see configs/deepspeed/zero3.json")
-    stage = (config.get("zero_optimization") or {}).get("stage", 0)
-    if stage == 3 and recipe.quant.storage_dtype == "uint8":
-        raise UserError.single(
-            "quant.storage_dtype", f"is uint8, but ZeRO-3 ({path.name}) partitions only float tensors: set it to "
-            f"{recipe.model.dtype} like model.dtype, or remove it (auto)",
-        )
-    return stage
+    return config
 
 
 def init_process_group(cuda: bool):

@@ -20,6 +20,12 @@ The parts, in bytes:
     fp32 logits and their gradient come on top (large for big vocabularies);
   - a fixed runtime overhead (CUDA context and allocator slack).
 
+With `nproc` GPUs the figures are per GPU. Under DDP each GPU holds all of the above, plus the
+gradient buckets DDP all-reduces through. Under FSDP or DeepSpeed ZeRO each GPU keeps 1/nproc of
+what the strategy partitions (ZeRO-1 the optimizer state, ZeRO-2 also the gradients, ZeRO-3 and FSDP
+also the weights, held in the storage dtype without the fp32 upcast), all of the quantization
+constants, and the weights it gathers while computing; CPU offload moves the partitioned parts to RAM.
+
 The weight part is checked against the measured footprint of real loads (scripts/bench_estimate.py);
 the activation part is an engineering approximation, stated as such in the README.
 """
@@ -42,7 +48,9 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 @dataclass
 class Estimate:
-    parts: dict[str, float] = field(default_factory=dict)  # label -> bytes
+    parts: dict[str, float] = field(default_factory=dict)  # label -> bytes on each GPU
+    offloaded: dict[str, float] = field(default_factory=dict)  # label -> bytes each process keeps in CPU RAM
+    weights: float = 0.0  # the whole base model's footprint once loaded in one process: checked against measurements
     quantized_params: int = 0
     other_params: int = 0
     trainable_params: int = 0
@@ -52,19 +60,35 @@ class Estimate:
     def total(self) -> float:
         return sum(self.parts.values())
 
-    @property
-    def weights(self) -> float:
-        """The base model's footprint once loaded: the part checked against measurements."""
-        return self.parts["NF4 weights + quantization constants"] + self.parts["unquantized base weights (fp32)"]
-
 
 def nf4_bytes(n: int, double_quant: bool) -> float:
+    return n / 2 + nf4_constants(n, double_quant)
+
+
+def nf4_constants(n: int, double_quant: bool) -> float:
+    """One absmax per 64-weight block: 8 bits plus an fp32 per 256 blocks with double quant, else fp32."""
     blocks = n / BLOCK
-    scales = blocks * 1 + blocks / DQ_BLOCK * 4 if double_quant else blocks * 4
-    return n / 2 + scales
+    return blocks * 1 + blocks / DQ_BLOCK * 4 if double_quant else blocks * 4
 
 
-def estimate(recipe, gpu: bool = True) -> Estimate:
+@dataclass
+class _Inventory:
+    """The base model's parameters, counted by where they sit: what sharding needs to know."""
+
+    quantized: int = 0  # parameters held in 4 bits
+    other: int = 0  # parameters kept in full precision (embeddings, norms, lm_head)
+    per_layer: dict = field(default_factory=dict)  # decoder layer index -> [quantized, other]
+
+    def largest_layer(self) -> tuple[int, int]:
+        return max(self.per_layer.values(), key=lambda qo: qo[0] / 2 + qo[1], default=(0, 0))
+
+    def outside_layers(self) -> int:
+        """Full-precision parameters outside the decoder layers (embeddings, lm_head, final norm)."""
+        return self.other - sum(o for _, o in self.per_layer.values())
+
+
+def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
+    """Peak memory on each of `nproc` GPUs (one process each) under recipe.distributed.strategy."""
     import bitsandbytes as bnb
     import torch
     from transformers import AutoConfig
@@ -78,41 +102,33 @@ def estimate(recipe, gpu: bool = True) -> Estimate:
     quantized_names = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
     tied = getattr(model, "all_tied_weights_keys", None)
     est = Estimate()
+    inv = _Inventory()
     seen = set()
-    quantized_bytes = other = 0
     for name, p in model.named_parameters(remove_duplicate=True):
         if id(p) in seen:
             continue
         seen.add(id(p))
-        if name in quantized_names:
-            est.quantized_params += p.numel()
-            quantized_bytes += nf4_bytes(p.numel(), q.double_quant)
+        quantized = name in quantized_names
+        if quantized:
+            inv.quantized += p.numel()
         else:
-            est.other_params += p.numel()
-            other += p.numel() * 4
-    est.parts["NF4 weights + quantization constants"] = quantized_bytes
-    est.parts["unquantized base weights (fp32)"] = other
-
-    # Trainable: LoRA factors on the targeted linear layers, plus full copies of modules_to_save.
-    linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
-    if lora.target_modules == "all-linear":
-        targets = [n for n in linears if f"{n}.weight" in quantized_names]
-    else:
-        targets = [n for n in linears if n.split(".")[-1] in lora.target_modules]
-    trainable = sum(lora.r * (linears[n].in_features + linears[n].out_features) for n in targets)
-    if lora.use_dora:
-        trainable += sum(linears[n].out_features for n in targets)
-    modules = dict(model.named_modules())
-    for wanted in lora.modules_to_save:
-        for name, mod in modules.items():
-            if name.split(".")[-1] == wanted:
-                trainable += sum(p.numel() for p in mod.parameters())
+            inv.other += p.numel()
+        layer = _layer_index(name)
+        if layer is not None:
+            inv.per_layer.setdefault(layer, [0, 0])[0 if quantized else 1] += p.numel()
+    est.quantized_params, est.other_params = inv.quantized, inv.other
+    # One process: peft's prepare_model_for_kbit_training upcasts the unquantized layers to fp32.
+    est.weights = nf4_bytes(inv.quantized, q.double_quant) + inv.other * 4
+    trainable = _trainable_params(recipe, model, quantized_names)
     est.trainable_params = trainable
-    est.parts["trainable parameters (fp32)"] = trainable * 4
-    est.parts["gradients (fp32)"] = trainable * 4
-    est.parts[f"optimizer state ({t.optimizer})"] = trainable * OPTIMIZER_BYTES[t.optimizer]
 
-    # Activations, per micro-batch of batch_size x max_seq_len tokens, in the compute dtype.
+    if recipe.distributed.sharded:  # even in one process: no fp32 upcast, weights in the storage dtype
+        _sharded(est, inv, recipe, nproc)
+    else:
+        _replicated(est, inv, recipe, nproc)
+
+    # Activations, per micro-batch of batch_size x max_seq_len tokens, in the compute dtype: the same
+    # on every GPU whatever the strategy (batch_size is per device).
     tokens = t.batch_size * d.max_seq_len
     act = DTYPE_BYTES[q.compute_dtype]
     hidden = config.hidden_size
@@ -134,10 +150,104 @@ def estimate(recipe, gpu: bool = True) -> Estimate:
     return est
 
 
-def suggestions(recipe, est: Estimate) -> list[str]:
+def _replicated(est: Estimate, inv: _Inventory, recipe, nproc: int) -> None:
+    """One process, or DDP: every GPU holds the whole 4-bit model, adapters and optimizer state."""
+    q, t = recipe.quant, recipe.train
+    trainable = est.trainable_params
+    est.parts["NF4 weights + quantization constants"] = nf4_bytes(inv.quantized, q.double_quant)
+    est.parts["unquantized base weights (fp32)"] = inv.other * 4
+    est.parts["trainable parameters (fp32)"] = trainable * 4
+    est.parts["gradients (fp32)"] = trainable * 4
+    est.parts[f"optimizer state ({t.optimizer})"] = trainable * OPTIMIZER_BYTES[t.optimizer]
+    if nproc > 1:
+        # DDP all-reduces gradients through buckets that hold a second copy of them.
+        est.parts["DDP gradient buckets (fp32)"] = trainable * 4
+        est.notes.append(f"ddp: each of the {nproc} GPUs holds a whole replica; the figures are per GPU")
+
+
+def _sharded(est: Estimate, inv: _Inventory, recipe, n: int) -> None:
+    """FSDP (full shard) or DeepSpeed ZeRO: each GPU keeps 1/n of what its strategy partitions.
+
+    Weights live in the storage dtype (no fp32 upcast: FSDP flattens one dtype per unit). The 4-bit
+    quantization constants are module attributes, not parameters, so every GPU keeps all of them.
+    While a unit computes, its full weights are gathered: the root (embeddings, lm_head, final norm)
+    for the whole step, and about two decoder layers at a time (the one computing and the prefetched
+    next one).
+    """
+    q, t, dist = recipe.quant, recipe.train, recipe.distributed
+    storage = DTYPE_BYTES[recipe.model.dtype]
+    trainable = est.trainable_params
+    if dist.strategy == "fsdp":
+        shard_params = shard_grads = shard_optimizer = True
+        offload_params = offload_optimizer = dist.fsdp_cpu_offload  # FSDP offloads parameters, grads and the step
+        label = "fsdp"
+    else:
+        from qlora_cli.distributed import read_deepspeed_config
+
+        zero = read_deepspeed_config(recipe).get("zero_optimization") or {}
+        stage = zero.get("stage", 0)
+        shard_params, shard_grads, shard_optimizer = stage >= 3, stage >= 2, stage >= 1
+        offload_params = (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
+        offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+        label = f"ZeRO-{stage}"
+
+    def place(name: str, total: float, sharded: bool, offloaded: bool) -> None:
+        if sharded and n > 1:
+            name, total = f"{name}, 1/{n} shard", total / n
+        (est.offloaded if offloaded else est.parts)[name] = total
+
+    offload_p = offload_params and shard_params
+    place("NF4 weights", inv.quantized / 2, shard_params, offload_p)
+    est.parts["quantization constants (every GPU)"] = nf4_constants(inv.quantized, q.double_quant)
+    place(f"unquantized base weights ({recipe.model.dtype})", inv.other * storage, shard_params, offload_p)
+    place("trainable parameters (fp32)", trainable * 4, shard_params, offload_p)
+    place("gradients (fp32)", trainable * 4, shard_grads, offload_optimizer)
+    place(f"optimizer state ({t.optimizer})", trainable * OPTIMIZER_BYTES[t.optimizer], shard_optimizer,
+          offload_optimizer)
+    if shard_params and n > 1:  # (one process keeps its weights whole: nothing to gather)
+        layer_q, layer_o = inv.largest_layer()
+        est.parts["gathered while computing (embeddings, lm_head, 2 decoder layers)"] = (
+            inv.outside_layers() * storage + 2 * (layer_q / 2 + layer_o * storage)
+        )
+    est.notes.append(f"{label}: per GPU with {n} GPU(s); the activations are not sharded")
+
+
+def _layer_index(name: str) -> int | None:
+    """The decoder layer a parameter belongs to ("model.layers.12.mlp..." -> 12), if any."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "h", "blocks") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def _trainable_params(recipe, model, quantized_names: set[str]) -> int:
+    """LoRA factors on the targeted linear layers, plus full copies of modules_to_save."""
+    import torch
+
+    lora = recipe.lora
+    linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    if lora.target_modules == "all-linear":
+        targets = [n for n in linears if f"{n}.weight" in quantized_names]
+    else:
+        targets = [n for n in linears if n.split(".")[-1] in lora.target_modules]
+    trainable = sum(lora.r * (linears[n].in_features + linears[n].out_features) for n in targets)
+    if lora.use_dora:
+        trainable += sum(linears[n].out_features for n in targets)
+    modules = dict(model.named_modules())
+    for wanted in lora.modules_to_save:
+        for name, mod in modules.items():
+            if name.split(".")[-1] == wanted:
+                trainable += sum(p.numel() for p in mod.parameters())
+    return trainable
+
+
+def suggestions(recipe, est: Estimate, nproc: int = 1) -> list[str]:
     """What to change, largest saving first, when the estimate exceeds the budget."""
     t, d, lora = recipe.train, recipe.data, recipe.lora
     out = []
+    if nproc > 1 and recipe.distributed.strategy == "ddp":
+        out.append(f"distributed.strategy: fsdp (shards the weights, adapters and optimizer state across the {nproc} GPUs)")
     act = sum(v for k, v in est.parts.items() if k.startswith(("activations", "logits")))
     if not t.gradient_checkpointing:
         out.append("train.gradient_checkpointing: true (keeps one hidden state per layer instead of all activations)")

@@ -46,3 +46,108 @@ def test_verdict_and_suggestions(tiny, tmp_path, qlora_main):
     for size in ("lots", "0"):
         bad = qlora_main("estimate", path, "--gpu-memory", size)
         assert bad.returncode == 2 and "--gpu-memory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Several GPUs: the figures are per GPU, and depend on what the strategy partitions.
+
+
+def _recipe(tiny, tmp_path, **distributed):
+    from qlora_cli.config import validate_recipe
+
+    raw = tiny_recipe(tiny, tmp_path / "run")
+    raw["distributed"] = distributed
+    if distributed.get("strategy") in ("fsdp", "deepspeed"):
+        raw["model"]["dtype"] = raw["quant"]["compute_dtype"] = "bfloat16"  # one float dtype, as FSDP needs
+    return validate_recipe(raw)
+
+
+def _deepspeed(tmp_path, stage: int, offload_optimizer: str = "none") -> str:
+    path = tmp_path / f"zero{stage}.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": stage, "offload_optimizer": {"device": offload_optimizer}}}))
+    return str(path)
+
+
+def test_sharded_storage_weights_match_a_real_load_without_the_fp32_upcast(tiny, tmp_path):
+    # FSDP/DeepSpeed keep the unquantized layers in the storage dtype (bf16 here), and the 4-bit
+    # payload in a bf16 container: one process of that, loaded for real, against the estimate.
+    from qlora_cli.estimate import estimate
+    from qlora_cli.modeling import attach_lora, load_base_model
+
+    recipe = _recipe(tiny, tmp_path, strategy="fsdp")
+    assert recipe.quant.storage_dtype == "bfloat16"
+    est = estimate(recipe, gpu=False, nproc=1)
+    peft_model = attach_lora(load_base_model(recipe.model, recipe.quant), recipe.lora, gradient_checkpointing=False,
+                             upcast=False)
+    base = peft_model.get_base_model()
+    trained = sum(p.numel() * p.element_size() for n, p in base.named_parameters()
+                  if "lora_" in n or "modules_to_save" in n)
+    measured = base.get_memory_footprint() - trained
+    weights = (est.parts["NF4 weights"] + est.parts["quantization constants (every GPU)"]
+               + est.parts["unquantized base weights (bfloat16)"])
+    assert abs(weights / measured - 1) < 0.05, (weights, measured)
+    # ... which is well under the one-process figure with the fp32 upcast
+    assert weights < 0.8 * est.weights
+
+
+def test_fsdp_shards_weights_adapters_and_optimizer_but_not_activations(tiny, tmp_path):
+    from qlora_cli.estimate import estimate
+
+    recipe = _recipe(tiny, tmp_path, strategy="fsdp")
+    one, four = estimate(recipe, gpu=False, nproc=1), estimate(recipe, gpu=False, nproc=4)
+    for part in ("NF4 weights", "unquantized base weights (bfloat16)", "trainable parameters (fp32)",
+                 "gradients (fp32)", "optimizer state (adamw_torch)"):
+        assert four.parts[f"{part}, 1/4 shard"] == one.parts[part] / 4
+    for part in ("quantization constants (every GPU)", "activations", "logits + their gradient (fp32)"):
+        assert four.parts[part] == one.parts[part]
+    # While computing, a GPU holds the whole root unit (embeddings, lm_head, final norm) in bf16 and
+    # two whole decoder layers (4-bit projections, bf16 norms): counted here on the real model.
+    from transformers import AutoModelForCausalLM
+
+    params = dict(AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path).named_parameters())
+    root = sum(p.numel() for n, p in params.items() if ".layers." not in n)
+    layer = [(n, p.numel()) for n, p in params.items() if ".layers.0." in n]
+    layer_bytes = sum(k / 2 if n.endswith("proj.weight") else 2 * k for n, k in layer)
+    gathered = four.parts["gathered while computing (embeddings, lm_head, 2 decoder layers)"]
+    assert gathered == 2 * root + 2 * layer_bytes
+    assert "gathered while computing (embeddings, lm_head, 2 decoder layers)" not in one.parts  # nothing to gather
+    assert four.total < one.total
+    # CPU offload moves every partitioned part to RAM; the gathered weights stay on the GPU.
+    recipe = _recipe(tiny, tmp_path, strategy="fsdp", fsdp_cpu_offload=True)
+    off = estimate(recipe, gpu=False, nproc=4)
+    assert set(off.offloaded) == {k for k in four.parts if k.endswith("1/4 shard")}
+    assert off.total == four.total - sum(off.offloaded.values())
+
+
+def test_zero_stages_partition_more_as_the_stage_rises(tiny, tmp_path):
+    from qlora_cli.estimate import estimate
+
+    def parts(stage, **kw):
+        recipe = _recipe(tiny, tmp_path, strategy="deepspeed", deepspeed_config=_deepspeed(tmp_path, stage, **kw))
+        return estimate(recipe, gpu=False, nproc=2)
+
+    one = {k.removesuffix(", 1/2 shard"): k.endswith("1/2 shard") for k in parts(1).parts}
+    two = {k.removesuffix(", 1/2 shard"): k.endswith("1/2 shard") for k in parts(2).parts}
+    three = {k.removesuffix(", 1/2 shard"): k.endswith("1/2 shard") for k in parts(3).parts}
+    assert [k for k, sharded in one.items() if sharded] == ["optimizer state (adamw_torch)"]
+    assert [k for k, sharded in two.items() if sharded] == ["gradients (fp32)", "optimizer state (adamw_torch)"]
+    assert sum(three.values()) == 5 and "gathered while computing (embeddings, lm_head, 2 decoder layers)" in three
+    offloaded = parts(2, offload_optimizer="cpu").offloaded
+    assert set(offloaded) == {"gradients (fp32), 1/2 shard", "optimizer state (adamw_torch), 1/2 shard"}
+
+
+def test_ddp_keeps_a_whole_replica_per_gpu_plus_gradient_buckets(tiny, tmp_path, qlora_main):
+    from qlora_cli.estimate import estimate
+
+    recipe = _recipe(tiny, tmp_path)
+    one, two = estimate(recipe, gpu=False, nproc=1), estimate(recipe, gpu=False, nproc=2)
+    assert {k: v for k, v in two.parts.items() if k != "DDP gradient buckets (fp32)"} == one.parts
+    assert two.parts["DDP gradient buckets (fp32)"] == one.parts["gradients (fp32)"]
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny, tmp_path / "run")))
+    small = qlora_main("estimate", path, "--nproc", "2", "--gpu-memory", "10MB")
+    assert small.returncode == 0, small.stderr
+    assert "per GPU (2 GPUs, ddp)" in small.stdout and "distributed.strategy: fsdp" in small.stdout
+    bad = qlora_main("estimate", path, "--nproc", "0")
+    assert bad.returncode == 2 and "--nproc" in bad.stderr and "Traceback" not in bad.stderr
