@@ -8,7 +8,9 @@ the tiny tokenizer (scripts/build_tiny.py) is used, so the numbers measure our p
 a large tokenizer. Measured, with time.perf_counter around build_datasets only (not tokenizer load):
   - cold: cache off, for each --procs value (data.num_proc), in rows/s. Target: >= 5,000 rows/s on 2 cores;
   - cache miss: a cold run that also stores the result in the cache;
-  - cache hit, in this process and in a fresh one (python -c). Target: < 2 s.
+  - cache hit, in this process and in a fresh one (python -c). Target: < 2 s;
+  - the tokenizer alone on 5,000 rendered rows, in CPU seconds: the tiny tokenizer, and byte-level
+    BPEs of 8k and 32k entries trained on the same rows (a realistic number of tokens per row).
 Both caches live in a temporary directory: QLORA_CACHE_DIR (ours) and HF_DATASETS_CACHE (the Arrow
 copy `datasets` makes of each JSON file). Both are emptied before every cold run, so "cold" means
 what a first run sees, and your own caches are never read or written.
@@ -75,6 +77,42 @@ def replicate(src: Path, rows: int, out: Path) -> None:
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in base]
     with out.open("w", encoding="utf-8") as f:
         f.writelines(lines[i % len(lines)] for i in range(rows))
+
+
+def tokenizer_cost(rows_file: Path, tokenizer, template, n: int = 5000, repeats: int = 3) -> dict:
+    """CPU seconds the Rust tokenizer alone spends on n rendered rows (with the offsets masks need),
+    for the tiny tokenizer and for byte-level BPEs of realistic vocabulary trained on the same rows.
+
+    This is the floor under the whole pipeline: on C cores no pipeline that tokenizes can beat
+    C x n / cpu_s rows per second.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from qlora_cli.data.formats import to_canonical
+    from qlora_cli.data.templates import Renderer
+
+    renderer = Renderer(template, tokenizer)
+    lines = rows_file.read_text(encoding="utf-8").splitlines()[:n]
+    rows = [json.loads(line) for line in lines]
+    texts = [renderer.render(to_canonical(r, "alpaca", {})["messages"])[0] for r in rows]
+
+    def cost(backend) -> dict:
+        seconds = []
+        for _ in range(repeats):
+            t0 = time.process_time()  # CPU time of every thread: the tokenizer may use several
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
+            seconds.append(time.process_time() - t0)
+        return {"cpu_s": statistics.median(seconds), "tokens_per_row": sum(len(e.ids) for e in encodings) / len(texts),
+                "vocab": backend.get_vocab_size()}
+
+    out = {"rows": len(texts), "tiny": cost(tokenizer.backend_tokenizer)}
+    for vocab in (8192, 32000):
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        out[f"byte_level_bpe_{vocab}"] = cost(bpe)
+    return out
 
 
 def clear(*dirs: Path) -> None:
@@ -171,6 +209,7 @@ def main() -> None:
             fresh.append(report["seconds"])
         results["cache"] = {"procs": procs, "miss_s": summary(misses), "hit_s": summary(hits),
                             "fresh_hit_s": summary(fresh), "fresh_process_wall_s": summary(fresh_wall)}
+        results["tokenizer_alone"] = tokenizer_cost(rows_file, tokenizer, template)
         results["machine"] = {
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "datasets": datasets.__version__, "tokenizers": tokenizers.__version__,
@@ -193,6 +232,12 @@ def main() -> None:
         flag = "" if name in ("miss_s", "fresh_process_wall_s") else (
             " ok" if c[name]["median"] < TARGET_HIT_S else f" above {TARGET_HIT_S} s")
         print(f"{label:<26}{c[name]['median']:>10.3f}{'':>10}   {c[name]['values']}{flag}")
+    t = results["tokenizer_alone"]
+    print(f"\ntokenizer alone, {t['rows']} rendered rows   CPU s   tokens/row   ceiling rows/s on {m['cpu_count']} cores")
+    for name, v in t.items():
+        if name != "rows":
+            ceiling = m["cpu_count"] * t["rows"] / v["cpu_s"]
+            print(f"{name:<26}{v['cpu_s']:>16.3f}{v['tokens_per_row']:>13.0f}{ceiling:>12.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.json}")
