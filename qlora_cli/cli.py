@@ -361,7 +361,7 @@ def estimate(
         table.add_row(label, format_memory(value / GIB))
     table.add_row("[bold]total[/]", f"[bold]{format_memory(est.total / GIB)}[/]")
     for label, value in est.offloaded.items():
-        table.add_row(f"[dim]{label} (in CPU RAM, not counted)[/]", f"[dim]{format_memory(value / GIB)}[/]")
+        table.add_row(f"[dim]{label} (offloaded to CPU RAM or NVMe, not counted)[/]", f"[dim]{format_memory(value / GIB)}[/]")
     out = Console(highlight=False)
     out.print(table)
     for note in est.notes:

@@ -49,7 +49,7 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 @dataclass
 class Estimate:
     parts: dict[str, float] = field(default_factory=dict)  # label -> bytes on each GPU
-    offloaded: dict[str, float] = field(default_factory=dict)  # label -> bytes each process keeps in CPU RAM
+    offloaded: dict[str, float] = field(default_factory=dict)  # label -> bytes each process keeps in CPU RAM (or NVMe)
     weights: float = 0.0  # the whole base model's footprint once loaded in one process: checked against measurements
     quantized_params: int = 0
     other_params: int = 0
@@ -61,14 +61,23 @@ class Estimate:
         return sum(self.parts.values())
 
 
-def nf4_bytes(n: int, double_quant: bool) -> float:
-    return n / 2 + nf4_constants(n, double_quant)
+def nf4_bytes(n: int, double_quant: bool, tensors: int = 0) -> float:
+    return n / 2 + nf4_constants(n, double_quant, tensors)
 
 
-def nf4_constants(n: int, double_quant: bool) -> float:
-    """One absmax per 64-weight block: 8 bits plus an fp32 per 256 blocks with double quant, else fp32."""
+def nf4_constants(n: int, double_quant: bool, tensors: int = 0) -> float:
+    """The quantization constants of n weights in `tensors` matrices (footprint.py prices the same).
+
+    Per weight: one absmax per 64-weight block, 8 bits plus an fp32 per 256 blocks with double
+    quantization, else fp32. Per matrix: the 16-entry NF4 table, and with double quantization the
+    256-entry 8-bit map and an fp32 offset (all fp32; negligible except on toy models).
+    """
+    from qlora_cli.footprint import DYNAMIC_CODE_ENTRIES, FP32, NF4_CODE_ENTRIES
+
     blocks = n / BLOCK
-    return blocks * 1 + blocks / DQ_BLOCK * 4 if double_quant else blocks * 4
+    per_weight = blocks * 1 + blocks / DQ_BLOCK * FP32 if double_quant else blocks * FP32
+    per_tensor = NF4_CODE_ENTRIES * FP32 + ((DYNAMIC_CODE_ENTRIES + 1) * FP32 if double_quant else 0)
+    return per_weight + tensors * per_tensor
 
 
 @dataclass
@@ -76,6 +85,7 @@ class _Inventory:
     """The base model's parameters, counted by where they sit: what sharding needs to know."""
 
     quantized: int = 0  # parameters held in 4 bits
+    matrices: int = 0  # how many weight matrices hold them (each has its own lookup tables)
     other: int = 0  # parameters kept in full precision (embeddings, norms, lm_head)
     per_layer: dict = field(default_factory=dict)  # decoder layer index -> [quantized, other]
 
@@ -111,6 +121,7 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
         quantized = name in quantized_names
         if quantized:
             inv.quantized += p.numel()
+            inv.matrices += 1
         else:
             inv.other += p.numel()
         layer = _layer_index(name)
@@ -118,7 +129,7 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
             inv.per_layer.setdefault(layer, [0, 0])[0 if quantized else 1] += p.numel()
     est.quantized_params, est.other_params = inv.quantized, inv.other
     # One process: peft's prepare_model_for_kbit_training upcasts the unquantized layers to fp32.
-    est.weights = nf4_bytes(inv.quantized, q.double_quant) + inv.other * 4
+    est.weights = nf4_bytes(inv.quantized, q.double_quant, inv.matrices) + inv.other * 4
     trainable = _trainable_params(recipe, model, quantized_names)
     est.trainable_params = trainable
 
@@ -154,7 +165,7 @@ def _replicated(est: Estimate, inv: _Inventory, recipe, nproc: int) -> None:
     """One process, or DDP: every GPU holds the whole 4-bit model, adapters and optimizer state."""
     q, t = recipe.quant, recipe.train
     trainable = est.trainable_params
-    est.parts["NF4 weights + quantization constants"] = nf4_bytes(inv.quantized, q.double_quant)
+    est.parts["NF4 weights + quantization constants"] = nf4_bytes(inv.quantized, q.double_quant, inv.matrices)
     est.parts["unquantized base weights (fp32)"] = inv.other * 4
     est.parts["trainable parameters (fp32)"] = trainable * 4
     est.parts["gradients (fp32)"] = trainable * 4
@@ -172,7 +183,9 @@ def _sharded(est: Estimate, inv: _Inventory, recipe, n: int) -> None:
     quantization constants are module attributes, not parameters, so every GPU keeps all of them.
     While a unit computes, its full weights are gathered: the root (embeddings, lm_head, final norm)
     for the whole step, and about two decoder layers at a time (the one computing and the prefetched
-    next one).
+    next one). For DeepSpeed this is an approximation: it keeps small parameters whole on every GPU
+    (stage3_param_persistence_threshold; LoRA factors among them), and gathers the embeddings and
+    lm_head only while they compute.
     """
     q, t, dist = recipe.quant, recipe.train, recipe.distributed
     storage = DTYPE_BYTES[recipe.model.dtype]
@@ -198,10 +211,10 @@ def _sharded(est: Estimate, inv: _Inventory, recipe, n: int) -> None:
 
     offload_p = offload_params and shard_params
     place("NF4 weights", inv.quantized / 2, shard_params, offload_p)
-    est.parts["quantization constants (every GPU)"] = nf4_constants(inv.quantized, q.double_quant)
+    est.parts["quantization constants (every GPU)"] = nf4_constants(inv.quantized, q.double_quant, inv.matrices)
     place(f"unquantized base weights ({recipe.model.dtype})", inv.other * storage, shard_params, offload_p)
     place("trainable parameters (fp32)", trainable * 4, shard_params, offload_p)
-    place("gradients (fp32)", trainable * 4, shard_grads, offload_optimizer)
+    place("gradients (fp32)", trainable * 4, shard_grads, offload_optimizer and shard_grads)  # ZeRO-1 keeps them
     place(f"optimizer state ({t.optimizer})", trainable * OPTIMIZER_BYTES[t.optimizer], shard_optimizer,
           offload_optimizer)
     if shard_params and n > 1:  # (one process keeps its weights whole: nothing to gather)

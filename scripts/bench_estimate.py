@@ -4,8 +4,8 @@
 
 For the tiny model and a medium random Llama (about 0.5 B parameters, built locally from a
 config), it loads the base exactly as training does (4-bit NF4 + double quantization, then
-peft's prepare_model_for_kbit_training) and compares `get_memory_footprint()` with the estimate's
-weight part. It also checks the trainable-parameter count against PEFT's. Then the same under
+peft's prepare_model_for_kbit_training) and compares the bytes its tensors hold (parameters,
+buffers and the 4-bit quant states, qlora_cli/footprint.py) with the estimate's weight part. It also checks the trainable-parameter count against PEFT's. Then the same under
 distributed.strategy fsdp, in one process: weights stored in bf16 and no fp32 upcast, which is what
 each GPU's shards add up to. Prints JSON.
 """
@@ -35,6 +35,7 @@ def medium_model(out: Path) -> Path:
 def measure(model_dir: Path, dtype: str, strategy: str = "ddp") -> dict:
     from qlora_cli.config import validate_recipe
     from qlora_cli.estimate import estimate
+    from qlora_cli.footprint import measured_4bit_bytes
     from qlora_cli.modeling import attach_lora, load_base_model
 
     recipe = validate_recipe({
@@ -56,7 +57,7 @@ def measure(model_dir: Path, dtype: str, strategy: str = "ddp") -> dict:
     peft_model = attach_lora(model, recipe.lora, gradient_checkpointing=False, upcast=not sharded)
     base = peft_model.get_base_model()
     adapters = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "lora_" in n)
-    measured = base.get_memory_footprint() - adapters
+    measured = measured_4bit_bytes(base) - adapters  # parameters, buffers and the quant states
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return {
         "model": model_dir.name, "strategy": strategy, "storage_dtype": recipe.quant.storage_dtype,

@@ -8,6 +8,7 @@ import json
 import yaml
 
 from conftest import tiny_recipe
+from qlora_cli.footprint import measured_4bit_bytes, quant_state_bytes
 
 
 def test_weights_and_trainable_count_match_a_real_load(tiny, tmp_path):
@@ -22,9 +23,13 @@ def test_weights_and_trainable_count_match_a_real_load(tiny, tmp_path):
     base = peft_model.get_base_model()
     trained = sum(p.numel() * p.element_size() for n, p in base.named_parameters()
                   if "lora_" in n or "modules_to_save" in n)
-    measured = base.get_memory_footprint() - trained
-    assert abs(est.weights / measured - 1) < 0.05, (est.weights, measured)
+    # Parameters, buffers and the quant states (which get_memory_footprint() leaves out)
+    measured = measured_4bit_bytes(base) - trained
+    assert abs(est.weights / measured - 1) < 0.01, (est.weights, measured)
     assert est.quantized_params > 0 and est.other_params > 0
+    # The constants on their own: absmax, nested absmax, lookup tables and offsets
+    constants = est.parts["NF4 weights + quantization constants"] - est.quantized_params / 2
+    assert abs(constants / quant_state_bytes(base) - 1) < 0.01, (constants, quant_state_bytes(base))
 
 
 def test_verdict_and_suggestions(tiny, tmp_path, qlora_main):
@@ -62,9 +67,10 @@ def _recipe(tiny, tmp_path, **distributed):
     return validate_recipe(raw)
 
 
-def _deepspeed(tmp_path, stage: int, offload_optimizer: str = "none") -> str:
+def _deepspeed(tmp_path, stage: int, offload_optimizer: str = "none", offload_param: str = "none") -> str:
     path = tmp_path / f"zero{stage}.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": stage, "offload_optimizer": {"device": offload_optimizer}}}))
+    path.write_text(json.dumps({"zero_optimization": {"stage": stage, "offload_optimizer": {"device": offload_optimizer},
+                                                      "offload_param": {"device": offload_param}}}))
     return str(path)
 
 
@@ -82,10 +88,11 @@ def test_sharded_storage_weights_match_a_real_load_without_the_fp32_upcast(tiny,
     base = peft_model.get_base_model()
     trained = sum(p.numel() * p.element_size() for n, p in base.named_parameters()
                   if "lora_" in n or "modules_to_save" in n)
-    measured = base.get_memory_footprint() - trained
+    measured = measured_4bit_bytes(base) - trained
     weights = (est.parts["NF4 weights"] + est.parts["quantization constants (every GPU)"]
                + est.parts["unquantized base weights (bfloat16)"])
-    assert abs(weights / measured - 1) < 0.05, (weights, measured)
+    assert abs(weights / measured - 1) < 0.01, (weights, measured)
+    assert abs(est.parts["quantization constants (every GPU)"] / quant_state_bytes(base) - 1) < 0.01
     # ... which is well under the one-process figure with the fp32 upcast
     assert weights < 0.8 * est.weights
 
@@ -132,8 +139,12 @@ def test_zero_stages_partition_more_as_the_stage_rises(tiny, tmp_path):
     assert [k for k, sharded in one.items() if sharded] == ["optimizer state (adamw_torch)"]
     assert [k for k, sharded in two.items() if sharded] == ["gradients (fp32)", "optimizer state (adamw_torch)"]
     assert sum(three.values()) == 5 and "gathered while computing (embeddings, lm_head, 2 decoder layers)" in three
+    assert not any(k.endswith("shard") for k in parts(0).parts)
     offloaded = parts(2, offload_optimizer="cpu").offloaded
     assert set(offloaded) == {"gradients (fp32), 1/2 shard", "optimizer state (adamw_torch), 1/2 shard"}
+    assert set(parts(1, offload_optimizer="cpu").offloaded) == {"optimizer state (adamw_torch), 1/2 shard"}
+    assert set(parts(3, offload_param="nvme").offloaded) == {
+        "NF4 weights, 1/2 shard", "unquantized base weights (bfloat16), 1/2 shard", "trainable parameters (fp32), 1/2 shard"}
 
 
 def test_ddp_keeps_a_whole_replica_per_gpu_plus_gradient_buckets(tiny, tmp_path, qlora_main):
