@@ -384,9 +384,11 @@ def test_packing_statistics_equal_what_trl_packs_from_the_real_token_ids(tok, tm
             for i in range(2300)]
     data = _data(_write(tmp_path / "d.jsonl", rows), max_seq_len=128, val_size=0.1)
     p = build(data, tok)
-    for max_len in (128, 512):
+    lengths = _column(p.train, "length")
+    assert lengths.min() < 48 < lengths.max()  # at 48, some rows are cut (TRL truncates them when packing)
+    for max_len in (48, 128, 512):
         trl_packed = pack_dataset(p.train.select_columns(["input_ids"]), max_len, "bfd")
-        stats = batching_efficiency(np.minimum(_column(p.train, "length"), max_len), max_len, 8, seed=0)
+        stats = batching_efficiency(np.minimum(lengths, max_len), max_len, 8, seed=0)
         assert stats["packed_rows"] == len(trl_packed)
     assert p.stats.batching["packed_rows"] == len(pack_dataset(p.train.select_columns(["input_ids"]), 128, "bfd"))
 
@@ -399,6 +401,10 @@ def test_a_column_is_read_in_the_order_select_and_shuffle_set():
     assert _column(picked, "n").tolist() == picked["n"][:]
     assert _column(picked, "s") == picked["s"][:]
     assert _column(ds, "n").tolist() == list(range(50))
+    from datasets import concatenate_datasets
+
+    chunked = concatenate_datasets([ds, ds.select(range(10))]).shuffle(seed=1)  # two Arrow chunks, reordered
+    assert _column(chunked, "n").tolist() == chunked["n"][:]
 
 
 # ---------------------------------------------------------------------------------------------
