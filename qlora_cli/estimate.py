@@ -17,7 +17,8 @@ The parts, in bytes:
     (8 bytes per parameter for 32-bit Adam, 2 for 8-bit Adam, 0 for SGD);
   - activations for batch x sequence: with gradient checkpointing, one hidden state per layer is
     kept plus one layer's working set being recomputed; without, every layer's working set. The
-    fp32 logits and their gradient come on top (large for big vocabularies);
+    loss's fp32 log-probabilities and the logits' gradients come on top (large for big
+    vocabularies). See activation_parts for what is counted;
   - a fixed runtime overhead (CUDA context and allocator slack).
 
 With `nproc` GPUs the figures are per GPU. Under DDP each GPU holds all of the above, plus the
@@ -138,27 +139,63 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
     else:
         _replicated(est, inv, recipe, nproc)
 
-    # Activations, per micro-batch of batch_size x max_seq_len tokens, in the compute dtype: the same
-    # on every GPU whatever the strategy (batch_size is per device).
-    tokens = t.batch_size * d.max_seq_len
-    act = DTYPE_BYTES[q.compute_dtype]
-    hidden = config.hidden_size
-    inter = getattr(config, "intermediate_size", 4 * hidden)
-    layers = config.num_hidden_layers
-    # One decoder layer's saved tensors per token: the attention block (norm input/output, q, k, v,
-    # attention output, o_proj input) ~ 6 hidden, and a gated MLP (gate, up, act, product) ~ 4
-    # intermediate, plus residuals and LoRA inputs ~ 4 hidden. SDPA/flash keep no seq x seq matrix.
-    per_layer = tokens * act * (10 * hidden + 4 * inter)
-    if t.gradient_checkpointing:
-        est.parts["activations (checkpointed)"] = layers * tokens * act * hidden + per_layer
-    else:
-        est.parts["activations"] = layers * per_layer
-    est.parts["logits + their gradient (fp32)"] = 2 * tokens * config.vocab_size * 4
+    for label, value in activation_parts(recipe, config, model, quantized_names).items():
+        est.parts[label] = value
     if gpu:
         est.parts["runtime overhead (CUDA context, allocator)"] = RUNTIME_OVERHEAD
     if tied:
         est.notes.append("tied input/output embeddings are counted once")
     return est
+
+
+LOSS_SAVED = "loss: fp32 log-probabilities (saved)"
+LOSS_GRADIENTS = "loss: gradients of the logits (fp32, in backward)"
+
+
+def activation_parts(recipe, config, model, quantized_names: set[str]) -> dict[str, float]:
+    """What one micro-batch of batch_size x max_seq_len tokens adds, the same on every GPU.
+
+    The tensors a Llama-style decoder layer keeps for the backward pass, per token (checked against
+    autograd's saved tensors on the CPU by scripts/bench_activations.py and tests/test_estimate.py):
+      - the residual stream in its dtype r: peft's prepare_model_for_kbit_training upcasts the
+        embeddings to fp32, so the hidden states are fp32 (and bitsandbytes returns each 4-bit
+        layer's output in its input's dtype); under fsdp/deepspeed there is no upcast. Two sums
+        feed the two norms (2 x hidden), and the gated MLP keeps gate, up and act(gate) (3 x intermediate);
+      - attention in the compute dtype c: q and the output (2 x hidden), k and v (2 x kv width);
+      - each LoRA module keeps its input cast to c (a frozen 4-bit matmul keeps nothing), plus a
+        one-byte dropout mask when lora.dropout > 0; attention keeps an fp32 logsumexp per head;
+      - per layer, not per token: the c copies autocast makes of the fp32 LoRA factors.
+    With gradient checkpointing only each layer's input is kept, plus one layer being recomputed.
+    The loss keeps fp32 log-probabilities over the vocabulary and, when lm_head is fp32 and c is
+    narrower, the copy of lm_head autocast made for the matmul; backward adds the fp32 gradients.
+    """
+    import torch
+
+    t, d, q = recipe.train, recipe.data, recipe.quant
+    tokens = t.batch_size * d.max_seq_len
+    r = DTYPE_BYTES[recipe.model.dtype] if recipe.distributed.sharded else 4
+    c = DTYPE_BYTES[q.compute_dtype]
+    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    inter = getattr(config, "intermediate_size", 4 * hidden)
+    heads = config.num_attention_heads
+    kv_width = hidden * (getattr(config, "num_key_value_heads", None) or heads) // heads
+    linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    first = min((_layer_index(n) for n in linears if _layer_index(n) is not None), default=None)
+    in_layer = [linears[n] for n in _lora_targets(recipe.lora, linears, quantized_names) if _layer_index(n) == first]
+    lora_inputs = sum(lin.in_features for lin in in_layer)
+    per_token = (2 * r * hidden + 3 * r * inter + c * (2 * hidden + 2 * kv_width) + 4 * heads  # + logsumexp
+                 + c * lora_inputs + (lora_inputs if recipe.lora.dropout > 0 else 0))
+    # The fp32 LoRA factors are also kept as the compute-dtype copies autocast made of them.
+    per_layer = c * recipe.lora.r * sum(lin.in_features + lin.out_features for lin in in_layer) if c < 4 else 0
+    parts = {}
+    if t.gradient_checkpointing:
+        parts["activations (checkpointed)"] = layers * tokens * r * hidden + tokens * per_token + per_layer
+    else:
+        parts["activations"] = layers * (tokens * per_token + per_layer)
+    lm_head_copy = vocab * hidden * c if r == 4 and c < 4 else 0
+    parts[LOSS_SAVED] = tokens * vocab * 4 + lm_head_copy
+    parts[LOSS_GRADIENTS] = 2 * tokens * vocab * 4
+    return parts
 
 
 def _replicated(est: Estimate, inv: _Inventory, recipe, nproc: int) -> None:
@@ -225,6 +262,13 @@ def _sharded(est: Estimate, inv: _Inventory, recipe, n: int) -> None:
     est.notes.append(f"{label}: per GPU with {n} GPU(s); the activations are not sharded")
 
 
+def _lora_targets(lora, linears: dict, quantized_names: set[str]) -> list[str]:
+    """The linear layers LoRA wraps: every 4-bit one for all-linear, else those named."""
+    if lora.target_modules == "all-linear":
+        return [n for n in linears if f"{n}.weight" in quantized_names]
+    return [n for n in linears if n.split(".")[-1] in lora.target_modules]
+
+
 def _layer_index(name: str) -> int | None:
     """The decoder layer a parameter belongs to ("model.layers.12.mlp..." -> 12), if any."""
     parts = name.split(".")
@@ -240,10 +284,7 @@ def _trainable_params(recipe, model, quantized_names: set[str]) -> int:
 
     lora = recipe.lora
     linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
-    if lora.target_modules == "all-linear":
-        targets = [n for n in linears if f"{n}.weight" in quantized_names]
-    else:
-        targets = [n for n in linears if n.split(".")[-1] in lora.target_modules]
+    targets = _lora_targets(lora, linears, quantized_names)
     trainable = sum(lora.r * (linears[n].in_features + linears[n].out_features) for n in targets)
     if lora.use_dora:
         trainable += sum(linears[n].out_features for n in targets)
@@ -261,7 +302,7 @@ def suggestions(recipe, est: Estimate, nproc: int = 1) -> list[str]:
     out = []
     if nproc > 1 and recipe.distributed.strategy == "ddp":
         out.append(f"distributed.strategy: fsdp (shards the weights, adapters and optimizer state across the {nproc} GPUs)")
-    act = sum(v for k, v in est.parts.items() if k.startswith(("activations", "logits")))
+    act = sum(v for k, v in est.parts.items() if k.startswith(("activations", "loss")))
     if not t.gradient_checkpointing:
         out.append("train.gradient_checkpointing: true (keeps one hidden state per layer instead of all activations)")
     if t.batch_size > 1:

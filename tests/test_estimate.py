@@ -105,7 +105,7 @@ def test_fsdp_shards_weights_adapters_and_optimizer_but_not_activations(tiny, tm
     for part in ("NF4 weights", "unquantized base weights (bfloat16)", "trainable parameters (fp32)",
                  "gradients (fp32)", "optimizer state (adamw_torch)"):
         assert four.parts[f"{part}, 1/4 shard"] == one.parts[part] / 4
-    for part in ("quantization constants (every GPU)", "activations", "logits + their gradient (fp32)"):
+    for part in ("quantization constants (every GPU)", "activations", "loss: fp32 log-probabilities (saved)"):
         assert four.parts[part] == one.parts[part]
     # While computing, a GPU holds the whole root unit (embeddings, lm_head, final norm) in bf16 and
     # two whole decoder layers (4-bit projections, bf16 norms): counted here on the real model.
@@ -162,3 +162,20 @@ def test_ddp_keeps_a_whole_replica_per_gpu_plus_gradient_buckets(tiny, tmp_path,
     assert "per GPU (2 GPUs, ddp)" in small.stdout and "distributed.strategy: fsdp" in small.stdout
     bad = qlora_main("estimate", path, "--nproc", "0")
     assert bad.returncode == 2 and "--nproc" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_activation_estimate_matches_what_autograd_saves():
+    # The bytes a bf16 QLoRA forward keeps for backward (autograd's saved tensors, weights left
+    # out), per decoder layer and for the loss, against the estimate: within 5% each.
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_activations
+
+    shape = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=4000)
+    result = bench_activations.measure(batch=2, seq=64, dtype_name="bfloat16", shape=shape)
+    assert abs(result["layer_ratio"] - 1) < 0.05, result
+    assert abs(result["head_ratio"] - 1) < 0.05, result
