@@ -1,22 +1,25 @@
-"""Check the activation part of `qlora estimate` on the CPU: the bytes autograd saves for backward.
+"""Check `qlora estimate` on the CPU: the saved activations, and the whole training step's peak.
 
-    .venv/bin/python scripts/bench_activations.py [--batch 2] [--seq 256] [--json out.json]
+    .venv/bin/python scripts/bench_activations.py [--batch 2] [--seq 256] [--dtype bfloat16] [--json out.json]
 
 Peak training memory on a GPU is weights + optimizer state + what the forward pass keeps for the
-backward pass + transients. The last two are what the estimate's activation formula predicts, and
-the saved part is device-independent: autograd's saved-tensor hooks see every tensor a QLoRA
-forward keeps (the same layers, LoRA, 4-bit matmuls and losses run on the CPU). This script loads a
-random Llama-shaped model (hidden 1024, 4 layers, 32k vocab, built locally) exactly as training
-does (4-bit NF4 + LoRA r=16 on all linear layers, no checkpointing), runs one forward with labels
-under the compute dtype's autocast, and counts the distinct storages saved, excluding the weights:
+backward pass + transients + the CUDA runtime and the allocator's slack. Everything but the last
+two is device-independent bytes of live tensors, and a QLoRA step runs the same layers, LoRA,
+4-bit matmuls and loss on the CPU. For a random Llama-shaped model (hidden 1024, 4 layers, 32k
+vocab, built locally), loaded exactly as training does (4-bit NF4 + LoRA r=16 on all linear
+layers, bf16 autocast), it measures:
 
-  - per decoder layer, against the estimate's activations divided by the layers (estimate.activation_parts);
-  - everything after the last layer (final norm, lm_head, loss), against the estimate's saved loss
-    term (fp32 log-probabilities and lm_head's compute-dtype copy; the estimate adds the logits'
-    gradients, which are not saved but live during backward).
+  1. saved: one forward with labels under autograd's saved-tensor hooks, counting the distinct
+     storages saved (weights left out) per decoder layer and after the last layer (final norm,
+     lm_head, loss), against estimate.activation_parts;
+  2. peak: the peak of live tensor bytes over a whole step (forward, backward, AdamW step, with the
+     optimizer state already made by an earlier step), from torch's MemTracker (a dispatch-mode
+     tracker; plus the 4-bit quant states, which it cannot see), with and without gradient
+     checkpointing, against the estimate's total without the CUDA runtime overhead.
 
-What it cannot see: transients that are not saved (a 4-bit weight dequantized for one matmul,
-attention kernels' workspace) and the allocator's slack. Those, and the whole peak, need a GPU
+No LoRA dropout: on the CPU its masks are float (4 bytes an element), on a GPU bool (1 byte, which
+is what the estimate adds when dropout > 0). What stays unchecked: GPU-only transients (attention
+kernels' workspace, cuBLAS), the runtime and the allocator's slack: the whole GPU peak needs a GPU
 (scripts/bench_gpu.py).
 """
 
@@ -63,29 +66,37 @@ class SavedBytes:
         return total
 
 
-def measure(batch: int, seq: int, dtype_name: str, shape: dict = SHAPE) -> dict:
+def load(batch: int, seq: int, dtype_name: str, shape: dict, checkpointing: bool = False):
+    """(recipe, model) for a random model of this shape, loaded and adapted as `qlora train` does."""
     import torch
 
     from qlora_cli.config import validate_recipe
-    from qlora_cli.estimate import LOSS_SAVED, estimate
-    from qlora_cli.footprint import _quant_state_tensors, _quantized
     from qlora_cli.modeling import attach_lora, load_base_model
 
-    dtype = getattr(torch, dtype_name)
     tmp = Path(tempfile.mkdtemp(prefix="qlora-activations-"))
-    model_dir = build_model(tmp / "model", dtype, shape)
+    model_dir = build_model(tmp / "model", getattr(torch, dtype_name), shape)
     recipe = validate_recipe({
         "model": {"name_or_path": str(model_dir), "dtype": dtype_name},
         "quant": {"compute_dtype": dtype_name},
-        # No LoRA dropout: on the CPU its masks are float (4 bytes an element), on a GPU bool (1 byte,
-        # which is what the estimate adds when dropout > 0), so it is left out of the comparison.
-        "lora": {"r": 16, "target_modules": "all-linear", "dropout": 0.0},
+        "lora": {"r": 16, "target_modules": "all-linear", "dropout": 0.0},  # (see the docstring)
         "data": {"sources": [{"path": "unused.jsonl", "format": "alpaca"}], "max_seq_len": seq},
-        "train": {"batch_size": batch, "gradient_checkpointing": False},
+        "train": {"batch_size": batch, "gradient_checkpointing": checkpointing, "optimizer": "adamw_torch"},
     })
-    est = estimate(recipe, gpu=False)
-    model = attach_lora(load_base_model(recipe.model, recipe.quant), recipe.lora, gradient_checkpointing=False)
+    model = attach_lora(load_base_model(recipe.model, recipe.quant), recipe.lora, gradient_checkpointing=checkpointing)
     model.train()
+    return recipe, model
+
+
+def measure(batch: int, seq: int, dtype_name: str, shape: dict = SHAPE) -> dict:
+    """Saved-for-backward bytes per decoder layer and for the loss, against the estimate."""
+    import torch
+
+    from qlora_cli.estimate import LOSS_SAVED, estimate
+    from qlora_cli.footprint import _quant_state_tensors, _quantized
+
+    dtype = getattr(torch, dtype_name)
+    recipe, model = load(batch, seq, dtype_name, shape)
+    est = estimate(recipe, gpu=False)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     weights |= {t.untyped_storage().data_ptr() for p in _quantized(model) for t in _quant_state_tensors(p.quant_state)}
     counter = SavedBytes(weights)
@@ -120,6 +131,42 @@ def measure(batch: int, seq: int, dtype_name: str, shape: dict = SHAPE) -> dict:
     }
 
 
+def step_peak(batch: int, seq: int, dtype_name: str, checkpointing: bool, shape: dict = SHAPE) -> dict:
+    """Peak live tensor bytes over one training step, against the estimate (without the CUDA runtime)."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from qlora_cli.estimate import estimate
+    from qlora_cli.footprint import quant_state_bytes
+
+    dtype = getattr(torch, dtype_name)
+    recipe, model = load(batch, seq, dtype_name, shape, checkpointing)
+    est = estimate(recipe, gpu=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, shape["vocab_size"], (batch, seq))
+
+    def step():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the optimizer state exists from here on, as in every step but the first
+    tracker = MemTracker()
+    # MemTracker hooks every parameter's gradient; the frozen 4-bit weights have none to hook.
+    track = tracker._track_module_params_and_buffers
+    tracker._track_module_params_and_buffers = lambda module, install_grad_hooks=True: track(module, False)
+    tracker.track_external(model, optimizer)
+    with tracker:
+        step()
+    peak = sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+    measured = peak + quant_state_bytes(model)  # QuantState tensors are not parameters: add them
+    return {"gradient_checkpointing": checkpointing, "measured_peak_bytes": measured,
+            "estimated_bytes": est.total, "ratio": round(est.total / measured, 4),
+            "estimate_parts": {k: round(v) for k, v in est.parts.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2)
@@ -128,7 +175,8 @@ def main() -> None:
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    result = measure(args.batch, args.seq, args.dtype)
+    result = {"saved": measure(args.batch, args.seq, args.dtype),
+              "peak": [step_peak(args.batch, args.seq, args.dtype, ckpt) for ckpt in (False, True)]}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

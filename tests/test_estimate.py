@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from conftest import tiny_recipe
@@ -174,8 +175,27 @@ def test_activation_estimate_matches_what_autograd_saves():
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_activations
 
-    shape = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=4000)
-    result = bench_activations.measure(batch=2, seq=64, dtype_name="bfloat16", shape=shape)
+    result = bench_activations.measure(batch=2, seq=64, dtype_name="bfloat16", shape=SMALL)
     assert abs(result["layer_ratio"] - 1) < 0.05, result
     assert abs(result["head_ratio"] - 1) < 0.05, result
+
+
+SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, vocab_size=4000)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_whole_estimate_is_within_15_percent_of_a_training_step_peak(checkpointing):
+    # Peak live tensor bytes over forward + backward + AdamW step (torch's MemTracker, plus the
+    # 4-bit quant states), against the estimate's total without the CUDA runtime overhead. The
+    # estimate may err high (it adds peaks that do not coincide), not low.
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_activations
+
+    result = bench_activations.step_peak(batch=2, seq=64, dtype_name="bfloat16", checkpointing=checkpointing,
+                                         shape=SMALL)
+    assert 0.98 < result["ratio"] < 1.15, result
