@@ -25,10 +25,13 @@ With `nproc` GPUs the figures are per GPU. Under DDP each GPU holds all of the a
 gradient buckets DDP all-reduces through. Under FSDP or DeepSpeed ZeRO each GPU keeps 1/nproc of
 what the strategy partitions (ZeRO-1 the optimizer state, ZeRO-2 also the gradients, ZeRO-3 and FSDP
 also the weights, held in the storage dtype without the fp32 upcast), all of the quantization
-constants, and the weights it gathers while computing; CPU offload moves the partitioned parts to RAM.
+constants, and the weights it gathers while computing; offload moves the partitioned parts to CPU RAM
+(or NVMe).
 
-The weight part is checked against the measured footprint of real loads (scripts/bench_estimate.py);
-the activation part is an engineering approximation, stated as such in the README.
+The weight part is checked against every byte real loads hold (scripts/bench_estimate.py); the
+activations against what autograd saves for backward, and the total against a training step's peak
+of live tensor bytes, on the CPU (scripts/bench_activations.py). Not checked: GPU-only transients,
+the CUDA runtime and the allocator's slack, which need a GPU.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GIB = 2**30
-BLOCK, DQ_BLOCK = 64, 256  # bitsandbytes 4-bit block size, and double quantization's second level
 RUNTIME_OVERHEAD = 0.75 * GIB  # CUDA context + allocator slack on a GPU
 OPTIMIZER_BYTES = {  # per trainable parameter
     "adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8,
@@ -63,22 +65,16 @@ class Estimate:
 
 
 def nf4_bytes(n: int, double_quant: bool, tensors: int = 0) -> float:
-    return n / 2 + nf4_constants(n, double_quant, tensors)
+    """n weights in `tensors` 4-bit matrices, with their quantization constants (footprint.nf4_theory)."""
+    from qlora_cli.footprint import nf4_theory
+
+    per_weight, per_tensor = nf4_theory(n, double_quant)
+    return per_weight + tensors * per_tensor
 
 
 def nf4_constants(n: int, double_quant: bool, tensors: int = 0) -> float:
-    """The quantization constants of n weights in `tensors` matrices (footprint.py prices the same).
-
-    Per weight: one absmax per 64-weight block, 8 bits plus an fp32 per 256 blocks with double
-    quantization, else fp32. Per matrix: the 16-entry NF4 table, and with double quantization the
-    256-entry 8-bit map and an fp32 offset (all fp32; negligible except on toy models).
-    """
-    from qlora_cli.footprint import DYNAMIC_CODE_ENTRIES, FP32, NF4_CODE_ENTRIES
-
-    blocks = n / BLOCK
-    per_weight = blocks * 1 + blocks / DQ_BLOCK * FP32 if double_quant else blocks * FP32
-    per_tensor = NF4_CODE_ENTRIES * FP32 + ((DYNAMIC_CODE_ENTRIES + 1) * FP32 if double_quant else 0)
-    return per_weight + tensors * per_tensor
+    """Only the quantization constants: absmax (and its nested scales), lookup tables, offsets."""
+    return nf4_bytes(n, double_quant, tensors) - n / 2
 
 
 @dataclass
@@ -131,7 +127,8 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
     est.quantized_params, est.other_params = inv.quantized, inv.other
     # One process: peft's prepare_model_for_kbit_training upcasts the unquantized layers to fp32.
     est.weights = nf4_bytes(inv.quantized, q.double_quant, inv.matrices) + inv.other * 4
-    trainable = _trainable_params(recipe, model, quantized_names)
+    linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    trainable = _trainable_params(recipe, model, linears, quantized_names)
     est.trainable_params = trainable
 
     if recipe.distributed.sharded:  # even in one process: no fp32 upcast, weights in the storage dtype
@@ -139,7 +136,7 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
     else:
         _replicated(est, inv, recipe, nproc)
 
-    for label, value in activation_parts(recipe, config, model, quantized_names).items():
+    for label, value in activation_parts(recipe, config, linears, quantized_names).items():
         est.parts[label] = value
     if gpu:
         est.parts["runtime overhead (CUDA context, allocator)"] = RUNTIME_OVERHEAD
@@ -152,7 +149,7 @@ LOSS_SAVED = "loss: fp32 log-probabilities (saved)"
 LOSS_GRADIENTS = "loss: gradients of the logits (fp32, in backward)"
 
 
-def activation_parts(recipe, config, model, quantized_names: set[str]) -> dict[str, float]:
+def activation_parts(recipe, config, linears: dict, quantized_names: set[str]) -> dict[str, float]:
     """What one micro-batch of batch_size x max_seq_len tokens adds, the same on every GPU.
 
     The tensors a Llama-style decoder layer keeps for the backward pass, per token (checked against
@@ -169,8 +166,6 @@ def activation_parts(recipe, config, model, quantized_names: set[str]) -> dict[s
     The loss keeps fp32 log-probabilities over the vocabulary and, when lm_head is fp32 and c is
     narrower, the copy of lm_head autocast made for the matmul; backward adds the fp32 gradients.
     """
-    import torch
-
     t, d, q = recipe.train, recipe.data, recipe.quant
     tokens = t.batch_size * d.max_seq_len
     r = DTYPE_BYTES[recipe.model.dtype] if recipe.distributed.sharded else 4
@@ -179,8 +174,7 @@ def activation_parts(recipe, config, model, quantized_names: set[str]) -> dict[s
     inter = getattr(config, "intermediate_size", 4 * hidden)
     heads = config.num_attention_heads
     kv_width = hidden * (getattr(config, "num_key_value_heads", None) or heads) // heads
-    linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
-    first = min((_layer_index(n) for n in linears if _layer_index(n) is not None), default=None)
+    first = min((i for i in map(_layer_index, linears) if i is not None), default=None)
     in_layer = [linears[n] for n in _lora_targets(recipe.lora, linears, quantized_names) if _layer_index(n) == first]
     lora_inputs = sum(lin.in_features for lin in in_layer)
     per_token = (2 * r * hidden + 3 * r * inter + c * (2 * hidden + 2 * kv_width) + 4 * heads  # + logsumexp
@@ -278,12 +272,9 @@ def _layer_index(name: str) -> int | None:
     return None
 
 
-def _trainable_params(recipe, model, quantized_names: set[str]) -> int:
+def _trainable_params(recipe, model, linears: dict, quantized_names: set[str]) -> int:
     """LoRA factors on the targeted linear layers, plus full copies of modules_to_save."""
-    import torch
-
     lora = recipe.lora
-    linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
     targets = _lora_targets(lora, linears, quantized_names)
     trainable = sum(lora.r * (linears[n].in_features + linears[n].out_features) for n in targets)
     if lora.use_dora:

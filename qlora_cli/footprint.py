@@ -79,22 +79,30 @@ def measured_4bit_bytes(model) -> int:
     return _nbytes(held)
 
 
-def _theoretical_quantized(n: int, state, double_quant: bool | None = None) -> tuple[float, float]:
+def nf4_theory(n: int, double_quant: bool, blocksize: int = 64, nested_blocksize: int = 256) -> tuple[float, float]:
     """(per-weight bytes, per-tensor constant bytes) of one n-weight tensor in 4 bits.
 
-    The block sizes come from the QuantState (64 and 256 by default); `double_quant` overrides
-    whether absmax is double-quantized, to price the same model the other way.
+    Per weight: the packed codes plus one absmax per block, in 8 bits plus an fp32 per nested block
+    with double quantization, else fp32. Per tensor: the NF4/FP4 lookup table, and with double
+    quantization the 8-bit map and the offset. `qlora estimate` prices weights with this too.
     """
-    nested = getattr(state, "state2", None) is not None if double_quant is None else double_quant
-    blocks = n / state.blocksize
+    blocks = n / blocksize
     constants = NF4_CODE_ENTRIES * FP32
-    if nested:
-        nested_blocksize = state.state2.blocksize if getattr(state, "state2", None) is not None else 256
+    if double_quant:
         per_weight = n / 2 + blocks * 1 + blocks / nested_blocksize * FP32
         constants += DYNAMIC_CODE_ENTRIES * FP32 + FP32  # the 8-bit map and the offset
     else:
         per_weight = n / 2 + blocks * FP32
     return per_weight, constants
+
+
+def _theoretical_quantized(n: int, state, double_quant: bool | None = None) -> tuple[float, float]:
+    """nf4_theory for a loaded tensor: the block sizes come from its QuantState (64 and 256 by
+    default); `double_quant` overrides whether absmax is double-quantized, to price the same model
+    the other way."""
+    nested = getattr(state, "state2", None) is not None if double_quant is None else double_quant
+    nested_blocksize = state.state2.blocksize if getattr(state, "state2", None) is not None else 256
+    return nf4_theory(n, nested, state.blocksize, nested_blocksize)
 
 
 def theoretical_4bit_bytes(model, double_quant: bool | None = None) -> int:
