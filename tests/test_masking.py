@@ -20,12 +20,12 @@ from qlora_cli.modeling import load_tokenizer
 
 def tokenize_example(example: dict, tok, train_on_inputs: bool, template: Template | None = None) -> dict:
     if "text" in example:
-        ids, labels = encode_text(tok, [example["text"]])
+        ids, labels = encode_text(tok, [example["text"]]).lists()
     else:
         installed = next((t for t in BUILTINS.values() if t.jinja == tok.chat_template), None)
         template = template or installed or Template("installed", tok.chat_template)
         text, spans = Renderer(template, tok).render(example["messages"], example.get("tools"))
-        ids, labels = encode(tok, [text], [spans], train_on_inputs)
+        ids, labels = encode(tok, [text], [spans], train_on_inputs).lists()
     return {"input_ids": ids[0], "labels": labels[0]}
 
 

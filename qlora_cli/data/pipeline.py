@@ -29,12 +29,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from qlora_cli.data import cache as data_cache
 from qlora_cli.data.formats import FIELDS, OPTIONAL_FIELDS, BadRow, UnmappedRole, to_canonical
 from qlora_cli.data.sources import JSON_COLUMN, ROW_COLUMN, load_file, load_hub, resolve_files, row_label
 from qlora_cli.data.templates import Renderer, TemplateMismatch
-from qlora_cli.data.tokenize import IGNORE_INDEX, encode, encode_text
+from qlora_cli.data.tokenize import IGNORE_INDEX, Encoded, encode, encode_text
 from qlora_cli.errors import Problem, UserError
 
 MAX_REPORTED = 5  # bad rows shown in a message
@@ -306,41 +307,54 @@ def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inpu
         except BadRow as exc:
             status[i], reason[i] = BAD, str(exc)
 
-    ids = [[] for _ in range(n)]
-    labels = [[] for _ in range(n)]
-    plain = [k for k, s in enumerate(spans) if s is None]
-    chats = [k for k, s in enumerate(spans) if s is not None]
-    if plain:
-        out_ids, out_labels = encode_text(tokenizer, [texts[k] for k in plain])
-        for k, a, b in zip(plain, out_ids, out_labels):
-            ids[text_rows[k]], labels[text_rows[k]] = a, b
-    if chats:
-        out_ids, out_labels = encode(tokenizer, [texts[k] for k in chats], [spans[k] for k in chats], train_on_inputs)
-        for k, a, b in zip(chats, out_ids, out_labels):
-            ids[text_rows[k]], labels[text_rows[k]] = a, b
-
-    lengths, trained = [], []
-    for i in range(n):
-        lengths.append(len(ids[i]))
-        if status[i] == OK and len(ids[i]) > max_len:
-            if on_too_long == "truncate":
-                ids[i], labels[i] = ids[i][:max_len], labels[i][:max_len]
-            else:
-                status[i], reason[i] = TOO_LONG, f"{len(ids[i])} tokens, more than max_seq_len={max_len}"
-        # position 0 is never a target (each label is predicted from the tokens before it)
-        row = labels[i]
-        count = len(row) - 1 - row.count(IGNORE_INDEX) + (row[0] == IGNORE_INDEX) if row else 0
-        if status[i] == OK and count == 0:
+    # A batch comes from one source, so its rows are all plain text or all conversations.
+    if not texts:
+        encoded = Encoded(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64))
+    elif spans[0] is None:
+        encoded = encode_text(tokenizer, texts)
+    else:
+        encoded = encode(tokenizer, texts, spans, train_on_inputs)
+    lengths = np.zeros(n, dtype=np.int64)  # rows that failed above have no tokens
+    lengths[text_rows] = encoded.lengths
+    for i in np.flatnonzero(lengths > max_len):
+        if status[i] == OK and on_too_long != "truncate":
+            status[i], reason[i] = TOO_LONG, f"{lengths[i]} tokens, more than max_seq_len={max_len}"
+    columns = _token_columns(encoded.ids, encoded.trained, lengths, max_len)
+    for i in np.flatnonzero(columns["trained"].to_numpy() == 0):
+        if status[i] == OK:
             status[i] = NO_RESPONSE
-        trained.append(count)
+    return pa.table(
+        {
+            "input_ids": columns["input_ids"],
+            "labels": columns["labels"],
+            "row": pa.array(batch[ROW_COLUMN], pa.int64()),
+            "length": pa.array(lengths, pa.int32()),  # before truncation
+            "trained": columns["trained"],
+            "status": pa.array(status, pa.string()),
+            "reason": pa.array(reason, pa.string()),
+        }
+    )
+
+
+def _token_columns(ids, trained, lengths, max_len: int) -> dict:
+    """input_ids, labels and trained-token counts of a flat batch, each row cut to max_len.
+
+    Rows longer than max_len are cut whatever the policy: under `drop` or `error` they are removed
+    afterwards anyway. Built as Arrow arrays straight from numpy: converting Python lists of ids to
+    Arrow was a tenth of the whole pipeline's time.
+    """
+    rows = np.repeat(np.arange(len(lengths)), lengths)  # the row of each token
+    position = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # its place in that row
+    keep = position < max_len
+    ids, trained, rows, position = ids[keep], trained[keep], rows[keep], position[keep]
+    labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
+    # position 0 is never a target (each label is predicted from the tokens before it)
+    counts = np.bincount(rows, weights=trained & (position > 0), minlength=len(lengths)).astype(np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(np.minimum(lengths, max_len))]).astype(np.int32))
     return {
-        "input_ids": ids,
-        "labels": labels,
-        "row": batch[ROW_COLUMN],
-        "length": lengths,
-        "trained": trained,
-        "status": status,
-        "reason": reason,
+        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
+        "trained": pa.array(counts),
     }
 
 

@@ -1,6 +1,8 @@
-"""Rendered text + loss spans -> input_ids and labels, a batch at a time.
+"""Rendered text + loss spans -> token ids and loss flags, a batch at a time.
 
-    ids, labels = encode(tokenizer, ["<s>...### Response:\n5</s>"], [[(120, 126)]], train_on_inputs=False)
+    enc = encode(tokenizer, ["<s>...### Response:\n5</s>"], [[(120, 126)]], train_on_inputs=False)
+    enc.ids, enc.trained, enc.lengths      # flat numpy arrays: text k is ids[starts[k]:starts[k+1]]
+    ids, labels = enc.lists()              # the same as one list per text, -100 where no loss
 
 A token carries a loss (its label is its id) when it overlaps a span; every other label is -100,
 which PyTorch's cross-entropy skips. This is the rule `apply_chat_template(...,
@@ -8,42 +10,77 @@ return_assistant_tokens_mask=True)` applies (the tokens from the one holding a s
 character to the one holding its last); doing it here lets a whole batch be encoded in one call
 to the Rust tokenizer, which is what makes preprocessing fast. tests/test_masking.py checks the
 two agree.
+
+The batch stays flat (one array of ids for all texts) because the pipeline's later steps
+(truncation, labels, counts, Arrow columns) are then a few numpy operations per batch rather than
+Python loops over every token.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
 
 
-def encode(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]], train_on_inputs: bool):
+@dataclass
+class Encoded:
+    """A batch of tokenized texts, flat."""
+
+    ids: np.ndarray  # int32, every text's ids one after the other
+    trained: np.ndarray  # bool, per token: does it carry a loss
+    lengths: np.ndarray  # int64, tokens per text
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Where each text begins in `ids`, plus the end: text k is ids[starts[k]:starts[k+1]]."""
+        return np.concatenate([[0], np.cumsum(self.lengths)])
+
+    def lists(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(input_ids, labels), one list per text."""
+        if len(self.lengths) == 0:
+            return [], []
+        labels = np.where(self.trained, self.ids, IGNORE_INDEX)
+        cuts = self.starts[1:-1]
+        return [a.tolist() for a in np.split(self.ids, cuts)], [a.tolist() for a in np.split(labels, cuts)]
+
+
+def encode(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]], train_on_inputs: bool) -> Encoded:
     """Tokenize rendered conversations (no special tokens added: the template holds BOS)."""
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    all_ids, all_labels = [], []
-    for enc, row_spans in zip(encodings, spans):
-        ids = enc.ids
-        all_ids.append(ids)
-        all_labels.append(list(ids) if train_on_inputs else _mask(enc, ids, row_spans))
-    return all_ids, all_labels
+    ids, lengths = _flatten([enc.ids for enc in encodings])
+    trained = np.full(len(ids), train_on_inputs, dtype=bool)
+    if not train_on_inputs:
+        for enc, start, row_spans in zip(encodings, np.cumsum(lengths) - lengths, spans):
+            for first, last in _token_ranges(enc, row_spans):
+                trained[start + first : start + last + 1] = True
+    return Encoded(ids, trained, lengths)
 
 
-def encode_text(tokenizer, texts: list[str]):
+def encode_text(tokenizer, texts: list[str]) -> Encoded:
     """Plain text for continued pre-training: BOS + text + EOS, every token trained."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id]
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    ids = [bos + enc.ids + eos for enc in encodings]
-    return ids, [list(row) for row in ids]
+    ids, lengths = _flatten([bos + enc.ids + eos for enc in encodings])
+    return Encoded(ids, np.ones(len(ids), dtype=bool), lengths)
 
 
-def _mask(enc, ids: list[int], spans) -> list[int]:
-    labels = [IGNORE_INDEX] * len(ids)
+def _flatten(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    return np.fromiter(chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum())), lengths
+
+
+def _token_ranges(enc, spans):
+    """(first, last) token of each span, inclusive; spans no token covers (empty content) are skipped."""
     for start, end in spans:
         first = _token_at(enc, start, end, step=1)
         last = _token_at(enc, end - 1, start - 1, step=-1)
-        if first is None or last is None:
-            continue  # a span of characters no token covers (empty content): nothing to train
-        labels[first : last + 1] = ids[first : last + 1]
-    return labels
+        if first is not None and last is not None:
+            yield first, last
 
 
 def _token_at(enc, char: int, stop: int, step: int) -> int | None:
