@@ -407,6 +407,28 @@ def test_a_column_is_read_in_the_order_select_and_shuffle_set():
     assert _column(chunked, "n").tolist() == chunked["n"][:]
 
 
+
+def test_flat_token_columns_equal_row_by_row_truncation_and_counts():
+    """The vectorized batch step against the plain per-row rule, with empty, short and cut rows."""
+    from qlora_cli.data.pipeline import _token_columns
+
+    rng = np.random.default_rng(0)
+    lengths = np.array([0, 1, 5, 12, 0, 30, 7, 8], dtype=np.int64)
+    ids = rng.integers(0, 500, lengths.sum()).astype(np.int32)
+    trained = rng.random(lengths.sum()) < 0.5
+    trained[np.cumsum(lengths)[1] - 1] = True  # a one-token row whose only token is flagged: still 0 trained
+    max_len = 8
+    columns = _token_columns(ids, trained, lengths, max_len)
+
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    for i in range(len(lengths)):
+        row_ids = ids[starts[i] : starts[i + 1]][:max_len].tolist()
+        row_labels = [t if f else IGNORE_INDEX for t, f in zip(row_ids, trained[starts[i] : starts[i + 1]])]
+        assert columns["input_ids"][i].as_py() == row_ids
+        assert columns["labels"][i].as_py() == row_labels
+        assert columns["trained"][i].as_py() == sum(label != IGNORE_INDEX for label in row_labels[1:])
+
+
 # ---------------------------------------------------------------------------------------------
 # Awkward input found in review: each must be a located bad row or a UserError, never a traceback.
 
