@@ -92,9 +92,11 @@ def store(k: str, train, val, stats: dict) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{k}.", dir=root))
-        train.flatten_indices().save_to_disk(str(tmp / "train"))
+        # save_to_disk writes the rows in the order of a dataset's indices mapping (the shuffle),
+        # so the saved copy is flat already; flatten_indices() first would write them all twice.
+        train.save_to_disk(str(tmp / "train"))
         if val is not None:
-            val.flatten_indices().save_to_disk(str(tmp / "val"))
+            val.save_to_disk(str(tmp / "val"))
         (tmp / "stats.json").write_text(json.dumps(stats))  # last: its presence marks a complete entry
         target = root / k
         if target.exists():
