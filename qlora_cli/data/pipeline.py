@@ -272,9 +272,9 @@ def _tokenize_file(raw, source, where: str, name: str, data, renderer, tokenizer
 
 def _tokenize_batch(batch, **kwargs):
     """The map function (module level, so worker processes can import it)."""
-    # A batch allocates a few lists per row (token ids, labels) and no reference cycles, but every
-    # allocation counts towards a run of CPython's cyclic collector, which rescans the live objects:
-    # pausing it for the batch saves those rescans.
+    # A batch allocates objects per row (rendered messages, the tokenizer's id lists) and no
+    # reference cycles, but every allocation counts towards a run of CPython's cyclic collector,
+    # which rescans the live objects: pausing it for the batch saves those rescans.
     enabled = gc.isenabled()
     gc.disable()
     try:
