@@ -100,13 +100,35 @@ def check_launch(recipe) -> None:
 def deepspeed_stage(recipe) -> int:
     """The ZeRO stage of distributed.deepspeed_config, checking the file on the way."""
     path = Path(recipe.distributed.deepspeed_config).expanduser()
-    stage = (read_deepspeed_config(recipe).get("zero_optimization") or {}).get("stage", 0)
+    stage = zero_optimization(recipe)["stage"]
     if stage == 3 and recipe.quant.storage_dtype == "uint8":
         raise UserError.single(
             "quant.storage_dtype", f"is uint8, but ZeRO-3 ({path.name}) partitions only float tensors: set it to "
             f"{recipe.model.dtype} like model.dtype, or remove it (auto)",
         )
     return stage
+
+
+def zero_optimization(recipe) -> dict:
+    """The `zero_optimization` section of distributed.deepspeed_config, checked, with its stage filled in.
+
+    DeepSpeed reads it only once the processes have started, so a wrong value would end there in a
+    traceback; here it is a message naming the file.
+    """
+    where = "distributed.deepspeed_config"
+    path = Path(recipe.distributed.deepspeed_config).expanduser()
+    zero = read_deepspeed_config(recipe).get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise UserError.single(where, f"zero_optimization in {path} must be a JSON object: see configs/deepspeed/zero3.json")
+    stage = zero.get("stage", 0)
+    if type(stage) is not int or stage not in (0, 1, 2, 3):
+        raise UserError.single(where, f"zero_optimization.stage in {path} is {stage!r}: use 0, 1, 2 or 3")
+    for key in ("offload_param", "offload_optimizer"):
+        if not isinstance(zero.get(key) or {}, dict):
+            raise UserError.single(
+                where, f'zero_optimization.{key} in {path} must be a JSON object, e.g. {{"device": "cpu"}}'
+            )
+    return {**zero, "stage": stage}
 
 
 def read_deepspeed_config(recipe) -> dict:

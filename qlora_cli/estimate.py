@@ -128,8 +128,7 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
     # One process: peft's prepare_model_for_kbit_training upcasts the unquantized layers to fp32.
     est.weights = nf4_bytes(inv.quantized, q.double_quant, inv.matrices) + inv.other * 4
     linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
-    trainable = _trainable_params(recipe, model, linears, quantized_names)
-    est.trainable_params = trainable
+    est.trainable_params = _trainable_params(recipe, model, linears, quantized_names)
 
     if recipe.distributed.sharded:  # even in one process: no fp32 upcast, weights in the storage dtype
         _sharded(est, inv, recipe, nproc)
@@ -226,10 +225,10 @@ def _sharded(est: Estimate, inv: _Inventory, recipe, n: int) -> None:
         offload_params = offload_optimizer = dist.fsdp_cpu_offload  # FSDP offloads parameters, grads and the step
         label = "fsdp"
     else:
-        from qlora_cli.distributed import read_deepspeed_config
+        from qlora_cli.distributed import deepspeed_stage, zero_optimization
 
-        zero = read_deepspeed_config(recipe).get("zero_optimization") or {}
-        stage = zero.get("stage", 0)
+        stage = deepspeed_stage(recipe)  # the stage `qlora train` reads, with the same checks
+        zero = zero_optimization(recipe)
         shard_params, shard_grads, shard_optimizer = stage >= 3, stage >= 2, stage >= 1
         offload_params = (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
         offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")

@@ -5,7 +5,8 @@
 For the tiny model and a medium random Llama (about 0.5 B parameters, built locally from a
 config), it loads the base exactly as training does (4-bit NF4 + double quantization, then
 peft's prepare_model_for_kbit_training) and compares the bytes its tensors hold (parameters,
-buffers and the 4-bit quant states, qlora_cli/footprint.py) with the estimate's weight part. It also checks the trainable-parameter count against PEFT's. Then the same under
+buffers and the 4-bit quant states, qlora_cli/footprint.py) with the estimate's weight part. It
+also checks the trainable-parameter count against PEFT's. Then the same under
 distributed.strategy fsdp, in one process: weights stored in bf16 and no fp32 upcast, which is what
 each GPU's shards add up to. Prints JSON.
 """

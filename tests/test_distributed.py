@@ -248,6 +248,13 @@ def test_deepspeed_takes_the_zero3_config_and_float_storage(tiny, tmp_path):
     recipe = _load(tiny, tmp_path, "distributed.strategy=deepspeed", f"distributed.deepspeed_config={broken}")
     with pytest.raises(UserError, match="distributed.deepspeed_config: .*broken.json is not valid JSON"):
         distributed.deepspeed_stage(recipe)
+    # Values DeepSpeed would only trip over after launch are refused up front, naming the key.
+    for zero, key in [({"stage": "three"}, "zero_optimization.stage"), ({"stage": 4}, "zero_optimization.stage"),
+                      ({"stage": True}, "zero_optimization.stage"), ([3], "zero_optimization in"),
+                      ({"stage": 2, "offload_optimizer": "cpu"}, "zero_optimization.offload_optimizer")]:
+        broken.write_text(json.dumps({"zero_optimization": zero}))
+        with pytest.raises(UserError, match=f"distributed.deepspeed_config: {key}"):
+            distributed.deepspeed_stage(recipe)
 
 
 def test_a_launcher_config_that_contradicts_the_recipe_is_refused(tiny, tmp_path, monkeypatch):

@@ -407,7 +407,6 @@ def test_a_column_is_read_in_the_order_select_and_shuffle_set():
     assert _column(chunked, "n").tolist() == chunked["n"][:]
 
 
-
 def test_flat_token_columns_equal_row_by_row_truncation_and_counts():
     """The vectorized batch step against the plain per-row rule, with empty, short and cut rows."""
     from qlora_cli.data.pipeline import _token_columns
