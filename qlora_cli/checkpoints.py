@@ -74,11 +74,12 @@ def checkpoints_in(root: Path) -> list[Path]:
     return sorted(found, key=step_of, reverse=True)
 
 
-def find_resume_point(root: Path, explicit: Path | None = None, warn=print) -> Path:
+def find_resume_point(root: Path, explicit: Path | None = None, warn=print, hashes: bool = True) -> Path:
     """The checkpoint to resume from: `explicit` if given and whole, else the newest whole one under
-    root. Damaged ones are skipped with a warning; none at all is a UserError (exit 2)."""
+    root. Damaged ones are skipped with a warning; none at all is a UserError (exit 2).
+    hashes=False checks that the files are there without reading them (a quick first look)."""
     if explicit is not None:
-        reason = problem(explicit)
+        reason = problem(explicit, hashes=hashes)
         if reason is None:
             return explicit
         candidates = [p for p in checkpoints_in(explicit.parent) if step_of(p) < step_of(explicit)]
@@ -87,7 +88,7 @@ def find_resume_point(root: Path, explicit: Path | None = None, warn=print) -> P
         candidates = checkpoints_in(root)
     skipped = []
     for checkpoint in candidates:
-        reason = problem(checkpoint)
+        reason = problem(checkpoint, hashes=hashes)
         if reason is None:
             if skipped or explicit is not None:
                 warn(f"resuming from the previous whole checkpoint, {checkpoint}")

@@ -61,10 +61,9 @@ def train(
     from pathlib import Path
 
     from qlora_cli.config import load_recipe
-    from qlora_cli.rundir import RECIPE
-    from qlora_cli.train import train as run_training
+    from qlora_cli.preflight import check_inputs, preflight, with_output_dir
+    from qlora_cli.rundir import RECIPE, RunDir
 
-    _quiet_libraries()
     if log_format not in ("rich", "json"):
         raise UserError.single("--log-format", f"{log_format!r} is not a log format: use rich or json")
     if resume is not None and overwrite:
@@ -78,19 +77,24 @@ def train(
     command = shlex.join(["qlora", "train", recipe, *overrides, *(["--output-dir", output_dir] if output_dir else []),
                           "--resume"])
     recipe_obj = load_recipe(recipe, set_ or [])
+    # The recipe and every path are checked before torch and transformers load (seconds): a typo
+    # or a wrong path is reported at once. Silently and without hashing checkpoints: training runs
+    # the same checks again in full, and warns.
+    checked = with_output_dir(recipe_obj, output_dir)
+    check_inputs(checked, RunDir(checked.output.dir), overwrite, resume, warn=lambda text: None, hashes=False)
+    _quiet_libraries()
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
         # Check everything that needs no model before starting N processes, so a bad recipe or
         # path is reported once, plainly, instead of by every rank and then by the launcher.
         from qlora_cli.distributed import launch
-        from qlora_cli.rundir import RunDir
-        from qlora_cli.train import preflight, with_output_dir
 
-        checked = with_output_dir(recipe_obj, output_dir)
         preflight(checked, RunDir(checked.output.dir), overwrite, resume, warn=lambda text: None)
         args = [recipe, *overrides, *(["--output-dir", output_dir] if output_dir else []),
                 *(["--overwrite"] if overwrite else []), *(["--resume", resume] if resume else []),
                 *(["--quiet"] if quiet else []), "--log-format", log_format]
         raise typer.Exit(launch(nproc, args))
+    from qlora_cli.train import train as run_training
+
     display = "json" if log_format == "json" else ("quiet" if quiet else "rich")
     result = run_training(recipe_obj, output_dir=output_dir, overwrite=overwrite, resume=resume,
                           resume_command=command, console=err, display=display,
@@ -115,14 +119,17 @@ def validate(
 ):
     """Check a recipe without training: schema, paths, tokenizer, template and every data row; print it resolved."""
     from qlora_cli.config import load_recipe
+    from qlora_cli.data.sources import check_data_files
+    from qlora_cli.preflight import check_model_path
+
+    r = load_recipe(recipe, set_ or [])
+    check_model_path(r.model)  # these need no library: a typo or a wrong path is reported at once
+    check_data_files(r.data)
+    _quiet_libraries()
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.data.report import data_warnings
-    from qlora_cli.modeling import check_model_path
     from qlora_cli.train import prepare_tokenizer
 
-    _quiet_libraries()
-    r = load_recipe(recipe, set_ or [])
-    check_model_path(r.model)
     tokenizer, template = prepare_tokenizer(r)
     stats = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size).stats
     err.print(
@@ -149,14 +156,17 @@ def data(
 ):
     """Preview the training data: rendered examples with trained tokens highlighted, and statistics."""
     from qlora_cli.config import load_recipe
+    from qlora_cli.data.sources import check_data_files
+    from qlora_cli.preflight import check_model_path
+
+    r = load_recipe(recipe, set_ or [])
+    check_model_path(r.model)  # these need no library: a typo or a wrong path is reported at once
+    check_data_files(r.data)
+    _quiet_libraries()
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.data.report import data_warnings, example_segments, render_example, render_stats
-    from qlora_cli.modeling import check_model_path
     from qlora_cli.train import prepare_tokenizer
 
-    _quiet_libraries()
-    r = load_recipe(recipe, set_ or [])
-    check_model_path(r.model)
     tokenizer, template = prepare_tokenizer(r)
     prepared = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size)
     examples = example_segments(prepared.train, tokenizer, n)
@@ -326,20 +336,21 @@ def estimate(
     as_json: bool = typer.Option(False, "--json", help="Print the breakdown as JSON on stdout."),
 ):
     """Predict peak training memory per GPU from the recipe and the model's config.json (no weights downloaded)."""
-    import torch
-    from rich.table import Table
-
     from qlora_cli.config import load_recipe
-    from qlora_cli.estimate import GIB, estimate as run_estimate, suggestions
-    from qlora_cli.merge_weights import parse_size
-    from qlora_cli.modeling import check_model_path
-    from qlora_cli.progress import format_memory
+    from qlora_cli.preflight import check_model_path
 
-    _quiet_libraries()
     if nproc < 1:
         raise UserError.single("--nproc", f"is {nproc}: give the number of GPUs, 1 or more")
     r = load_recipe(recipe, set_ or [])
-    check_model_path(r.model)
+    check_model_path(r.model)  # needs no library: a typo or a wrong path is reported at once
+    _quiet_libraries()
+    import torch
+    from rich.table import Table
+
+    from qlora_cli.estimate import GIB, estimate as run_estimate, suggestions
+    from qlora_cli.merge_weights import parse_size
+    from qlora_cli.progress import format_memory
+
     budget = parse_size(gpu_memory, "--gpu-memory") if gpu_memory else (
         torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
     try:

@@ -64,7 +64,8 @@ def merge(
     console=None,
 ) -> MergeResult:
     from qlora_cli.config import load_recipe
-    from qlora_cli.modeling import TORCH_DTYPES, check_model_path
+    from qlora_cli.modeling import TORCH_DTYPES
+    from qlora_cli.preflight import check_model_path
 
     say = console.print if console is not None else (lambda *a, **k: None)
     run = RunDir(run_dir)

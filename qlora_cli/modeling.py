@@ -12,8 +12,6 @@ become `UserError`s that name the key.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from qlora_cli.errors import UserError
@@ -68,83 +66,6 @@ def build_lora_config(lora):
         bias=lora.bias,
         task_type="CAUSAL_LM",
     )
-
-
-def check_model_path(model, where: str = "model.name_or_path") -> None:
-    """A local-looking model path must be a directory with config.json (checked before any work)."""
-    path = Path(model.name_or_path).expanduser()
-    looks_local = path.exists() or model.name_or_path.startswith((".", "/", "~")) or model.name_or_path.count("/") > 1
-    if not looks_local:
-        check_hub_model(model, where)
-        return
-    if not path.is_dir():
-        raise UserError.single(where, f"model directory not found: {path}")
-    if not (path / "config.json").is_file():
-        raise UserError.single(where, f"{path} has no config.json: point at a saved transformers model directory")
-
-
-def check_hub_model(model, where: str = "model.name_or_path") -> None:
-    """A hub id must be in the local cache, or the hub must be reachable: say which, at once,
-    instead of a library's retries and a connection traceback."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(model.name_or_path, "config.json", revision=model.revision), str):
-        return  # cached: works offline
-    fix = "pass a local model directory, or set HF_HOME to a cache that holds it"
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise UserError.single(where, f"{model.name_or_path} is not in the local cache and the hub is switched off "
-                               f"(HF_HUB_OFFLINE): {fix}, or unset HF_HUB_OFFLINE")
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError:
-        raise UserError.single(where, f"{model.name_or_path} is not in the local cache and the hub ({host}) is "
-                               f"unreachable: {fix}") from None
-
-
-def check_bitsandbytes() -> None:
-    """4-bit QLoRA needs bitsandbytes >= 0.50 (the first release with CPU NF4 kernels), and a device it supports."""
-    import importlib.metadata
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError.single("bitsandbytes", "is not installed: pip install 'bitsandbytes>=0.50'")
-    version = importlib.metadata.version("bitsandbytes")
-    if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (0, 50):
-        raise UserError.single("bitsandbytes", f"{version} is too old (4-bit on this device needs >= 0.50): "
-                               "pip install -U 'bitsandbytes>=0.50'")
-
-
-def check_attention(model) -> None:
-    """flash_attention_2 needs a CUDA GPU and the flash-attn package: say so before the data is prepared.
-
-    (eager and sdpa need neither, and both keep packed examples apart through the per-example
-    position ids: tests/test_packing.py checks each.)
-    """
-    if model.attn_implementation != "flash_attention_2":
-        return
-    import importlib.util
-
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserError.single("model.attn_implementation", "flash_attention_2 needs a CUDA GPU: use sdpa here")
-    if importlib.util.find_spec("flash_attn") is None:
-        raise UserError.single(
-            "model.attn_implementation", "flash_attention_2 needs the flash-attn package: pip install flash-attn, or use sdpa"
-        )
-
-
-def remote_code_warning(model) -> str | None:
-    """The warning to show when the recipe lets the model repository run its own Python code."""
-    if not model.trust_remote_code:
-        return None
-    return (f"model.trust_remote_code is on: Python code from {model.name_or_path}"
-            f"{'@' + model.revision if model.revision else ''} will run on this machine with your permissions")
 
 
 def load_tokenizer(model):

@@ -98,7 +98,8 @@ def _load_run(path: Path) -> Target:
     from peft import PeftModel
 
     from qlora_cli.config import load_recipe
-    from qlora_cli.modeling import check_model_path, load_base_model
+    from qlora_cli.modeling import load_base_model
+    from qlora_cli.preflight import check_model_path
     from qlora_cli.train import prepare_tokenizer
 
     recipe = load_recipe(path / RECIPE)
@@ -146,7 +147,7 @@ def _load_base(model_id: str) -> Target:
 
 def original_base(target: Target) -> Target:
     """The unquantized base model a merged TARGET came from, rendered with TARGET's tokenizer and template."""
-    from qlora_cli.modeling import check_model_path
+    from qlora_cli.preflight import check_model_path
 
     model_cfg = target.recipe.model
     check_model_path(model_cfg, where="--compare-base")

@@ -24,17 +24,9 @@ from qlora_cli import distributed
 from qlora_cli.config import Recipe, default_template
 from qlora_cli.data.pipeline import build_datasets
 from qlora_cli.data.templates import apply_template, resolve_template
-from qlora_cli.modeling import (
-    attach_lora,
-    check_attention,
-    check_bitsandbytes,
-    check_model_path,
-    keep_adapter_fp32,
-    load_base_model,
-    load_tokenizer,
-    remote_code_warning,
-)
-from qlora_cli.errors import EXIT_USER_ERROR, StoppedRun, UserError
+from qlora_cli.modeling import attach_lora, keep_adapter_fp32, load_base_model, load_tokenizer
+from qlora_cli.preflight import preflight, with_output_dir
+from qlora_cli.errors import EXIT_USER_ERROR, StoppedRun
 from qlora_cli.progress import peak_memory
 from qlora_cli.rundir import LOSS_PLOT, RunDir
 
@@ -286,37 +278,6 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
     return TrainResult(run_dir=run, summary=summary, trainer=trainer)
 
 
-def with_output_dir(recipe: Recipe, output_dir: str | None) -> Recipe:
-    if output_dir is None:
-        return recipe
-    return recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": output_dir})})
-
-
-def preflight(recipe: Recipe, run: RunDir, overwrite: bool, resume: str | None, warn) -> Path | None:
-    """Every check that needs no model or data loaded; returns the checkpoint to resume from, if any.
-
-    Read-only, so each rank of a launch runs it and stops alike (rank 0 alone reports, cli.main),
-    and `qlora train --nproc` runs it before launching anything.
-    """
-    checkpoint = None
-    if resume is not None:
-        checkpoint = resume_point(run, recipe, resume, warn)
-    else:
-        sources = [*recipe.data.sources, *recipe.data.val_sources]
-        inputs = [Path(recipe.model.name_or_path)] + [Path(src.path) for src in sources]
-        run.check_available(overwrite, protected=tuple(p for p in inputs if p.exists()))
-    check_model_path(recipe.model)
-    check_bitsandbytes()
-    check_attention(recipe.model)
-    check_trackers(recipe.train)
-    check_compute_dtype(recipe.quant)
-    distributed.check_launch(recipe)
-    check_speed_options(recipe.train)
-    if remote_code_warning(recipe.model):
-        warn(remote_code_warning(recipe.model))
-    return checkpoint
-
-
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}
 
 
@@ -350,58 +311,6 @@ def _last_checkpoint_text(run: RunDir) -> str:
     return f"The last checkpoint is {whole[0]}." if whole else "No checkpoint was written yet."
 
 
-# Recipe sections a resumed run must share with the checkpoint: they decide the model, the adapter's
-# shape and the data order. train.* may change (more steps, another save interval) with a warning.
-FIXED_ON_RESUME = ("model", "quant", "lora", "data")
-FREE_ON_RESUME = {"data.cache", "data.num_proc"}  # how the rows are prepared, not which rows
-
-
-def resume_point(run: RunDir, recipe: Recipe, resume: str, warn) -> Path:
-    """Check that RUN can be resumed with this recipe, and return the checkpoint to resume from."""
-    from qlora_cli.checkpoints import STATE, find_resume_point
-    from qlora_cli.config import load_recipe
-    from qlora_cli.rundir import RECIPE
-
-    if not (run / RECIPE).is_file():
-        raise UserError.single(
-            "--resume", f"{run.path} is not a run directory (no {RECIPE}): there is nothing to resume; "
-            "train without --resume, or point --output-dir at the run to continue",
-        )
-    saved = load_recipe(run / RECIPE).model_dump()
-    new = recipe.with_absolute_paths().model_dump()
-    fixed = [k for k in _changed_keys(saved, new) if k.split(".")[0] in FIXED_ON_RESUME and k not in FREE_ON_RESUME]
-    if fixed:
-        raise UserError.single(
-            "--resume", f"the recipe differs from the run's {RECIPE} in {', '.join(fixed)}: a checkpoint only "
-            "continues the same model, adapter and data; restore those keys, or train a new run",
-        )
-    for key in _changed_keys(saved["train"], new["train"], "train"):
-        warn(f"{key} changed since the run started; the continuation will differ from the original plan")
-    explicit = None
-    if resume != "latest":
-        explicit = Path(resume).expanduser()
-        if not (explicit / STATE).is_file() and not explicit.name.startswith("checkpoint-"):
-            raise UserError.single("--resume", f"{resume} is not a checkpoint directory (checkpoint-N with {STATE})")
-        if explicit.resolve().parent != run.checkpoints.resolve():
-            raise UserError.single(
-                "--resume", f"{resume} is not a checkpoint of {run.path}: resume a run in its own directory "
-                "(--output-dir RUN)",
-            )
-    checkpoint = find_resume_point(run.checkpoints, explicit, warn)
-    if message := distributed.resume_world_size_warning(checkpoint, recipe):
-        warn(message)
-    return checkpoint
-
-
-def _changed_keys(a, b, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(a.keys() | b.keys()):
-            out += _changed_keys(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        return out
-    return [] if a == b else [prefix]
-
-
 def replica_check(recipe, trainer, warn) -> dict:
     """Under DDP every rank must end with the same adapter. A launch where the model was never
     wrapped in DDP trains one replica per rank, silently; this catches it."""
@@ -413,40 +322,6 @@ def replica_check(recipe, trainer, warn) -> dict:
         warn(f"the ranks ended with different adapters ({', '.join(prints)}): the processes did not train "
              "together (no DDP wrapping?). The saved adapter is rank 0's alone; please report this.")
     return {"replica_fingerprints": prints, "replicas_identical": same}
-
-
-def check_trackers(train_section) -> None:
-    """Each experiment tracker in train.report_to must be installed (transformers fails late otherwise)."""
-    from importlib.util import find_spec
-
-    modules = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-    missing = [name for name in train_section.report_to if find_spec(modules[name]) is None]
-    if missing:
-        raise UserError.single(
-            "train.report_to", f"{', '.join(missing)} is not installed: pip install {' '.join(missing)}, or remove it"
-        )
-
-
-def check_speed_options(train_section) -> None:
-    """Liger's kernels are Triton kernels: they need CUDA and the package (an optional extra)."""
-    if not train_section.liger_kernel:
-        return
-    from importlib.util import find_spec
-
-    if not torch.cuda.is_available():
-        raise UserError.single("train.liger_kernel", "Liger's kernels run on CUDA GPUs only and there is none here: "
-                               "set it to false")
-    if find_spec("liger_kernel") is None:
-        raise UserError.single("train.liger_kernel", "liger-kernel is not installed: pip install 'qlora-cli[liger]' "
-                               "(or liger-kernel), or set it to false")
-
-
-def check_compute_dtype(quant) -> None:
-    """bf16 compute needs a GPU that has it (Ampere or newer); say so before loading 7B weights."""
-    if quant.compute_dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise UserError.single(
-            "quant.compute_dtype", f"{torch.cuda.get_device_name()} has no bfloat16 support: use float16"
-        )
 
 
 def _announce(console, recipe: Recipe, setup: Setup, data_stats) -> None:

@@ -1,51 +1,75 @@
-"""CLI start-up: `qlora --help` wall time against `python -c pass`, in the same run.
+"""CLI start-up: `qlora --help` wall time against `python -c pass`, in the same run; and how soon
+a mistake in the recipe or a path is reported, against importing the training stack.
 
     .venv/bin/python scripts/bench_startup.py [--repeats 15]
 
-Both are started as fresh processes with the same interpreter; the figures are medians, and the
-difference is what the tool itself costs before doing anything (the target is under 0.5 s).
-Prints JSON.
+All are started as fresh processes with the same interpreter; the figures are medians, and the
+difference from `python -c pass` is what the tool itself costs before doing anything (the target
+is under 0.5 s). The two mistakes (a misspelled key given with --set, a data file that does not
+exist) exit 2; `import qlora_cli.train` is what reporting them after loading torch, transformers,
+peft and bitsandbytes would cost. The tiny model is built in a temporary directory for the
+recipe to point at. Prints JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 QLORA = Path(sys.executable).with_name("qlora")
 
 
-def wall(cmd: list[str]) -> float:
+def wall(cmd: list[str], expect: int = 0, needle: str = "") -> float:
+    """Seconds the command takes; it must exit `expect` and, if given, say `needle` on stderr
+    (so an error case times the error it is meant to, not another one)."""
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == expect and needle in proc.stderr, f"{cmd}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
+    return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    commands = {
-        "python -c pass": [sys.executable, "-c", "pass"],
-        "qlora --help": [str(QLORA), "--help"],
-        "qlora train --help": [str(QLORA), "train", "--help"],
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_tiny
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_startup."))
+    tiny = build_tiny.build(tmp / "tiny")
+    recipe = [str(QLORA), "train", "configs/tiny.yaml", "--set", f"model.name_or_path={tiny / 'model'}",
+              "--output-dir", str(tmp / "run")]
+    commands = {  # name: (command, expected exit code, what stderr must say)
+        "python -c pass": ([sys.executable, "-c", "pass"], 0, ""),
+        "qlora --help": ([str(QLORA), "--help"], 0, ""),
+        "qlora train --help": ([str(QLORA), "train", "--help"], 0, ""),
+        "train, misspelled key": ([*recipe, "--set", f"data.sources[0].path={tiny / 'alpaca.jsonl'}",
+                                   "--set", "lora.alpah=16"], 2, "did you mean 'alpha'"),
+        "train, missing data file": ([*recipe, "--set", f"data.sources[0].path={tmp / 'missing.jsonl'}"], 2,
+                                     "data file not found"),
+        "import qlora_cli.train": ([sys.executable, "-c", "import qlora_cli.train"], 0, ""),
     }
-    for cmd in commands.values():  # warm the file cache
-        wall(cmd)
+    for case in commands.values():  # warm the file cache
+        wall(*case)
     samples = {name: [] for name in commands}
     for _ in range(args.repeats):  # interleaved, so load changes hit every command alike
-        for name, cmd in commands.items():
-            samples[name].append(wall(cmd))
+        for name, case in commands.items():
+            samples[name].append(wall(*case))
     medians = {name: round(statistics.median(v), 4) for name, v in samples.items()}
     base = medians["python -c pass"]
     print(json.dumps({"repeats": args.repeats, "median_s": medians,
                       "over_python_s": {k: round(v - base, 4) for k, v in medians.items() if k != "python -c pass"}},
                      indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

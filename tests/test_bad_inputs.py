@@ -53,15 +53,19 @@ def test_trust_remote_code_is_off_by_default_and_warned_about_when_on(tiny, tmp_
 
     assert Recipe.model_fields["model"].annotation.model_fields["trust_remote_code"].default is False
     recipe = tmp_path / "remote.yaml"
+    bad_rows = tmp_path / "bad-rows.jsonl"  # no output column: the run stops once the data is read
+    bad_rows.write_text('{"instruction": "Say hi.", "input": ""}\n')
     recipe.write_text(yaml.safe_dump({
         "model": {"name_or_path": str(tiny / "model"), "dtype": "float32", "trust_remote_code": True},
-        "data": {"sources": [{"path": str(tmp_path / "missing.jsonl"), "format": "alpaca"}]},
+        "data": {"sources": [{"path": str(bad_rows), "format": "alpaca"}]},
         "output": {"dir": str(tmp_path / "out")},
     }))
     result = qlora_main("train", recipe)
     code, stderr = result.returncode, result.stderr
-    assert code == 2  # the missing data file; the warning came first, naming whose code would run
+    assert code == 2 and "has no column 'output'" in stderr, stderr
+    # the warning came before any data or model work, naming whose code would run
     assert "trust_remote_code is on" in stderr and str(tiny / "model") in stderr
+    assert stderr.index("trust_remote_code is on") < stderr.index("has no column 'output'")
 
 
 def test_bf16_compute_is_refused_on_a_gpu_without_bf16(monkeypatch):
@@ -70,7 +74,7 @@ def test_bf16_compute_is_refused_on_a_gpu_without_bf16(monkeypatch):
 
     from qlora_cli.config import QuantSection
     from qlora_cli.errors import UserError
-    from qlora_cli.train import check_compute_dtype
+    from qlora_cli.preflight import check_compute_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)

@@ -3,6 +3,7 @@ named on stderr, no traceback, and nothing written. Every case fails before trai
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -242,6 +243,52 @@ def test_help_imports_no_heavy_library():
                           env=_env())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "HEAVY []"
+
+
+def _main_in_a_fresh_process(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run the CLI's main() in a new interpreter; also return which heavy libraries it imported."""
+    code = (
+        "import sys\n"
+        "from qlora_cli.cli import main\n"
+        f"sys.argv = ['qlora', *{list(args)!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        f"print('HEAVY', sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=_env())
+    heavy = proc.stdout.splitlines()[-1] if proc.stdout else ""
+    assert heavy.startswith("HEAVY "), proc.stdout + proc.stderr[-3000:]
+    proc.stdout = "\n".join(proc.stdout.splitlines()[:-1])
+    return proc, ast.literal_eval(heavy.removeprefix("HEAVY "))
+
+
+def test_input_mistakes_are_reported_before_any_library_loads(write_recipe, tiny, tmp_path):
+    """A typo or a wrong path costs the user a fraction of a second, not the seconds torch,
+    transformers and bitsandbytes take to import: each is reported before any of them is imported."""
+    good = write_recipe()
+    cases = {
+        "misspelled key": (["train", str(write_recipe(_misspelled_key(tiny, tmp_path)[0], "typo.yaml"))],
+                           ["lora.alpah", "did you mean 'alpha'"]),
+        "--set typo": (["train", str(good), "--set", "lora.alpah=64"], ["lora.alpah (from --set)"]),
+        "missing data file": (["train", str(write_recipe(_missing_data_file(tiny, tmp_path)[0], "data.yaml"))],
+                              ["data.sources[0].path", "data file not found"]),
+        "missing model": (["train", str(write_recipe(_missing_model_dir(tiny, tmp_path)[0], "model.yaml"))],
+                          ["model.name_or_path", "model directory not found"]),
+        "output dir in the way": (["train", str(good), "--output-dir", str(tiny)],
+                                  ["output.dir", "already exists and is not empty"]),
+        "resume of no run": (["train", str(good), "--resume", "--output-dir", str(tmp_path / "empty")],
+                             ["--resume", "is not a run directory"]),
+        "validate, missing data": (["validate", str(tmp_path / "data.yaml")], ["data file not found"]),
+        "data, missing data": (["data", str(tmp_path / "data.yaml")], ["data file not found"]),
+        "estimate, missing model": (["estimate", str(tmp_path / "model.yaml")], ["model directory not found"]),
+    }
+    (tmp_path / "empty").mkdir()
+    for name, (args, needles) in cases.items():
+        proc, heavy = _main_in_a_fresh_process(*args)
+        assert_user_error(proc, *needles)
+        assert heavy == [], f"{name}: {heavy} imported before the error"
+    assert not (tmp_path / "run").exists()
 
 
 def test_module_help_matches_console_script_help_but_for_the_program_name():

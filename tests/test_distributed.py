@@ -122,7 +122,7 @@ def test_sigint_stops_every_rank_at_one_checkpoint_and_resume_continues(ddp_runs
 def test_resuming_with_another_number_of_processes_is_warned_about(ddp_runs, monkeypatch, which, world, warned):
     from qlora_cli.config import load_recipe
     from qlora_cli.rundir import RECIPE, RunDir
-    from qlora_cli.train import preflight
+    from qlora_cli.preflight import preflight
 
     run = ddp_runs[0] if which == "2 processes" else ddp_runs[2]
     monkeypatch.setenv("WORLD_SIZE", world)

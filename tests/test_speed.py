@@ -56,7 +56,7 @@ def test_torch_compile_reaches_the_trainer(tiny, tmp_path):
 def test_liger_reaches_the_trainer_and_is_refused_without_a_gpu(tiny, tmp_path, monkeypatch):
     import torch
 
-    from qlora_cli.train import check_speed_options
+    from qlora_cli.preflight import check_speed_options
 
     recipe = _recipe(tiny, tmp_path, "train.liger_kernel=true")
     assert _args(recipe, tmp_path).use_liger_kernel is True

@@ -33,7 +33,9 @@ import pyarrow as pa
 
 from qlora_cli.data import cache as data_cache
 from qlora_cli.data.formats import FIELDS, OPTIONAL_FIELDS, BadRow, UnmappedRole, to_canonical
-from qlora_cli.data.sources import JSON_COLUMN, ROW_COLUMN, load_file, load_hub, resolve_files, row_label
+from qlora_cli.data.sources import (
+    JSON_COLUMN, ROW_COLUMN, check_data_files, load_file, load_hub, resolve_files, row_label,
+)
 from qlora_cli.data.templates import Renderer, TemplateMismatch
 from qlora_cli.data.tokenize import IGNORE_INDEX, Encoded, encode, encode_text
 from qlora_cli.errors import Problem, UserError
@@ -126,7 +128,7 @@ def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, us
                 stats.batching = batching_efficiency(lengths, data.max_seq_len, batch_size, seed)
             return PreparedData(train, val, stats)
 
-    _check_no_file_twice(data)
+    check_data_files(data)
     stats = DataStats()
     pool, stats.sources = _process_group(data, "sources", renderer, tokenizer)
     val = None
@@ -152,21 +154,6 @@ def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, us
 
 # ---------------------------------------------------------------------------------------------
 # One source: files -> tokenized rows, with the policies applied.
-
-
-def _check_no_file_twice(data) -> None:
-    """A file named by two sources would be trained twice, or trained and validated on: refuse it."""
-    seen: dict = {}
-    for group in ("sources", "val_sources"):
-        for i, source in enumerate(getattr(data, group)):
-            where = f"data.{group}[{i}]"
-            for f in resolve_files(source, where):
-                first = seen.setdefault(f.resolve(), where)
-                if first != where:
-                    raise UserError.single(
-                        f"{where}.path",
-                        f"{f} is also read by {first}: name each file once (use weight or samples to repeat one)",
-                    )
 
 
 def _process_group(data, group: str, renderer, tokenizer):

@@ -81,6 +81,22 @@ def resolve_files(source, where: str) -> list[Path]:
     return files
 
 
+def check_data_files(data) -> None:
+    """Every source's files exist and have a data file type, and no file is named by two sources
+    (it would be trained twice, or trained and validated on). Hub sources are checked when loaded."""
+    seen: dict = {}
+    for group in ("sources", "val_sources"):
+        for i, source in enumerate(getattr(data, group)):
+            where = f"data.{group}[{i}]"
+            for f in resolve_files(source, where):
+                first = seen.setdefault(f.resolve(), where)
+                if first != where:
+                    raise UserError.single(
+                        f"{where}.path",
+                        f"{f} is also read by {first}: name each file once (use weight or samples to repeat one)",
+                    )
+
+
 def _check_file(path: Path, source, where: str) -> None:
     if not path.exists():
         raise UserError.single(f"{where}.path", f"data file not found: {path}")

@@ -1,0 +1,234 @@
+"""Checks on a run's inputs that need no model, no data and no heavy library.
+
+    recipe = with_output_dir(recipe, "--output-dir value or None")
+    check_inputs(recipe, RunDir(recipe.output.dir), overwrite, resume, warn)  # paths only: instant
+    preflight(recipe, RunDir(recipe.output.dir), overwrite, resume, warn)     # those + this machine
+
+This module imports neither torch nor transformers at the top. `qlora train` runs check_inputs
+before it loads them (several seconds on a laptop), so a wrong path, a run directory that is in
+the way or a recipe that does not match the run being resumed is reported at once, not after the
+libraries load. preflight adds what the machine must have (bitsandbytes, a GPU for some settings,
+trackers); train.py runs it before it loads the model or writes anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlora_cli import distributed
+from qlora_cli.config import Recipe
+from qlora_cli.data.sources import check_data_files
+from qlora_cli.errors import UserError
+from qlora_cli.rundir import RunDir
+
+
+def with_output_dir(recipe: Recipe, output_dir: str | None) -> Recipe:
+    if output_dir is None:
+        return recipe
+    return recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": output_dir})})
+
+
+def check_inputs(recipe: Recipe, run: RunDir, overwrite: bool, resume: str | None, warn,
+                 hashes: bool = True) -> Path | None:
+    """The run directory (free, or resumable with this recipe), the model path and the data files.
+
+    Read-only; returns the checkpoint to resume from, if any. hashes=False does not read the
+    checkpoint's files to verify them (the quick look `qlora train` takes before loading libraries).
+    """
+    checkpoint = None
+    if resume is not None:
+        checkpoint = resume_point(run, recipe, resume, warn, hashes)
+    else:
+        sources = [*recipe.data.sources, *recipe.data.val_sources]
+        inputs = [Path(recipe.model.name_or_path)] + [Path(src.path) for src in sources]
+        run.check_available(overwrite, protected=tuple(p for p in inputs if p.exists()))
+    check_model_path(recipe.model)
+    check_data_files(recipe.data)
+    return checkpoint
+
+
+def preflight(recipe: Recipe, run: RunDir, overwrite: bool, resume: str | None, warn) -> Path | None:
+    """Every check that needs no model or data loaded; returns the checkpoint to resume from, if any.
+
+    Read-only, so each rank of a launch runs it and stops alike (rank 0 alone reports, cli.main),
+    and `qlora train --nproc` runs it before launching anything.
+    """
+    checkpoint = check_inputs(recipe, run, overwrite, resume, warn)
+    check_bitsandbytes()
+    check_attention(recipe.model)
+    check_trackers(recipe.train)
+    check_compute_dtype(recipe.quant)
+    distributed.check_launch(recipe)
+    check_speed_options(recipe.train)
+    if remote_code_warning(recipe.model):
+        warn(remote_code_warning(recipe.model))
+    return checkpoint
+
+
+# Recipe sections a resumed run must share with the checkpoint: they decide the model, the adapter's
+# shape and the data order. train.* may change (more steps, another save interval) with a warning.
+FIXED_ON_RESUME = ("model", "quant", "lora", "data")
+FREE_ON_RESUME = {"data.cache", "data.num_proc"}  # how the rows are prepared, not which rows
+
+
+def resume_point(run: RunDir, recipe: Recipe, resume: str, warn, hashes: bool = True) -> Path:
+    """Check that RUN can be resumed with this recipe, and return the checkpoint to resume from."""
+    from qlora_cli.checkpoints import STATE, find_resume_point
+    from qlora_cli.config import load_recipe
+    from qlora_cli.rundir import RECIPE
+
+    if not (run / RECIPE).is_file():
+        raise UserError.single(
+            "--resume", f"{run.path} is not a run directory (no {RECIPE}): there is nothing to resume; "
+            "train without --resume, or point --output-dir at the run to continue",
+        )
+    saved = load_recipe(run / RECIPE).model_dump()
+    new = recipe.with_absolute_paths().model_dump()
+    fixed = [k for k in _changed_keys(saved, new) if k.split(".")[0] in FIXED_ON_RESUME and k not in FREE_ON_RESUME]
+    if fixed:
+        raise UserError.single(
+            "--resume", f"the recipe differs from the run's {RECIPE} in {', '.join(fixed)}: a checkpoint only "
+            "continues the same model, adapter and data; restore those keys, or train a new run",
+        )
+    for key in _changed_keys(saved["train"], new["train"], "train"):
+        warn(f"{key} changed since the run started; the continuation will differ from the original plan")
+    explicit = None
+    if resume != "latest":
+        explicit = Path(resume).expanduser()
+        if not (explicit / STATE).is_file() and not explicit.name.startswith("checkpoint-"):
+            raise UserError.single("--resume", f"{resume} is not a checkpoint directory (checkpoint-N with {STATE})")
+        if explicit.resolve().parent != run.checkpoints.resolve():
+            raise UserError.single(
+                "--resume", f"{resume} is not a checkpoint of {run.path}: resume a run in its own directory "
+                "(--output-dir RUN)",
+            )
+    checkpoint = find_resume_point(run.checkpoints, explicit, warn, hashes)
+    if message := distributed.resume_world_size_warning(checkpoint, recipe):
+        warn(message)
+    return checkpoint
+
+
+def _changed_keys(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(a.keys() | b.keys()):
+            out += _changed_keys(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if a == b else [prefix]
+
+
+def check_model_path(model, where: str = "model.name_or_path") -> None:
+    """A local-looking model path must be a directory with config.json (checked before any work)."""
+    path = Path(model.name_or_path).expanduser()
+    looks_local = path.exists() or model.name_or_path.startswith((".", "/", "~")) or model.name_or_path.count("/") > 1
+    if not looks_local:
+        check_hub_model(model, where)
+        return
+    if not path.is_dir():
+        raise UserError.single(where, f"model directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise UserError.single(where, f"{path} has no config.json: point at a saved transformers model directory")
+
+
+def check_hub_model(model, where: str = "model.name_or_path") -> None:
+    """A hub id must be in the local cache, or the hub must be reachable: say which, at once,
+    instead of a library's retries and a connection traceback."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model.name_or_path, "config.json", revision=model.revision), str):
+        return  # cached: works offline
+    fix = "pass a local model directory, or set HF_HOME to a cache that holds it"
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise UserError.single(where, f"{model.name_or_path} is not in the local cache and the hub is switched off "
+                               f"(HF_HUB_OFFLINE): {fix}, or unset HF_HUB_OFFLINE")
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise UserError.single(where, f"{model.name_or_path} is not in the local cache and the hub ({host}) is "
+                               f"unreachable: {fix}") from None
+
+
+def check_bitsandbytes() -> None:
+    """4-bit QLoRA needs bitsandbytes >= 0.50 (the first release with CPU NF4 kernels), and a device it supports."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError.single("bitsandbytes", "is not installed: pip install 'bitsandbytes>=0.50'")
+    version = importlib.metadata.version("bitsandbytes")
+    if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (0, 50):
+        raise UserError.single("bitsandbytes", f"{version} is too old (4-bit on this device needs >= 0.50): "
+                               "pip install -U 'bitsandbytes>=0.50'")
+
+
+def check_attention(model) -> None:
+    """flash_attention_2 needs a CUDA GPU and the flash-attn package: say so before the data is prepared.
+
+    (eager and sdpa need neither, and both keep packed examples apart through the per-example
+    position ids: tests/test_packing.py checks each.)
+    """
+    if model.attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError.single("model.attn_implementation", "flash_attention_2 needs a CUDA GPU: use sdpa here")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError.single(
+            "model.attn_implementation", "flash_attention_2 needs the flash-attn package: pip install flash-attn, or use sdpa"
+        )
+
+
+def check_trackers(train_section) -> None:
+    """Each experiment tracker in train.report_to must be installed (transformers fails late otherwise)."""
+    from importlib.util import find_spec
+
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+    missing = [name for name in train_section.report_to if find_spec(modules[name]) is None]
+    if missing:
+        raise UserError.single(
+            "train.report_to", f"{', '.join(missing)} is not installed: pip install {' '.join(missing)}, or remove it"
+        )
+
+
+def check_speed_options(train_section) -> None:
+    """Liger's kernels are Triton kernels: they need CUDA and the package (an optional extra)."""
+    if not train_section.liger_kernel:
+        return
+    from importlib.util import find_spec
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError.single("train.liger_kernel", "Liger's kernels run on CUDA GPUs only and there is none here: "
+                               "set it to false")
+    if find_spec("liger_kernel") is None:
+        raise UserError.single("train.liger_kernel", "liger-kernel is not installed: pip install 'qlora-cli[liger]' "
+                               "(or liger-kernel), or set it to false")
+
+
+def check_compute_dtype(quant) -> None:
+    """bf16 compute needs a GPU that has it (Ampere or newer); say so before loading 7B weights."""
+    if quant.compute_dtype != "bfloat16":
+        return
+    import torch
+
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError.single(
+            "quant.compute_dtype", f"{torch.cuda.get_device_name()} has no bfloat16 support: use float16"
+        )
+
+
+def remote_code_warning(model) -> str | None:
+    """The warning to show when the recipe lets the model repository run its own Python code."""
+    if not model.trust_remote_code:
+        return None
+    return (f"model.trust_remote_code is on: Python code from {model.name_or_path}"
+            f"{'@' + model.revision if model.revision else ''} will run on this machine with your permissions")
