@@ -103,7 +103,7 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
     from qlora_cli.merge_weights import quantized_meta_model
     from qlora_cli.modeling import TORCH_DTYPES
 
-    m, q, lora, t, d = recipe.model, recipe.quant, recipe.lora, recipe.train, recipe.data
+    m, q = recipe.model, recipe.quant
     config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     model = quantized_meta_model(config, q, TORCH_DTYPES[m.dtype])
     quantized_names = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
