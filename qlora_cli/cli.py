@@ -217,10 +217,10 @@ def merge(
     compare: bool = typer.Option(False, "--compare", help="Also merge with the other --base in memory and report both."),
 ):
     """Fold the adapter into the base model and write a standalone model, with a fidelity report."""
-    from qlora_cli.merge import merge as run_merge
+    _quiet_libraries()  # first, so no library this command loads logs its import-time notices
     from qlora_cli.fidelity import render_fidelity
+    from qlora_cli.merge import merge as run_merge
 
-    _quiet_libraries()
     start = time.perf_counter()
     result = run_merge(
         run_dir, output=output, base_mode=base, dtype=dtype, max_shard_size=max_shard_size,
@@ -252,9 +252,9 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per batch with --input."),
 ):
     """Generate with exactly the template the run was trained with."""
+    _quiet_libraries()  # first, so no library this command loads logs its import-time notices
     from qlora_cli.generate import run_generate
 
-    _quiet_libraries()
     run_generate(
         target, prompt=prompt, input_file=input_file, output_file=output_file, interactive=interactive,
         system=system, adapters=adapter or [], compare=compare, batch_size=batch_size, console=err,
@@ -282,10 +282,10 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout instead of a table."),
 ):
     """Loss, perplexity, token accuracy, exact match and ROUGE-L, with exactly the training template."""
+    _quiet_libraries()  # first, so no library this command loads logs its import-time notices
     from qlora_cli.eval_report import describe, render_table
     from qlora_cli.evaluation import run_eval
 
-    _quiet_libraries()
     results = run_eval(
         target, data_path=data_path, split=split, compare_base=compare_base, max_samples=max_samples,
         batch_size=batch_size, max_new_tokens=max_new_tokens, generate=not no_generate, console=err,
@@ -421,6 +421,9 @@ def _quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Before bitsandbytes is imported: on CPUs with AVX-512 BF16 its import warns that the optional
+    # `kernels` package is missing, which says nothing about the user's run.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import datasets
     import transformers
 
@@ -428,7 +431,6 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # Library deprecation notices (e.g. transformers renaming gradient_checkpointing) are for
     # this tool's developers, not its users; the test suite still shows them.
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import logging
 import os
 import re
 import subprocess
@@ -289,6 +290,25 @@ def test_input_mistakes_are_reported_before_any_library_loads(write_recipe, tiny
         assert_user_error(proc, *needles)
         assert heavy == [], f"{name}: {heavy} imported before the error"
     assert not (tmp_path / "run").exists()
+
+
+def test_bitsandbytes_import_notice_stays_out_of_the_output(write_recipe, tmp_path):
+    """On CPUs with AVX-512 BF16, importing bitsandbytes logs that the optional `kernels` package
+    is missing: noise ahead of every message. The CLI quiets that logger before anything imports
+    bitsandbytes (checked in a fresh interpreter), so not even a run that stops after loading the
+    training stack shows it (that part can only fail on such a CPU, which this project's have)."""
+    code = ("import logging, sys\n"
+            "from qlora_cli.cli import _quiet_libraries\n"
+            "_quiet_libraries()\n"
+            "print('bitsandbytes' in sys.modules, logging.getLogger('bitsandbytes.backends.cpu.ops').getEffectiveLevel())\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["False", str(logging.ERROR)], proc.stdout + proc.stderr[-2000:]
+    rows = tmp_path / "no-output.jsonl"  # refused once the data is read, after the libraries load
+    rows.write_text('{"instruction": "Say hi.", "input": ""}\n')
+    proc = run_cli("train", str(write_recipe({"data": {"sources": [{"path": str(rows), "format": "alpaca"}]}})),
+                   timeout=180)
+    assert_user_error(proc, "has no column 'output'")
+    assert "kernels" not in proc.stderr, proc.stderr
 
 
 def test_module_help_matches_console_script_help_but_for_the_program_name():
