@@ -33,6 +33,9 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 RESUME_LATEST = "latest"  # what a bare --resume means (see main)
+# remote_code.FLAG_HELP, repeated here so `qlora --help` imports nothing more.
+REMOTE_CODE_HELP = ("Allow the model's own Python code (its config's auto_map) to run on this machine. Needed, on "
+                    "every command, for a model whose recipe sets model.trust_remote_code; never implied by a file.")
 SET_HELP = "Override a recipe key, e.g. --set lora.r=8 --set data.sources[0].path=x.jsonl (repeatable)."
 
 
@@ -56,12 +59,14 @@ def train(
         help="Train in N processes on this machine (one per GPU, or N CPU processes), launched through "
         "accelerate. The recipe's distributed section picks DDP, FSDP or DeepSpeed.",
     ),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
 ):
     """Quantize the base model to 4 bits, attach LoRA, train, and write a run directory."""
     from pathlib import Path
 
     from qlora_cli.config import load_recipe
     from qlora_cli.preflight import check_inputs, preflight, with_output_dir
+    from qlora_cli.remote_code import require_consent
     from qlora_cli.rundir import RECIPE, RunDir
 
     if log_format not in ("rich", "json"):
@@ -77,22 +82,26 @@ def train(
     command = shlex.join(["qlora", "train", recipe, *overrides, *(["--output-dir", output_dir] if output_dir else []),
                           "--resume"])
     recipe_obj = load_recipe(recipe, set_ or [])
+    require_consent(recipe_obj.model, trust_remote_code)
     # The recipe and every path are checked before torch and transformers load (seconds): a typo
     # or a wrong path is reported at once. Silently and without hashing checkpoints: training runs
     # the same checks again in full, and warns.
     checked = with_output_dir(recipe_obj, output_dir)
-    check_inputs(checked, RunDir(checked.output.dir), overwrite, resume, warn=lambda text: None, hashes=False)
+    run = RunDir(checked.output.dir)
+    check_inputs(checked, run, overwrite, resume, warn=lambda text: None, hashes=False, recipe_file=recipe)
     _quiet_libraries()
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
         # Check everything that needs no model before starting N processes, so a bad recipe or
         # path is reported once, plainly, instead of by every rank and then by the launcher.
         from qlora_cli.distributed import launch
 
-        preflight(checked, RunDir(checked.output.dir), overwrite, resume, warn=lambda text: None)
         args = [recipe, *overrides, *(["--output-dir", output_dir] if output_dir else []),
                 *(["--overwrite"] if overwrite else []), *(["--resume", resume] if resume else []),
-                *(["--quiet"] if quiet else []), "--log-format", log_format]
-        raise typer.Exit(launch(nproc, args))
+                *(["--quiet"] if quiet else []), *(["--trust-remote-code"] if trust_remote_code else []),
+                "--log-format", log_format]
+        with run.lock():  # this process writes nothing, but holds the run for the ones it launches
+            preflight(checked, run, overwrite, resume, warn=lambda text: None)
+            raise typer.Exit(launch(nproc, args))
     from qlora_cli.train import train as run_training
 
     display = "json" if log_format == "json" else ("quiet" if quiet else "rich")
@@ -116,13 +125,16 @@ def validate(
     recipe: str = typer.Argument(..., help="Path to the YAML recipe."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the check; do not print the resolved recipe."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
 ):
     """Check a recipe without training: schema, paths, tokenizer, template and every data row; print it resolved."""
     from qlora_cli.config import load_recipe
     from qlora_cli.data.sources import check_data_files
     from qlora_cli.preflight import check_model_path
+    from qlora_cli.remote_code import require_consent
 
     r = load_recipe(recipe, set_ or [])
+    require_consent(r.model, trust_remote_code)  # the tokenizer may bring code too
     check_model_path(r.model)  # these need no library: a typo or a wrong path is reported at once
     check_data_files(r.data)
     _quiet_libraries()
@@ -153,13 +165,16 @@ def data(
     stats: bool = typer.Option(False, "--stats", help="Show the full statistics table and length histogram."),
     as_json: bool = typer.Option(False, "--json", help="Print examples and statistics as JSON on stdout."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
 ):
     """Preview the training data: rendered examples with trained tokens highlighted, and statistics."""
     from qlora_cli.config import load_recipe
     from qlora_cli.data.sources import check_data_files
     from qlora_cli.preflight import check_model_path
+    from qlora_cli.remote_code import require_consent
 
     r = load_recipe(recipe, set_ or [])
+    require_consent(r.model, trust_remote_code)  # the tokenizer may bring code too
     check_model_path(r.model)  # these need no library: a typo or a wrong path is reported at once
     check_data_files(r.data)
     _quiet_libraries()
@@ -215,6 +230,7 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier merged model at --output."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the fidelity check against the adapter model."),
     compare: bool = typer.Option(False, "--compare", help="Also merge with the other --base in memory and report both."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
 ):
     """Fold the adapter into the base model and write a standalone model, with a fidelity report."""
     _quiet_libraries()  # first, so no library this command loads logs its import-time notices
@@ -224,7 +240,7 @@ def merge(
     start = time.perf_counter()
     result = run_merge(
         run_dir, output=output, base_mode=base, dtype=dtype, max_shard_size=max_shard_size,
-        overwrite=overwrite, verify=not no_verify, compare=compare, console=err,
+        overwrite=overwrite, verify=not no_verify, compare=compare, console=err, trust_remote_code=trust_remote_code,
     )
     if "fidelity" in result.report:
         err.print(render_fidelity(result.report))
@@ -250,6 +266,7 @@ def generate(
     adapter: Optional[List[str]] = typer.Option(None, "--adapter", help="NAME=RUN_DIR: another adapter on the same base (repeatable)."),
     compare: bool = typer.Option(False, "--compare", help="With --prompt: answer with every adapter and the bare base, side by side."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per batch with --input."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
 ):
     """Generate with exactly the template the run was trained with."""
     _quiet_libraries()  # first, so no library this command loads logs its import-time notices
@@ -258,6 +275,7 @@ def generate(
     run_generate(
         target, prompt=prompt, input_file=input_file, output_file=output_file, interactive=interactive,
         system=system, adapters=adapter or [], compare=compare, batch_size=batch_size, console=err,
+        trust_remote_code=trust_remote_code,
         sampling=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       repetition_penalty=repetition_penalty, seed=seed, greedy=greedy),
     )
@@ -280,6 +298,7 @@ def eval_(
     ),
     no_generate: bool = typer.Option(False, "--no-generate", help="Loss, perplexity and token accuracy only (no exact match / ROUGE-L)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout instead of a table."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
 ):
     """Loss, perplexity, token accuracy, exact match and ROUGE-L, with exactly the training template."""
     _quiet_libraries()  # first, so no library this command loads logs its import-time notices
@@ -289,6 +308,7 @@ def eval_(
     results = run_eval(
         target, data_path=data_path, split=split, compare_base=compare_base, max_samples=max_samples,
         batch_size=batch_size, max_new_tokens=max_new_tokens, generate=not no_generate, console=err,
+        trust_remote_code=trust_remote_code,
     )
     if "write_error" in results:
         err.print(f"[yellow]warning:[/] {escape(results['write_error'])}")
@@ -334,14 +354,17 @@ def estimate(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     nproc: int = typer.Option(1, "--nproc", help="GPUs (one process each) the run will use; the figures are per GPU, under distributed.strategy."),
     as_json: bool = typer.Option(False, "--json", help="Print the breakdown as JSON on stdout."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
 ):
     """Predict peak training memory per GPU from the recipe and the model's config.json (no weights downloaded)."""
     from qlora_cli.config import load_recipe
     from qlora_cli.preflight import check_model_path
+    from qlora_cli.remote_code import require_consent
 
     if nproc < 1:
         raise UserError.single("--nproc", f"is {nproc}: give the number of GPUs, 1 or more")
     r = load_recipe(recipe, set_ or [])
+    require_consent(r.model, trust_remote_code)  # reading a config with auto_map imports its code
     check_model_path(r.model)  # needs no library: a typo or a wrong path is reported at once
     _quiet_libraries()
     import torch

@@ -70,10 +70,13 @@ def write_results(directory: str, results: dict, predictions: list[dict]) -> lis
     from qlora_cli.generate import write_jsonl_atomically
     from qlora_cli.errors import UserError
 
+    from qlora_cli.rundir import RunDir
+
     written = []
     path = Path(directory) / RESULTS
     tmp = path.with_name(f".{RESULTS}.partial")
     try:
+        RunDir(directory).record(RESULTS, PREDICTIONS)  # in a run directory: qlora wrote them
         tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         tmp.replace(path)
         written.append(str(path))

@@ -120,7 +120,7 @@ def _data_section_for(target, data_path: str, split: str | None):
 
     if not is_hub_id(data_path) and not any(c in data_path for c in "*?[") and not Path(data_path).expanduser().exists():
         raise UserError.single("--data", f"data file not found: {data_path}")
-    fmt = _guess_format(str(Path(data_path).expanduser()))
+    fmt = _guess_format(str(Path(data_path).expanduser()), data_path)
     if fmt is None:
         raise UserError.single(
             "--data", f"cannot tell the format of {data_path}: give a .txt file, or JSON/JSONL rows with "
@@ -130,10 +130,12 @@ def _data_section_for(target, data_path: str, split: str | None):
                        on_bad_row="error", cache=False)
 
 
-def _guess_format(path: str) -> str | None:
+def _guess_format(path: str, given: str) -> str | None:
     """The format of a local JSON/JSONL file without a recipe, from its first row's fields."""
     import json
     from pathlib import Path
+
+    from qlora_cli.data.sources import MAX_JSON_DEPTH, deep_json_lines
 
     p = Path(path)
     if p.suffix.lower() == ".txt":
@@ -141,9 +143,21 @@ def _guess_format(path: str) -> str | None:
     if not p.is_file():
         return None
     with open(p, encoding="utf-8", errors="replace") as f:
-        head = f.read(1 << 20).lstrip()
+        start = f.read(1 << 20)
+    head = start.lstrip()
+    array = head.startswith("[")
+    text = head if array else next(iter(head.splitlines()), "")
+    # Bounded before parsing, as the pipeline bounds every data file: json.loads raises
+    # RecursionError past about 1,000 levels. (An array of rows is a level itself.)
+    deep = deep_json_lines(text.encode(), one_value=True, limit=MAX_JSON_DEPTH + array)
+    if deep:
+        line = min(deep) + start[: len(start) - len(head)].count("\n")  # after the blank lines stripped
+        raise UserError.single(
+            "--data", f"{given} line {line}: a value is nested more than {MAX_JSON_DEPTH} levels deep (real rows "
+            "nest a few): fix or remove that row",
+        )
     try:
-        first = json.loads(head.splitlines()[0]) if not head.startswith("[") else json.loads(head)[0]
+        first = json.loads(text)[0] if array else json.loads(text)
     except (ValueError, IndexError):
         return None
     if not isinstance(first, dict):
@@ -281,14 +295,14 @@ def evaluate(target, data: EvalRows, batch_size: int, max_new_tokens: int | None
 
 def run_eval(target_path: str, data_path: str | None = None, split: str | None = None, compare_base: bool = False,
              max_samples: int | None = None, batch_size: int | None = None, max_new_tokens: int | None = None,
-             generate: bool = True, console=None) -> dict:
+             generate: bool = True, console=None, trust_remote_code: bool = False) -> dict:
     """Evaluate TARGET (and its bare base with compare_base), write eval_results.json, return the results."""
     from qlora_cli.eval_report import write_results
     from qlora_cli.targets import load_target, original_base
 
     if split is not None and data_path is None:
         check_split(split)  # before loading any model
-    target = load_target(target_path)
+    target = load_target(target_path, trust_remote_code=trust_remote_code)
     if compare_base and target.kind == "base":
         raise UserError.single("--compare-base", f"{target_path} is a base model already: give a run or merged directory")
     if compare_base and target.kind == "merged" and target.recipe is None:

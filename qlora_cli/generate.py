@@ -114,29 +114,84 @@ def text_streamer(tokenizer, stream):
 
 
 def read_prompts(path: Path) -> list[dict]:
-    """JSONL rows: {"prompt": ...}, {"instruction": ..., "input": ...} or {"messages": [...]}, or a string."""
+    """JSONL rows: {"prompt": ...}, {"instruction": ..., "input": ...} or {"messages": [...]}, or a string.
+
+    Any line that cannot be a prompt stops the command, naming it: every prompt is answered or none.
+    """
+    from qlora_cli.data.sources import MAX_JSON_DEPTH, deep_json_lines
+
     if not path.is_file():
         raise UserError.single("--input", f"file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError.single(
+                    where, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}): save the file as UTF-8"
+                ) from None
+            # Bounded before parsing, as data files are: json.loads raises RecursionError past
+            # about 1,000 levels.
+            if deep_json_lines(raw):
+                raise UserError.single(
+                    where, f"nested more than {MAX_JSON_DEPTH} levels deep (a prompt nests a few): fix or remove the line"
+                )
             try:
                 row = json.loads(line)
             except ValueError as exc:
-                raise UserError.single(f"{path}:{number}", f"not valid JSON ({exc.msg}): fix or remove the line") from None
+                raise UserError.single(where, f"not valid JSON ({exc.msg}): fix or remove the line") from None
             if isinstance(row, str):
                 row = {"prompt": row}
             if not isinstance(row, dict) or not _prompt_of(row):
                 raise UserError.single(
-                    f"{path}:{number}",
+                    where,
                     "needs a non-empty 'prompt' or 'instruction' string, or a 'messages' list ending with a user turn",
                 )
+            _check_text(json.dumps(row, ensure_ascii=False), where)
             rows.append(row)
     if not rows:
         raise UserError.single("--input", f"{path} has no prompts: write one JSON object per line")
     return rows
+
+
+def _check_text(text: str, where: str) -> None:
+    """A lone surrogate (json.loads of a broken \\ud800 escape) is not text: the tokenizer refuses it."""
+    from qlora_cli.data.tokenize import lone_surrogate
+
+    at = lone_surrogate(text)
+    if at is not None:
+        raise UserError.single(
+            where, f"holds a lone surrogate {text[at]!r} (half of a UTF-16 pair without the other half, from a "
+            f"broken \\u escape), which is not text; it follows {text[max(0, at - 30):at]!r}: fix or remove the line",
+        )
+
+
+def _check_argument(flag: str, text: str | None) -> None:
+    """Refuse an argument holding bytes that are not UTF-8 (typed in a Latin-1 terminal, say)."""
+    bad = _not_utf8(text) if text is not None else None
+    if bad:
+        raise UserError.single(
+            flag, f"is not valid UTF-8 ({bad}): give the text in UTF-8 (check the terminal's or the locale's encoding)"
+        )
+
+
+def _not_utf8(text: str) -> str | None:
+    """Where text that came from bytes (argv, stdin) was not UTF-8, or None.
+
+    Python hands such bytes over as surrogate escapes (0xe9 -> U+DCE9), which no tokenizer takes.
+    """
+    from qlora_cli.data.tokenize import lone_surrogate
+
+    at = lone_surrogate(text)
+    if at is None:
+        return None
+    code = ord(text[at])
+    byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+    return f"{byte} after {text[:at][-30:]!r}"
 
 
 def _prompt_of(row: dict):
@@ -187,7 +242,7 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
 
 
 def run_generate(target_path: str, *, prompt, input_file, output_file, interactive, system, adapters, compare,
-                 batch_size, sampling: dict, console) -> None:
+                 batch_size, sampling: dict, console, trust_remote_code: bool = False) -> None:
     import sys
 
     from qlora_cli.targets import load_target
@@ -197,6 +252,8 @@ def run_generate(target_path: str, *, prompt, input_file, output_file, interacti
         raise UserError.single("generate", "give exactly one of --prompt TEXT, --input FILE.jsonl or --interactive")
     if prompt is not None and not prompt.strip():
         raise UserError.single("--prompt", "is empty: give the text to answer")
+    _check_argument("--prompt", prompt)
+    _check_argument("--system", system)
     if compare and prompt is None:
         raise UserError.single("--compare", "works with --prompt")
     if output_file and not input_file:
@@ -206,7 +263,7 @@ def run_generate(target_path: str, *, prompt, input_file, output_file, interacti
         check_output_path(Path(output_file))
     named = parse_adapters(adapters)
 
-    target = load_target(target_path, adapters=named)
+    target = load_target(target_path, adapters=named, trust_remote_code=trust_remote_code)
     if interactive and target.template is None:
         raise UserError.single("--interactive", f"{target_path} was trained on plain text and has no chat template")
     s = Sampling(**sampling)
@@ -263,6 +320,8 @@ def _chat(target, system, s: Sampling, console) -> None:
     """A multi-turn loop: each reply is appended to the conversation. /reset starts over, /exit (or EOF) ends."""
     import sys
 
+    from rich.markup import escape
+
     messages = [{"role": "system", "content": system}] if system else []
     console.print("[dim]chat: /reset starts over, /exit or Ctrl-D ends[/]")
     while True:
@@ -271,6 +330,13 @@ def _chat(target, system, s: Sampling, console) -> None:
         except EOFError:
             print()
             return
+        except UnicodeDecodeError as exc:  # stdin decoded strictly, and the line was not UTF-8
+            bad = f"byte 0x{exc.object[exc.start]:02x}"
+        else:
+            bad = _not_utf8(line)  # stdin decoded with surrogateescape (Python's choice in the C locales)
+        if bad:  # a slip of the terminal: say so and keep the conversation going
+            console.print(f"[yellow]that line is not valid UTF-8 ({escape(bad)}): type it again[/]")
+            continue
         if line.strip() == "/exit":
             return
         if line.strip() == "/reset":

@@ -62,10 +62,12 @@ def merge(
     verify: bool = True,
     compare: bool = False,
     console=None,
+    trust_remote_code: bool = False,
 ) -> MergeResult:
     from qlora_cli.config import load_recipe
     from qlora_cli.modeling import TORCH_DTYPES
     from qlora_cli.preflight import check_model_path
+    from qlora_cli.remote_code import require_consent
 
     say = console.print if console is not None else (lambda *a, **k: None)
     run = RunDir(run_dir)
@@ -76,6 +78,8 @@ def merge(
     if base_mode not in BASE_MODES:
         raise UserError.single("--base", f"unknown base {base_mode!r}: use one of {', '.join(BASE_MODES)}")
     recipe = load_recipe(run / RECIPE)
+    # The run's recipe.yaml may say trust_remote_code: true; only the command line can allow it.
+    require_consent(recipe.model, trust_remote_code, where=f"{run / RECIPE}: model.trust_remote_code")
     out_dtype_name = dtype or DTYPE_NAMES[recipe.model.dtype]
     if out_dtype_name not in DTYPES:
         raise UserError.single("--dtype", f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -113,6 +117,8 @@ def merge(
             report["fidelity"] = verify_merge(recipe, run, tmp, plan, base_mode, compare)
             warn_if_unfaithful(report, say)
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if out.resolve().parent == run.path.resolve():
+            run.record(out.name)  # the run's marker: a later `qlora train --overwrite` may replace it
         swap_into_place(tmp, out, overwrite)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,18 +29,23 @@ def with_output_dir(recipe: Recipe, output_dir: str | None) -> Recipe:
 
 
 def check_inputs(recipe: Recipe, run: RunDir, overwrite: bool, resume: str | None, warn,
-                 hashes: bool = True) -> Path | None:
+                 hashes: bool = True, recipe_file: str | Path | None = None) -> Path | None:
     """The run directory (free, or resumable with this recipe), the model path and the data files.
 
     Read-only; returns the checkpoint to resume from, if any. hashes=False does not read the
     checkpoint's files to verify them (the quick look `qlora train` takes before loading libraries).
+    recipe_file, the YAML the recipe was read from, is protected from --overwrite like the inputs.
     """
     checkpoint = None
     if resume is not None:
+        if holder := run.lock_holder():
+            raise UserError.single("--resume", f"{run.path} is being written by another qlora process ({holder}): "
+                                   "wait for it to finish before continuing the run")
         checkpoint = resume_point(run, recipe, resume, warn, hashes)
     else:
         sources = [*recipe.data.sources, *recipe.data.val_sources]
-        inputs = [Path(recipe.model.name_or_path)] + [Path(src.path) for src in sources]
+        inputs = [Path(recipe.model.name_or_path), *([Path(recipe_file)] if recipe_file else [])]
+        inputs += [Path(src.path) for src in sources]
         run.check_available(overwrite, protected=tuple(p for p in inputs if p.exists()))
     check_model_path(recipe.model)
     check_data_files(recipe.data)
@@ -227,8 +232,11 @@ def check_compute_dtype(quant) -> None:
 
 
 def remote_code_warning(model) -> str | None:
-    """The warning to show when the recipe lets the model repository run its own Python code."""
+    """The warning to show when the model repository's own Python code will run (the command line
+    allowed it: remote_code.require_consent has refused it otherwise)."""
     if not model.trust_remote_code:
         return None
-    return (f"model.trust_remote_code is on: Python code from {model.name_or_path}"
-            f"{'@' + model.revision if model.revision else ''} will run on this machine with your permissions")
+    from qlora_cli.remote_code import what_would_run
+
+    return (f"--trust-remote-code: {what_would_run(model.name_or_path, model.revision)} will run on this machine "
+            "with your permissions")

@@ -30,6 +30,7 @@ class Target:
     template: object | None  # data.templates.Template; None = plain text
     recipe: object | None  # the run's Recipe, when known
     adapters: list[str] = field(default_factory=list)  # PEFT adapter names loaded, "default" first
+    remote_code_allowed: bool = False  # --trust-remote-code on this command (remote_code.py)
 
     @property
     def chat_format(self) -> str | None:
@@ -73,13 +74,17 @@ class Target:
         return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def load_target(target: str, adapters: dict[str, str] | None = None, where: str = "TARGET") -> Target:
-    """Load TARGET as what it is; `adapters` adds more runs' adapters (same base) by name."""
+def load_target(target: str, adapters: dict[str, str] | None = None, where: str = "TARGET",
+                trust_remote_code: bool = False) -> Target:
+    """Load TARGET as what it is; `adapters` adds more runs' adapters (same base) by name.
+
+    trust_remote_code is the command line's --trust-remote-code: without it, a model that brings
+    its own code is refused before anything loads, whatever TARGET's files say (remote_code.py)."""
     path = Path(target).expanduser()
     if (path / RECIPE).is_file() and (path / "adapter_config.json").is_file():
-        loaded = _load_run(path)
+        loaded = _load_run(path, trust_remote_code)
     elif path.is_dir() and (path / "config.json").is_file():
-        loaded = _load_merged(path)
+        loaded = _load_merged(path, trust_remote_code)
     elif path.exists() or target.startswith((".", "/", "~")):
         raise UserError.single(
             where,
@@ -87,41 +92,48 @@ def load_target(target: str, adapters: dict[str, str] | None = None, where: str 
             "adapter_config.json), a merged model directory, or a model directory with config.json",
         )
     else:
-        loaded = _load_base(target)
+        loaded = _load_base(target, trust_remote_code)
+    loaded.remote_code_allowed = trust_remote_code
     for name, run_dir in (adapters or {}).items():
         _add_adapter(loaded, name, Path(run_dir))
     loaded.model.eval()
     return loaded
 
 
-def _load_run(path: Path) -> Target:
+def _load_run(path: Path, trust_remote_code: bool) -> Target:
     from peft import PeftModel
 
     from qlora_cli.config import load_recipe
     from qlora_cli.modeling import load_base_model
     from qlora_cli.preflight import check_model_path
+    from qlora_cli.remote_code import require_consent
     from qlora_cli.train import prepare_tokenizer
 
     recipe = load_recipe(path / RECIPE)
+    # The run's recipe.yaml may say trust_remote_code: true; only the command line can allow it.
+    require_consent(recipe.model, trust_remote_code, where=f"{path / RECIPE}: model.trust_remote_code")
     check_model_path(recipe.model, where=f"{path / RECIPE}: model.name_or_path")
+    check_adapter_files(path, "TARGET")
     tokenizer, template = prepare_tokenizer(recipe)
     model = PeftModel.from_pretrained(load_base_model(recipe.model, recipe.quant), str(path))
     return Target("run", str(path), model, tokenizer, template, recipe, adapters=["default"])
 
 
-def _load_merged(path: Path) -> Target:
+def _load_merged(path: Path, trust_remote_code: bool) -> Target:
     """A merged model (or any saved model). Its run's recipe, when merge_report.json names one,
     gives the template; otherwise the tokenizer's own chat template, if it has one."""
     from qlora_cli.config import default_template, load_recipe
     from qlora_cli.data.templates import BUILTINS, resolve_template
     from qlora_cli.modeling import load_tokenizer
+    from qlora_cli.remote_code import require_consent_for_directory
 
+    require_consent_for_directory(str(path), trust_remote_code)
     recipe = None
     report = path / MERGE_REPORT
     if report.is_file():
         run_recipe = Path(json.loads(report.read_text(encoding="utf-8")).get("run_dir", "")) / RECIPE
         recipe = load_recipe(run_recipe) if run_recipe.is_file() else None
-    tokenizer = load_tokenizer(_ModelRef(str(path)))
+    tokenizer = load_tokenizer(_ModelRef(str(path), trust_remote_code=trust_remote_code))
     # The merged tokenizer carries the run's template; the recipe says which one it is (a built-in
     # knows its stop token), or that the run was plain text and uses none.
     if recipe is not None:
@@ -129,27 +141,32 @@ def _load_merged(path: Path) -> Target:
         template = None if name is None else BUILTINS.get(name) or resolve_template("tokenizer", tokenizer)
     else:
         template = resolve_template("tokenizer", tokenizer) if tokenizer.chat_template else None
-    model = _load_model(_ModelRef(str(path)), "TARGET")
+    model = _load_model(_ModelRef(str(path), trust_remote_code=trust_remote_code), "TARGET")
     # Without a merge report this is some other saved model: treat it as a base (eval writes
     # nothing into it, and --compare-base has no base to compare with).
     kind = "merged" if report.is_file() else "base"
     return Target(kind, str(path), model, tokenizer, template, recipe)
 
 
-def _load_base(model_id: str) -> Target:
+def _load_base(model_id: str, trust_remote_code: bool) -> Target:
     from qlora_cli.data.templates import resolve_template
     from qlora_cli.modeling import load_tokenizer
+    from qlora_cli.remote_code import require_consent_for_directory
 
-    tokenizer = load_tokenizer(_ModelRef(model_id))
+    require_consent_for_directory(model_id, trust_remote_code)
+    ref = _ModelRef(model_id, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(ref)
     template = resolve_template("tokenizer", tokenizer) if tokenizer.chat_template else None
-    return Target("base", model_id, _load_model(_ModelRef(model_id), "TARGET"), tokenizer, template, None)
+    return Target("base", model_id, _load_model(ref, "TARGET"), tokenizer, template, None)
 
 
 def original_base(target: Target) -> Target:
     """The unquantized base model a merged TARGET came from, rendered with TARGET's tokenizer and template."""
     from qlora_cli.preflight import check_model_path
+    from qlora_cli.remote_code import require_consent
 
     model_cfg = target.recipe.model
+    require_consent(model_cfg, target.remote_code_allowed, where="--compare-base: the run's model.trust_remote_code")
     check_model_path(model_cfg, where="--compare-base")
     model = _load_model(model_cfg, "--compare-base")
     return Target("base", model_cfg.name_or_path, model.eval(), target.tokenizer, target.template, target.recipe)
@@ -177,6 +194,7 @@ def _add_adapter(target: Target, name: str, run_dir: Path) -> None:
         raise UserError.single("--adapter", "extra adapters go on a run directory's base: give a run as TARGET")
     if not (run_dir / "adapter_config.json").is_file() or not (run_dir / RECIPE).is_file():
         raise UserError.single("--adapter", f"{name}={run_dir}: not a run directory (no adapter_config.json / {RECIPE})")
+    check_adapter_files(run_dir, f"--adapter {name}")
     other = load_recipe(run_dir / RECIPE)
     if other.model.name_or_path != target.recipe.model.name_or_path:
         raise UserError.single(
@@ -187,6 +205,29 @@ def _add_adapter(target: Target, name: str, run_dir: Path) -> None:
         raise UserError.single("--adapter", f"the name {name!r} is used twice")
     target.model.load_adapter(str(run_dir), adapter_name=name)
     target.adapters.append(name)
+
+
+def check_adapter_files(run_dir: Path, where: str) -> None:
+    """The adapter's two files must be whole before PEFT reads them: a run copied in part, or a
+    disk that filled up, leaves a config that is not JSON or weights shorter than their header
+    says, and PEFT would fail with a parser's traceback. Reads the header only, not the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    config, weights = run_dir / "adapter_config.json", run_dir / "adapter_model.safetensors"
+    fix = "copy the run directory again, or train it again (or --resume it, if its checkpoints are there)"
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError.single(where, f"{config} is damaged or incomplete ({exc}): {fix}") from None
+    if not isinstance(parsed, dict):
+        raise UserError.single(where, f"{config} is not an adapter config (a JSON object): {fix}")
+    if not weights.is_file():
+        raise UserError.single(where, f"{run_dir} has no {weights.name}: {fix}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except (OSError, SafetensorError) as exc:
+        raise UserError.single(where, f"{weights} is damaged or incomplete ({exc}): {fix}") from None
 
 
 @dataclass

@@ -172,8 +172,11 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
     `resume` ("latest" or a checkpoint path) continues the run in the run directory from a whole
     checkpoint; `resume_command` is what to tell the user if this run is interrupted.
     """
-    with distributed.leaving_together():  # under a launcher: every rank leaves the process group cleanly
-        return _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command)
+    # One writer per run directory: the lock is taken before the checks, so a second `qlora train`
+    # into the same directory is refused at once, and held until the last file is written.
+    with RunDir(with_output_dir(recipe, output_dir).output.dir).lock():
+        with distributed.leaving_together():  # under a launcher: every rank leaves the process group cleanly
+            return _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command)
 
 
 def _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command) -> TrainResult:

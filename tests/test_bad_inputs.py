@@ -48,24 +48,11 @@ def test_bad_recipe_is_refused_clearly(name, tiny, tmp_path, qlora_main):
     assert not out.exists()
 
 
-def test_trust_remote_code_is_off_by_default_and_warned_about_when_on(tiny, tmp_path, qlora_main):
+def test_trust_remote_code_is_off_by_default():
+    # What a recipe that turns it on may do (nothing without --trust-remote-code): test_run_safety.py.
     from qlora_cli.config import Recipe
 
     assert Recipe.model_fields["model"].annotation.model_fields["trust_remote_code"].default is False
-    recipe = tmp_path / "remote.yaml"
-    bad_rows = tmp_path / "bad-rows.jsonl"  # no output column: the run stops once the data is read
-    bad_rows.write_text('{"instruction": "Say hi.", "input": ""}\n')
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(tiny / "model"), "dtype": "float32", "trust_remote_code": True},
-        "data": {"sources": [{"path": str(bad_rows), "format": "alpaca"}]},
-        "output": {"dir": str(tmp_path / "out")},
-    }))
-    result = qlora_main("train", recipe)
-    code, stderr = result.returncode, result.stderr
-    assert code == 2 and "has no column 'output'" in stderr, stderr
-    # the warning came before any data or model work, naming whose code would run
-    assert "trust_remote_code is on" in stderr and str(tiny / "model") in stderr
-    assert stderr.index("trust_remote_code is on") < stderr.index("has no column 'output'")
 
 
 def test_bf16_compute_is_refused_on_a_gpu_without_bf16(monkeypatch):
