@@ -619,13 +619,15 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     except UnicodeDecodeError:
         raise UserError.single(str(path), "is not a text file: a recipe is UTF-8 YAML") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, node = _parse_yaml(text)
         lines: dict[tuple, int] = {}
         duplicates: list[Problem] = []
         _collect_lines(node, (), lines, duplicates)
-    except RecursionError:
-        raise UserError.single(str(path), "a YAML alias refers to itself: remove the recursive anchor") from None
+    except YamlAliasError as exc:
+        raise UserError.single(f"{path}:{exc.mark.line + 1}", exc.message) from None
+    except RecursionError:  # the composer recurses once per level; recursive aliases are caught above
+        raise UserError.single(str(path), "is nested too deeply to read (hundreds of levels of brackets or "
+                               "indentation): a recipe is a few levels deep, so check its brackets") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -637,6 +639,98 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     if duplicates:  # PyYAML silently keeps the last of two equal keys; that hides edits
         raise UserError(duplicates, header="The recipe has problems:")
     return data, lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Aliases. YAML lets `*name` stand for a whole anchored value, and an anchor may itself hold
+# aliases, so nine short lines can stand for 10^9 values ("billion laughs"). PyYAML shares one
+# object per anchor, which stays small, but everything after it walks the expanded tree: the line
+# map below, pydantic, the error messages. A recipe is a few hundred values, and reusing a list or
+# a column mapping a few times adds tens, so what aliases add to one document is bounded, and
+# counted while composing, before any of that walks it.
+
+MAX_ALIAS_EXPANSION = 10_000  # values that aliases may add to one YAML document
+
+
+class YamlAliasError(Exception):
+    """An alias bomb or a recursive alias, at `mark` (a PyYAML position)."""
+
+    def __init__(self, mark, message: str):
+        super().__init__(message)
+        self.mark = mark
+        self.message = message
+
+
+class _BoundedAliasLoader(yaml.SafeLoader):
+    """SafeLoader that counts the values aliases expand to, and refuses an alias bomb or an alias
+    used inside its own anchor, at the alias that does it."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.expanded = 0  # values added by the aliases composed so far
+        self._sizes: dict[int, int] = {}  # id(node) -> values in its full expansion (nodes are kept alive)
+        self._open: set[str] = set()  # anchors whose value is still being composed
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                # PyYAML builds a cyclic structure that every later walk recurses into forever.
+                raise YamlAliasError(event.start_mark, f"the alias *{event.anchor} is used inside its own anchor "
+                                     f"&{event.anchor}, so it refers to itself and never ends: remove it")
+            if event.anchor in self.anchors:  # else PyYAML reports the undefined alias
+                self.expanded += self._size(self.anchors[event.anchor])
+                if self.expanded > MAX_ALIAS_EXPANSION:
+                    raise YamlAliasError(event.start_mark, (
+                        f"YAML aliases expand to more than {MAX_ALIAS_EXPANSION:,} values (aliases of "
+                        "anchors that hold aliases multiply: an alias bomb). A recipe needs a few hundred: write "
+                        "the values out, or reuse anchors less"))
+            return super().compose_node(parent, index)
+        anchor = getattr(event, "anchor", None)
+        if anchor is None:
+            return super().compose_node(parent, index)
+        self._open.add(anchor)  # PyYAML refuses a duplicate anchor, so names are unique
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open.discard(anchor)
+
+    def _size(self, node) -> int:
+        """Values in the full expansion of `node`, itself included; memoized, as anchors share nodes."""
+        size = self._sizes.get(id(node))
+        if size is None:
+            if isinstance(node, yaml.MappingNode):
+                size = 1 + sum(self._size(key) + self._size(value) for key, value in node.value)
+            elif isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(self._size(item) for item in node.value)
+            else:
+                size = 1
+            self._sizes[id(node)] = size
+        return size
+
+
+def _parse_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """The Python value of a YAML document and its node tree (for line numbers), parsed once.
+
+    Raises YamlAliasError for an alias bomb or a recursive alias, and yaml.YAMLError for bad YAML.
+    The value is a tree: a value reused through an alias is copied, so that `--set` on one key path
+    changes that path only, not every place the anchor was used.
+    """
+    loader = _BoundedAliasLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return _unshared(data), node
+
+
+def _unshared(value):
+    if isinstance(value, dict):
+        return {key: _unshared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unshared(item) for item in value]
+    return value
 
 
 def _collect_lines(node, prefix: tuple, out: dict, duplicates: list) -> None:
@@ -665,8 +759,11 @@ def _apply_overrides(data: dict, overrides) -> set[tuple]:
             continue
         try:
             path = _parse_key(key.strip())
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except (ValueError, yaml.YAMLError):
+            value = _parse_yaml(raw)[0] if raw.strip() else None
+        except YamlAliasError as exc:
+            problems.append(Problem(f"--set {item}", exc.message))
+            continue
+        except (ValueError, yaml.YAMLError, RecursionError):
             problems.append(Problem(f"--set {item}", "could not parse; expected e.g. data.sources[0].path=x.jsonl"))
             continue
         node: Any = data
