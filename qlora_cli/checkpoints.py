@@ -1,7 +1,9 @@
 """Checkpoints that are either whole or absent, and finding the one to resume from.
 
     RUN/checkpoints/checkpoint-200/   adapter, optimizer, scheduler, RNG states, trainer_state.json
-                                      (the step, hence the data position), and qlora_manifest.json
+                                      (the step, hence the data position), qlora_log_window.json
+                                      (the loss summed since the last log: trainer.py) and
+                                      qlora_manifest.json
 
 transformers writes a checkpoint file by file. `CheckpointingTrainer` (trainer.py) has it write
 into a staging directory instead; the manifest (every file's size and SHA-256) is written last,
@@ -25,6 +27,10 @@ from qlora_cli.errors import UserError
 MANIFEST = "qlora_manifest.json"
 STAGING = ".staging"  # checkpoints are written here, then renamed into place
 STATE = "trainer_state.json"
+# Written into the staging directory before the manifest, so the manifest lists and hashes it like
+# every other file. Not required by `problem`: a checkpoint from before it existed still resumes
+# (its first log after the resume then averages fewer steps).
+LOG_WINDOW = "qlora_log_window.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -115,6 +121,16 @@ def rotate(root: Path, keep: int) -> None:
             continue
         if whole > 0:
             shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def write_log_window(checkpoint: Path, window: dict) -> None:
+    (checkpoint / LOG_WINDOW).write_text(json.dumps(window, indent=1) + "\n", encoding="utf-8")
+
+
+def read_log_window(checkpoint: Path) -> dict | None:
+    """The log window saved with this checkpoint, or None for a checkpoint written without one."""
+    path = checkpoint / LOG_WINDOW
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def remove_staging(root: Path) -> None:

@@ -7,6 +7,8 @@
    `train` then exits 130/143 saying how to resume. A second signal exits at once.
 3. A NaN or inf loss stops the run before the optimizer applies that step, so the last
    checkpoint stays good.
+4. A resumed run logs what the uninterrupted run logs: each checkpoint also holds the loss summed
+   since the last log (checkpoints.LOG_WINDOW), so a stop between two logging steps loses nothing.
 
 The loop itself (optimizer, scheduler, RNG state, skipping already-seen batches on resume) is
 transformers' own; only these edges are ours.
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import nested_gather
 from trl import SFTTrainer
 
 from qlora_cli import checkpoints, distributed
@@ -40,6 +43,14 @@ class CheckpointingTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
         self._staging: Path | None = None
+        self._resumed_from: Path | None = None
+        self.add_callback(_RestoreLogWindow(self))
+
+    def train(self, resume_from_checkpoint: str | None = None, *args, **kwargs):
+        # Remembered so that _RestoreLogWindow can read the checkpoint's log window once the loop has
+        # set up its own (empty) one. train.py passes a path or None, never True.
+        self._resumed_from = Path(resume_from_checkpoint) if resume_from_checkpoint else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
         # transformers writes checkpoint-N under this directory; while saving, that is the staging area.
@@ -51,6 +62,9 @@ class CheckpointingTrainer(SFTTrainer):
         staged = self._staging / f"checkpoint-{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
+            window = self._log_window()  # every process: it gathers the loss across processes
+            if self.args.should_save:
+                checkpoints.write_log_window(staged, window)  # before publish: the manifest covers it
             # Every process writes its own RNG state into the staging directory: let them all
             # finish before the main process publishes it.
             self.accelerator.wait_for_everyone()
@@ -68,6 +82,44 @@ class CheckpointingTrainer(SFTTrainer):
             raise
         finally:
             self._staging = None
+
+    def _log_window(self) -> dict:
+        """What the next log will average over, from the steps since the last one.
+
+        The Trainer sums the loss of every step into `_tr_loss` and logs sum / steps at each logging
+        step; TRL likewise keeps per-step entropy and token accuracy in `_metrics` and a running
+        token count. A checkpoint taken between two logging steps (a graceful stop, or save_steps
+        not a multiple of logging_steps) would otherwise lose that partial window, and the first
+        log after --resume would average only the steps since the resume.
+        """
+        return {
+            "global_step": self.state.global_step,
+            "last_logged_step": self._globalstep_last_logged,
+            # Each process sums its own losses and the log averages the processes' sums: keep the
+            # average (exactly the float32 sum when there is one process).
+            "loss_sum": nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item(),
+            # Already gathered across processes by TRL.
+            "trl_metrics": {key: list(values) for key, values in self._metrics["train"].items()},
+            "trl_total_train_tokens": self._total_train_tokens,
+        }
+
+    def _restore_log_window(self) -> None:
+        """Continue the log window saved with the checkpoint being resumed (see _log_window)."""
+        if self._resumed_from is None:
+            return
+        window = checkpoints.read_log_window(self._resumed_from)
+        if window is None or window["global_step"] != self.state.global_step:
+            return  # a checkpoint from before log windows were saved: the first log averages fewer steps
+        # float32 -> JSON float -> float32 is exact, so the following steps' additions give the same
+        # sum as the uninterrupted run. (In place, like the Trainer's own reset of this tensor.)
+        self._tr_loss.fill_(window["loss_sum"])
+        self._globalstep_last_logged = window["last_logged_step"]
+        # The steps before the resume are not part of this call's average `training_loss`
+        # (summary.json's mean_train_loss): keep it over this call's steps, as before.
+        self._total_loss_scalar -= window["loss_sum"]
+        self._metrics["train"].clear()
+        self._metrics["train"].update({key: list(values) for key, values in window["trl_metrics"].items()})
+        self._total_train_tokens = window["trl_total_train_tokens"]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -130,4 +182,14 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
         return control
 
+
+class _RestoreLogWindow(TrainerCallback):
+    """Hands the resumed checkpoint's log window to the trainer. on_train_begin is the first moment
+    after the loop has reset its accumulators and before the first step adds to them."""
+
+    def __init__(self, trainer: CheckpointingTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._restore_log_window()
 

@@ -1,0 +1,101 @@
+"""Faults injected into real training runs: a graceful stop between two logging steps; after it,
+--resume must end as the run that never stopped (every logged number, and the adapter).
+
+The faulty runs go through the CLI's entry point in this process (qlora_main), where the step can be
+intercepted; the uninterrupted reference runs as a user runs it, in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from qlora_cli import checkpoints
+
+# Logs at steps 1 (the first step is always logged), 4, 8 and 12; checkpoints at 3, 6, 9 and 12:
+# every checkpoint but the last is taken between two logging steps.
+CHANGES = {
+    "lora": {"r": 8, "alpha": 16},
+    "train": {"max_steps": 12, "batch_size": 8, "logging_steps": 4, "eval_steps": 12, "save_steps": 3,
+              "save_total_limit": 2, "warmup_ratio": 0.0},
+}
+@pytest.fixture(scope="module")
+def recipe(tiny, tmp_path_factory):
+    import yaml
+
+    from conftest import tiny_recipe
+
+    raw = tiny_recipe(tiny, tmp_path_factory.mktemp("faults") / "unused")
+    for section, values in CHANGES.items():
+        raw[section].update(values)
+    path = tmp_path_factory.mktemp("faults_recipe") / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(recipe, tmp_path_factory):
+    """The same recipe, never interrupted."""
+    run_dir = tmp_path_factory.mktemp("faults_reference") / "run"
+    proc = run_cli("train", str(recipe), "--output-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run_dir
+
+
+def _logged(run_dir: Path) -> list[dict]:
+    """Every record of metrics.jsonl without its timings: loss, grad norm, learning rate, token
+    counts, entropy and accuracy, eval loss."""
+    timing = ("runtime", "per_second", "elapsed_s")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in records]
+
+
+def _assert_same_run(run_dir: Path, reference: Path) -> None:
+    assert _logged(run_dir) == _logged(reference)
+    a, b = load_file(run_dir / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+
+
+def test_graceful_stop_between_logs_then_resume_logs_what_the_uninterrupted_run_logs(
+        recipe, reference, tmp_path, qlora_main, monkeypatch):
+    from qlora_cli.trainer import GracefulStop
+
+    run_dir = tmp_path / "run"
+    on_step_end = GracefulStop.on_step_end
+
+    def sigterm_during_step_5(self, args, state, control, **kwargs):
+        if state.global_step == 5:  # between the logs of steps 4 and 8
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled by GracefulStop's own handler
+        return on_step_end(self, args, state, control, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GracefulStop, "on_step_end", sigterm_during_step_5)
+        stopped = qlora_main("train", recipe, "--output-dir", run_dir)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "SIGTERM after step 5" in stopped.stderr
+    assert checkpoints.problem(run_dir / "checkpoints" / "checkpoint-5") is None
+
+    resumed = qlora_main("train", recipe, "--output-dir", run_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-5" in resumed.stderr
+    _assert_same_run(run_dir, reference)  # the log at step 8 averages steps 5-8, as without the stop
+
+    # What made that possible: checkpoint-9 (like checkpoint-5) holds the loss summed since the log
+    # at step 8, and its manifest hashes that file like every other.
+    checkpoint = run_dir / "checkpoints" / "checkpoint-9"
+    window = json.loads((checkpoint / checkpoints.LOG_WINDOW).read_text())
+    assert window["global_step"] == 9 and window["last_logged_step"] == 8 and window["loss_sum"] > 0
+    assert checkpoints.LOG_WINDOW in json.loads((checkpoint / checkpoints.MANIFEST).read_text())["files"]
