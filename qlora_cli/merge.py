@@ -229,18 +229,15 @@ def write_model(plan, folder: Path, base_mode: str, max_bytes: int | None) -> li
 
 
 def write_companions(config, plan, base_folder: Path, tokenizer, folder: Path) -> None:
-    """config.json (with the new dtype), generation_config.json and the run's tokenizer + template."""
-    from transformers import GenerationConfig
+    """config.json (with the new dtype), generation_config.json (the base's, stopping on the run's
+    stop token too: serving.py) and the run's tokenizer + template."""
+    from qlora_cli.serving import write_generation_config
 
     config.dtype = plan.out_dtype
     if plan.untie:  # the adapter changed one side of a tied pair: both are written, untied
         config.tie_word_embeddings = False
     config.save_pretrained(folder)
-    try:
-        generation = GenerationConfig.from_pretrained(base_folder)
-    except OSError:  # the base has none: derive it from the model config, as from_pretrained would
-        generation = GenerationConfig.from_model_config(config)
-    generation.save_pretrained(folder)
+    write_generation_config(folder, base_folder, config, tokenizer)
     # The run's tokenizer carries the template training rendered with, so generate/serve match it.
     tokenizer.save_pretrained(folder)
 

@@ -226,15 +226,22 @@ class RunDir:
         """Where save_final writes before renaming into place (a fixed path every rank can name)."""
         return self.path / FINAL_STAGING
 
-    def save_final(self, save_adapter, tokenizer) -> None:
+    def save_final(self, save_adapter, tokenizer, model=None) -> None:
         """The adapter (`save_adapter(directory)`, e.g. a PeftModel's save_pretrained) and tokenizer,
         saved beside the run directory's files and then renamed in one file at a time, so no file
-        in the run directory is ever half written."""
+        in the run directory is ever half written. With the trained `model`, also what serving
+        tools read: its generation_config.json with the run's stop token, and the base's path
+        made absolute in adapter_config.json (serving.py)."""
+        from qlora_cli.serving import make_base_path_absolute, write_generation_config
+
         staging = self.final_staging
         shutil.rmtree(staging, ignore_errors=True)
         try:
             save_adapter(staging)
             tokenizer.save_pretrained(staging)
+            if model is not None:
+                make_base_path_absolute(staging)
+                write_generation_config(staging, model.generation_config, model.config, tokenizer)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # e.g. a full disk: free what was written
             raise

@@ -1,0 +1,90 @@
+"""What serving tools read from a run directory and a merged model (issue 19, items 6 and 7).
+
+- generation_config.json carries the run's stop token, so plain `transformers` generate() stops
+  where `qlora generate` stops (a ChatML run ends turns with <|im_end|>, not the base's </s>).
+- adapter_config.json names a local base by its absolute path, so
+  AutoPeftModelForCausalLM.from_pretrained(RUN) works from any directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from conftest import tiny_recipe
+from qlora_cli.config import validate_recipe
+from qlora_cli.merge import merge
+from qlora_cli.rundir import RunDir
+
+
+def chatml_run(tiny, run_dir):
+    """A run directory trained with the ChatML template (its adapter untouched: B starts at zero)."""
+    from qlora_cli.modeling import attach_lora, load_base_model
+    from qlora_cli.train import prepare_tokenizer
+
+    raw = tiny_recipe(tiny, run_dir)
+    raw["data"]["template"] = "chatml"
+    raw["lora"].update({"r": 4, "alpha": 8, "modules_to_save": []})
+    recipe = validate_recipe(raw)
+    tokenizer, template = prepare_tokenizer(recipe)
+    assert template.stop == "<|im_end|>"
+    model = attach_lora(load_base_model(recipe.model, recipe.quant), recipe.lora, gradient_checkpointing=False)
+    run_dir.mkdir(parents=True)
+    run = RunDir(run_dir)
+    run.save_final(model.save_pretrained, tokenizer, model)
+    run.write_recipe(recipe)
+    return run_dir, tokenizer
+
+
+def test_plain_generate_on_a_merged_chatml_model_stops_at_the_end_of_turn(tiny, tmp_path):
+    run_dir, tokenizer = chatml_run(tiny, tmp_path / "run")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    base_eos = GenerationConfig.from_pretrained(tiny / "model").eos_token_id
+    assert im_end != base_eos
+
+    out = merge(run_dir, output=tmp_path / "merged", verify=False).output
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [base_eos, im_end]
+    assert json.loads((run_dir / "generation_config.json").read_text())["eos_token_id"] == [base_eos, im_end]
+
+    # Make the merged model answer <|im_end|> first, as a trained model ends a short reply: its
+    # output row for <|im_end|> points along the prompt's last hidden state.
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say cold."}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        hidden = model.model(input_ids=prompt).last_hidden_state[0, -1]
+        model.lm_head.weight[im_end] = 100 * hidden / hidden.norm()
+        # Plain generate(), reading the merged directory's generation_config.json: stops after it.
+        stopped = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:].tolist()
+        # The base's own file (EOS </s> only), as before: runs on past the end of the turn.
+        model.generation_config = GenerationConfig.from_pretrained(tiny / "model")
+        ran_on = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=base_eos)[0, prompt.shape[1]:]
+    assert stopped == [im_end]
+    assert ran_on[0] == im_end and len(ran_on) == 8
+
+
+LOAD_FROM_ELSEWHERE = """
+import json, sys
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])
+print(json.dumps({"base": model.peft_config["default"].base_model_name_or_path}))
+"""
+
+
+def test_a_run_trained_with_a_relative_model_path_loads_from_any_directory(tiny_run, tiny, tmp_path):
+    # tiny_run was trained from tiny's parent directory with a relative model path (conftest).
+    config = json.loads((tiny_run / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tiny / "model").resolve())
+    proc = subprocess.run([sys.executable, "-c", LOAD_FROM_ELSEWHERE, str(tiny_run)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["base"] == str((tiny / "model").resolve())
+    # and the run's generation_config.json stops on its template's stop token (alpaca: the EOS)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run)
+    assert json.loads((tiny_run / "generation_config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
