@@ -19,10 +19,13 @@ RUN_FILES = {
     "chat_template.jinja",
     "tokenizer.json",
     "tokenizer_config.json",
+    "generation_config.json",  # with the run's stop token, for plain generate() (serving.py)
     "recipe.yaml",
     "metrics.jsonl",
     "summary.json",
     "checkpoints",
+    ".qlora-run.json",  # the marker: what qlora wrote here (rundir.py)
+    ".qlora-run.lock",  # the one-writer lock, released but kept (rundir.RunLock)
 }
 
 
