@@ -15,6 +15,7 @@ previous one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -151,6 +152,55 @@ def publish(staged: Path, root: Path) -> Path:
     except OSError:
         pass
     return final
+
+
+class WriteFailed(OSError):
+    """A failed write that a library reported as something other than an OSError (write_failure)."""
+
+
+# torch.save's C++ zip writer does not raise OSError when a write fails: it raises RuntimeError,
+# "[enforce fail at inline_container.cc:672] . unexpected pos 674048 vs 673936" (a write came up
+# short: seen on a full tmpfs), "... PytorchStreamWriter failed writing file data/0: file write
+# failed" or "basic_ios::clear: iostream error" (the output stream's failbit). None of these can
+# come from anything but writing the file.
+_TORCH_WRITE_FAILED = re.compile(
+    r"inline_container\.cc.*unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing|basic_ios::clear"
+)
+# safetensors raises SafetensorError and names the OS error: "Error while serializing: I/O error:
+# No space left on device (os error 28)".
+_RUST_OS_ERROR = re.compile(r"I/O error: .*\(os error (\d+)\)")
+# Below this much free space after a write failed, the disk is full: the failed write itself used
+# up what was left (a write larger than the free space fills the disk before it fails).
+LOW_SPACE_BYTES = 64 * 2**20
+
+
+def write_failure(exc: BaseException, target: Path) -> WriteFailed | None:
+    """The OSError behind `exc` if it is a failed write under `target` in disguise, else None (a
+    bug, to surface as one). Call it before removing what the failed write left: the free space on
+    target's filesystem is how a full disk is told apart from other write failures."""
+    if isinstance(exc, OSError):
+        return None  # already says what it is
+    text = str(exc)
+    if match := _RUST_OS_ERROR.search(text):
+        code = int(match.group(1))
+        return WriteFailed(code, os.strerror(code), str(target))
+    if not (isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILED.search(text)):
+        return None
+    free = _free_bytes(target)
+    if free is not None and free < LOW_SPACE_BYTES:
+        return WriteFailed(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+    space = f"{free / 2**30:.1f} GiB free" if free is not None else "free space unknown"
+    return WriteFailed(errno.EIO, f"PyTorch could not write the file ({text.strip()}; {space}: is the disk over "
+                                  "quota, or failing?)", str(target))
+
+
+def _free_bytes(path: Path) -> int | None:
+    for candidate in (path, *path.parents):  # the nearest directory that exists
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
 
 
 def _sha256(path: Path) -> str:

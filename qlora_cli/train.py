@@ -219,7 +219,9 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
             f"{resume_command}"
         )) from None
     except OSError as exc:
-        if exc.errno not in DISK_ERRNOS:
+        from qlora_cli.checkpoints import WriteFailed  # a checkpoint's torch.save/safetensors write failed
+
+        if exc.errno not in DISK_ERRNOS and not isinstance(exc, WriteFailed):
             raise
         raise _disk_error(exc, run, resume_command) from None
     except NonFiniteLoss as exc:
@@ -258,7 +260,7 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
         from qlora_cli.plots import plot_runs
 
         try:
-            run.save_final(save_adapter, setup.tokenizer, setup.model)
+            run.save_final(save_adapter, setup.tokenizer)
             summary = build_summary(run, trainer, output, final_eval, runtime, data_stats, setup.template,
                                     setup.parameters, setup.model)
             summary["distributed"] = {
@@ -272,10 +274,14 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
             write_model_card(run, recipe, summary)  # replaces PEFT's placeholder card
             plot_runs([run.path], run / LOSS_PLOT)
             run.write_summary(summary)
-        except OSError as exc:
-            if exc.errno not in DISK_ERRNOS:
+        except Exception as exc:
+            from qlora_cli.checkpoints import WriteFailed, write_failure
+
+            # safetensors reports a full disk while saving the adapter as SafetensorError, not OSError.
+            failure = exc if isinstance(exc, OSError) else write_failure(exc, run.path)
+            if failure is None or (failure.errno not in DISK_ERRNOS and not isinstance(failure, WriteFailed)):
                 raise
-            raise _disk_error(exc, run, resume_command) from None
+            raise _disk_error(failure, run, resume_command) from None
     else:
         summary = {}
     return TrainResult(run_dir=run, summary=summary, trainer=trainer)
@@ -285,8 +291,10 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCE
 
 
 def _disk_error(exc: OSError, run: RunDir, resume_command: str) -> StoppedRun:
+    # strerror: the OS's words, or for a library's failed write, what checkpoints.write_failure made of it.
     return StoppedRun(EXIT_USER_ERROR, (
-        f"could not write to {exc.filename or run.path}: {os.strerror(exc.errno)}. Nothing was left half written "
+        f"could not write to {exc.filename or run.path}: {exc.strerror or os.strerror(exc.errno)}. Nothing was "
+        "left half written "
         f"(checkpoints and final files are renamed into place). {_last_checkpoint_text(run)} Free space (or lower "
         f"train.save_total_limit), then: {resume_command}"
     ))

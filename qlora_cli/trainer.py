@@ -71,7 +71,11 @@ class CheckpointingTrainer(SFTTrainer):
             if self.args.should_save:  # the main process owns the files
                 checkpoints.publish(staged, root)
                 checkpoints.rotate(root, self.keep_checkpoints)
-        except BaseException:
+        except BaseException as exc:
+            # torch.save and safetensors report a full disk as RuntimeError/SafetensorError, not
+            # OSError: name it for what it is (train.py says what to do). Looked at before the
+            # cleanup below frees the space the failed write used.
+            failure = checkpoints.write_failure(exc, staged)
             # A full disk, a signal: drop the half-written copy (it was never a checkpoint) so it
             # does not hold the space the next attempt needs.
             shutil.rmtree(staged, ignore_errors=True)
@@ -79,6 +83,8 @@ class CheckpointingTrainer(SFTTrainer):
                 staged.parent.rmdir()
             except OSError:
                 pass
+            if failure is not None:
+                raise failure from exc
             raise
         finally:
             self._staging = None

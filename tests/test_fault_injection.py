@@ -1,14 +1,16 @@
-"""Faults injected into real training runs: a graceful stop between two logging steps; after it,
---resume must end as the run that never stopped (every logged number, and the adapter).
+"""Faults injected into real training runs: a disk that fills up while a checkpoint is written, and
+a graceful stop between two logging steps; after each, --resume must end as the run that never
+failed (every logged number, and the adapter).
 
-The faulty runs go through the CLI's entry point in this process (qlora_main), where the step can be
-intercepted; the uninterrupted reference runs as a user runs it, in a subprocess.
+The faulty runs go through the CLI's entry point in this process (qlora_main), where torch.save and
+the step can be intercepted; the uninterrupted reference runs as a user runs it, in a subprocess.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -26,6 +28,11 @@ CHANGES = {
     "train": {"max_steps": 12, "batch_size": 8, "logging_steps": 4, "eval_steps": 12, "save_steps": 3,
               "save_total_limit": 2, "warmup_ratio": 0.0},
 }
+# What a full disk does to torch.save (seen with the run directory on a full tmpfs): part of the
+# file is written, then PyTorch's zip writer raises this RuntimeError, not an OSError.
+TORCH_DISK_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 674048 vs 673936"
+
+
 @pytest.fixture(scope="module")
 def recipe(tiny, tmp_path_factory):
     import yaml
@@ -99,3 +106,76 @@ def test_graceful_stop_between_logs_then_resume_logs_what_the_uninterrupted_run_
     window = json.loads((checkpoint / checkpoints.LOG_WINDOW).read_text())
     assert window["global_step"] == 9 and window["last_logged_step"] == 8 and window["loss_sum"] > 0
     assert checkpoints.LOG_WINDOW in json.loads((checkpoint / checkpoints.MANIFEST).read_text())["files"]
+
+
+def _full_disk(patch, run_dir: Path, failing: str, message: str, free: int) -> None:
+    """torch.save of `failing` (a checkpoint's file, e.g. checkpoint-6/optimizer.pt) writes part of
+    the file and raises RuntimeError(message); the run directory's filesystem then has `free` bytes."""
+    real_save, real_usage = torch.save, shutil.disk_usage
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and Path(f).parts[-2:] == tuple(failing.split("/")):
+            Path(f).write_bytes(b"PK\x03\x04" + bytes(4096))
+            raise RuntimeError(message)
+        return real_save(obj, f, *args, **kwargs)
+
+    def disk_usage(path):
+        if Path(path).resolve().is_relative_to(run_dir.resolve()):
+            return real_usage(path)._replace(free=free)
+        return real_usage(path)
+
+    patch.setattr(torch, "save", save)
+    patch.setattr(shutil, "disk_usage", disk_usage)
+
+
+def test_disk_full_in_torch_save_stops_with_the_disk_message_then_resume_finishes(
+        recipe, reference, tmp_path, qlora_main, monkeypatch):
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _full_disk(patch, run_dir, "checkpoint-6/optimizer.pt", TORCH_DISK_FULL, free=0)
+        full = qlora_main("train", recipe, "--output-dir", run_dir)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    assert "No space left on device" in full.stderr and "Free space" in full.stderr
+    assert "The last checkpoint is" in full.stderr and "checkpoint-3" in full.stderr and "--resume" in full.stderr
+    # The half-written checkpoint-6 is gone (no staging copy either); checkpoint-3 is whole.
+    assert _checkpoint_dirs(run_dir) == ["checkpoint-3"]
+    assert checkpoints.problem(run_dir / "checkpoints" / "checkpoint-3") is None
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "adapter_model.safetensors").exists()
+
+    resumed = qlora_main("train", recipe, "--output-dir", run_dir, "--resume")  # space freed
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-3" in resumed.stderr
+    _assert_same_run(run_dir, reference)
+
+
+def test_a_write_failure_with_space_left_names_pytorchs_error(recipe, tmp_path, qlora_main, monkeypatch):
+    # Space left, yet torch.save's stream failed: a quota or a failing disk. Still the disk message
+    # (only the file's write fails this way; any other RuntimeError stays a bug: the test below),
+    # naming PyTorch's own error.
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _full_disk(patch, run_dir, "checkpoint-3/optimizer.pt", "basic_ios::clear: iostream error", free=50 * 2**30)
+        failed = qlora_main("train", recipe, "--output-dir", run_dir)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr
+    assert "PyTorch could not write the file (basic_ios::clear: iostream error; 50.0 GiB free" in failed.stderr
+    assert "No checkpoint was written yet" in failed.stderr
+    assert _checkpoint_dirs(run_dir) == []  # nothing half written
+
+
+def test_write_failure_recognises_library_write_errors_only(tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    full = checkpoints.write_failure(
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), tmp_path)
+    assert isinstance(full, OSError) and full.errno == errno.ENOSPC and full.filename == str(tmp_path)
+    staged = tmp_path / "checkpoints" / ".staging" / "checkpoint-6"  # free space is read where it exists
+    for free, expected in [(1000, errno.ENOSPC), (50 * 2**30, errno.EIO)]:
+        _full_disk(monkeypatch, tmp_path, "none/none", "", free=free)
+        assert checkpoints.write_failure(RuntimeError(TORCH_DISK_FULL), staged).errno == expected
+    assert checkpoints.write_failure(RuntimeError("CUDA error: an illegal memory access"), tmp_path) is None
+    assert checkpoints.write_failure(SafetensorError("invalid header"), tmp_path) is None
+    assert checkpoints.write_failure(OSError(28, "No space left on device"), tmp_path) is None  # already an OSError
