@@ -260,7 +260,7 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
         from qlora_cli.plots import plot_runs
 
         try:
-            run.save_final(save_adapter, setup.tokenizer)
+            run.save_final(save_adapter, setup.tokenizer, setup.model)
             summary = build_summary(run, trainer, output, final_eval, runtime, data_stats, setup.template,
                                     setup.parameters, setup.model)
             summary["distributed"] = {
