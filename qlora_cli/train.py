@@ -180,7 +180,7 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
 
 
 def _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command) -> TrainResult:
-    from qlora_cli.trainer import GracefulStop, NonFiniteLoss
+    from qlora_cli.trainer import Diverged, GracefulStop, NonFiniteLoss
 
     recipe = with_output_dir(recipe, output_dir)
     run = RunDir(recipe.output.dir)
@@ -229,6 +229,13 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
             f"the {exc}. Nothing from that step was applied. "
             f"{_last_checkpoint_text(run)} Lower train.learning_rate (or raise train.warmup_ratio, or use "
             "bfloat16 instead of float16), then train again."
+        )) from None
+    except Diverged as exc:
+        raise StoppedRun(EXIT_USER_ERROR, (
+            f"training diverged {exc}. Stopped at step {exc.step} rather than finish with an adapter that "
+            f"learned nothing. {exc.checkpoint_text(run.checkpoints)} Lower train.learning_rate, raise "
+            "train.warmup_ratio (or train.warmup_steps), or lower train.max_grad_norm, then train again "
+            "(--overwrite replaces this run)."
         )) from None
     finally:
         stop.uninstall()

@@ -6,7 +6,8 @@
 2. The first SIGINT/SIGTERM finishes the current optimizer step, saves a checkpoint and stops;
    `train` then exits 130/143 saying how to resume. A second signal exits at once.
 3. A NaN or inf loss stops the run before the optimizer applies that step, so the last
-   checkpoint stays good.
+   checkpoint stays good. A run that has diverged without a NaN (the adapter gets no gradient any
+   more, or the loss sits orders of magnitude above where it started) stops too (DivergenceGuard).
 4. A resumed run logs what the uninterrupted run logs: each checkpoint also holds the loss summed
    since the last log (checkpoints.LOG_WINDOW), so a stop between two logging steps loses nothing.
 
@@ -36,6 +37,28 @@ class NonFiniteLoss(RuntimeError):
         self.step, self.loss = step, loss
 
 
+class Diverged(RuntimeError):
+    """The run no longer trains (DivergenceGuard): `last_good_step` is the last logged step that looked healthy."""
+
+    def __init__(self, step: int, reason: str, last_good_step: int):
+        super().__init__(reason)
+        self.step, self.last_good_step = step, last_good_step
+
+    def checkpoint_text(self, root: Path) -> str:
+        """Which checkpoints predate the divergence: the newest ones may hold the diverged adapter.
+        Nothing is deleted; the user decides."""
+        whole = [c for c in checkpoints.checkpoints_in(root) if checkpoints.problem(c, hashes=False) is None]
+        good = [c for c in whole if checkpoints.step_of(c) <= self.last_good_step]
+        after = [c.name for c in whole if c not in good]
+        if not whole:
+            return "No checkpoint was written yet."
+        if not good:
+            return f"Every checkpoint ({', '.join(after)}) holds the diverged adapter."
+        text = f"The last checkpoint from before it diverged is {good[0]}."
+        return text + (f" ({', '.join(after)} {'holds' if len(after) == 1 else 'hold'} the diverged adapter.)"
+                       if after else "")
+
+
 class CheckpointingTrainer(SFTTrainer):
     """SFTTrainer whose checkpoints appear atomically and whose loss is checked every micro-step."""
 
@@ -45,6 +68,7 @@ class CheckpointingTrainer(SFTTrainer):
         self._staging: Path | None = None
         self._resumed_from: Path | None = None
         self.add_callback(_RestoreLogWindow(self))
+        self.add_callback(DivergenceGuard())
 
     def train(self, resume_from_checkpoint: str | None = None, *args, **kwargs):
         # Remembered so that _RestoreLogWindow can read the checkpoint's log window once the loop has
@@ -199,3 +223,91 @@ class _RestoreLogWindow(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._restore_log_window()
 
+
+# What DivergenceGuard calls a collapsed run. Each condition must hold at this many consecutive
+# logged steps (logging_steps apart, so at least that many optimizer steps) before the run stops;
+# the first one only warns, so a single spike that recovers costs nothing.
+BAD_LOGS_TO_STOP = 3
+# "No gradient": the logged grad_norm is the norm before clipping (max_grad_norm cannot hide a real
+# gradient), and a run that still learns, even one that has converged, has a norm many orders of
+# magnitude above this (the tiny recipe ends near 0.5). A dead run logs exactly 0.0.
+ZERO_GRAD_NORM = 1e-12
+# ...unless the model already predicts every target token with probability ~1: then the softmax
+# saturates in float32 and the gradient really is zero. That only happens below ~1e-7 nats per
+# token; a collapsed adapter sits far above this (the tiny recipe's dead run: 6.24, the loss of a
+# uniform guess over its 512 tokens).
+CONVERGED_LOSS = 1e-3
+# "Spike": a loss this many times the first logged one (the loss before any update, as train.py
+# logs the first step). Normal fine-tuning only lowers the loss; 10x means the adapter now makes
+# the base model far worse than it was, i.e. the weights blew up.
+SPIKE_FACTOR = 10.0
+# Floor for the reference, in nats per token, so that a run starting near zero loss (data the model
+# already knows) does not call noise a spike: 10 x 1 nat is worse than a uniform guess among
+# e^10 = 22,000 tokens.
+SPIKE_FLOOR = 1.0
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops a run that has diverged without producing a NaN (that one is NonFiniteLoss's): the
+    adapter gets no gradient any more (a dead adapter: the loss then stays flat, and the run would
+    finish with exit 0 and an adapter that learned nothing), or the loss stays orders of magnitude
+    above where it started. Raises Diverged from on_log, before that step's evaluation and
+    checkpoint, so no further checkpoint of the diverged adapter is written.
+
+    Its only state is read back from the log history, which the checkpoint's trainer_state.json
+    holds, so a resumed run stops exactly where the uninterrupted run would.
+    """
+
+    def __init__(self, warn=None):
+        self.warn = warn or _warn
+        self._reset()
+
+    def _reset(self) -> None:
+        self.reference: float | None = None  # the first logged loss
+        self.bad: list[tuple[int, str]] = []  # (step, why) of the current run of bad logs
+        self.last_good_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._reset()
+        for record in state.log_history:  # on resume: the logs up to the checkpoint
+            if "loss" in record:
+                self._check(record["step"], record)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        why = self._check(state.global_step, logs)
+        if why is None:
+            return
+        if len(self.bad) >= BAD_LOGS_TO_STOP:
+            steps = ", ".join(str(step) for step, _ in self.bad)
+            raise Diverged(state.global_step, f"at steps {steps}: {why}", self.last_good_step)
+        if len(self.bad) == 1 and state.is_world_process_zero:
+            self.warn(f"step {state.global_step}: {why}. The run stops if this lasts {BAD_LOGS_TO_STOP} logs in a "
+                      "row (train.learning_rate too high?).")
+
+    def _check(self, step: int, logs: dict) -> str | None:
+        """Record one logged step; return why it is bad, or None if it looks healthy."""
+        loss, grad_norm = logs["loss"], logs.get("grad_norm")
+        if self.reference is None:
+            self.reference = loss
+        limit = SPIKE_FACTOR * max(self.reference, SPIKE_FLOOR)
+        why = None
+        if grad_norm is not None and grad_norm < ZERO_GRAD_NORM and loss > CONVERGED_LOSS:
+            why = f"grad_norm is {grad_norm:g} with the loss at {loss:.4g}: the adapter gets no gradient and no longer learns"
+        elif loss > limit:
+            why = (f"the loss is {loss:.4g}, over {SPIKE_FACTOR:g}x the first logged loss "
+                   f"({self.reference:.4g})")
+        if why is None:
+            self.bad = []
+            self.last_good_step = step
+        else:
+            self.bad.append((step, why))
+        return why
+
+
+def _warn(text: str) -> None:
+    # stderr, like train.py's warnings; while the live display runs, rich prints this above it.
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
