@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,6 +33,28 @@ class Section(BaseModel):
     """Base for every recipe section: unknown keys are errors, and defaults are validated too."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value, info):
+        # pydantic's lax mode takes true as 1 and false as 0 for int and float fields: `lora.r: true`
+        # trained at rank 1. A boolean is never meant as a number. Only booleans are refused: strings
+        # still convert, because YAML 1.1 reads `2e-4` (no dot) as text and `--set
+        # train.learning_rate=2e-4` must keep working.
+        if isinstance(value, bool):
+            kind = _number_kind(cls.model_fields[info.field_name].annotation)
+            if kind is not None:
+                raise ValueError(f"must be {kind}, not the boolean {str(value).lower()} "
+                                 "(YAML reads true, false, yes, no, on and off as booleans)")
+        return value
+
+
+def _number_kind(annotation) -> str | None:
+    """'a whole number' for an int field, 'a number' for a float one (also as `X | None`), else None."""
+    types = get_args(annotation) or (annotation,)
+    if float in types:
+        return "a number"
+    return "a whole number" if int in types else None
 
 
 class ModelSection(Section):
@@ -77,7 +99,7 @@ class QuantSection(Section):
 class LoraSection(Section):
     """The low-rank adapters trained on top of the frozen base."""
 
-    r: int = Field(16, ge=1, description="Rank of the update matrices. Higher = more capacity and memory.")
+    r: int = Field(16, ge=1, le=4096, description="Rank of the update matrices. Higher = more capacity and memory.")
     alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input during training.")
     target_modules: Literal["all-linear"] | list[str] = Field(
@@ -130,12 +152,14 @@ class DataSource(Section):
     weight: float | None = Field(
         None,
         gt=0,
+        le=1000,
         description="Scale this source's share of the training rows: 0.5 uses a seeded half of its rows, 2 uses "
         "every row twice. null = each row once.",
     )
     samples: int | None = Field(
         None,
         ge=1,
+        le=10_000_000,
         description="Use exactly this many training rows from this source (seeded sample; repeats rows when it "
         "has fewer). Instead of weight.",
     )
@@ -161,7 +185,7 @@ class DataSection(Section):
         "template) or a path to a .jinja file. null picks per format: alpaca -> alpaca, sharegpt and "
         "messages -> chatml, prompt_completion -> raw. Not used by the text format.",
     )
-    max_seq_len: int = Field(2048, ge=8, description="Longest sequence in tokens. See on_too_long.")
+    max_seq_len: int = Field(2048, ge=8, le=2**20, description="Longest sequence in tokens. See on_too_long.")
     on_too_long: Literal["truncate", "drop", "error"] = Field(
         "truncate",
         description="Examples longer than max_seq_len: truncate them (keep the start), drop them, or stop with "
@@ -216,11 +240,11 @@ class TrainSection(Section):
 
     epochs: float = Field(3.0, gt=0, description="Passes over the training data. Ignored when max_steps is set.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate for the adapter weights.")
+    learning_rate: float = Field(2e-4, gt=0, le=1000, description="Peak learning rate for the adapter weights.")
     lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     warmup_steps: int = Field(0, ge=0, description="Warmup in steps; when > 0, used instead of warmup_ratio.")
-    batch_size: int = Field(4, ge=1, description="Examples per device per forward pass.")
+    batch_size: int = Field(4, ge=1, le=2**16, description="Examples per device per forward pass.")
     gradient_accumulation_steps: int = Field(
         4, ge=1, description="Forward passes per optimizer step. Effective batch = batch_size x this x devices."
     )
@@ -341,6 +365,31 @@ class Recipe(Section):
             r.distributed.deepspeed_config = absolute(r.distributed.deepspeed_config)
         r.output.dir = absolute(r.output.dir)
         return r
+
+
+# Why each upper bound exists, for its error message. Each is far above any real run, and each
+# stops a value that otherwise ends in a traceback, some after the run directory was made.
+_WHY_AT_MOST = {
+    # 2^31 overflows the int32 token offsets of the tokenized data; from about 10^9 the length
+    # histogram alone runs out of memory.
+    (DataSection, "max_seq_len"): "That is longer than any model's context window (the longest are about a "
+    "million tokens): set it to at most your model's max_position_embeddings.",
+    # Adam's first step moves weights by about 10x the rate: above about 3e37 that overflows float32
+    # inside the optimizer. 1e3 itself stays allowed (the divergence tests use it).
+    (TrainSection, "learning_rate"): "LoRA learning rates are about 1e-5 to 1e-2 (the QLoRA paper's is 2e-4), "
+    "and much larger ones diverge at the first step. Did the exponent lose its minus (2e4 for 2e-4)?",
+    # r=100000 allocates gigabytes per layer and failed with a traceback; and a rank above a layer's
+    # smaller dimension adds memory but no capacity (modeling.check_rank_fits, against the real layers).
+    (LoraSection, "r"): "An adapter's rank cannot usefully exceed its layer's smaller dimension (4096 in a "
+    "7B model), and ranks of 8 to 256 are usual.",
+    # Above sys.maxsize the DataLoader's sampler fails (islice).
+    (TrainSection, "batch_size"): "No accelerator holds that many examples in one forward pass: for a "
+    "larger effective batch, raise train.gradient_accumulation_steps.",
+    # The sampled row indices are built in memory (numpy MemoryError at 10^12).
+    (DataSource, "samples"): "The sampled rows are indexed in memory, and fine-tuning sets are rarely over a "
+    "few million rows.",
+    (DataSource, "weight"): "Every row would be repeated more than 1,000 times: use samples for an exact count.",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,8 +602,19 @@ def _message(err: dict, loc: tuple) -> str:
             return "has no value: give one"
         default = "" if field.default is PydanticUndefined else f" ({field.default!r})"
         return f"has no value: give one, or remove the key to use the default{default}"
+    if kind == "less_than_equal":
+        why = _WHY_AT_MOST.get((_model_at(loc[:-1]), loc[-1]))
+        if why is not None:
+            return f"must be at most {_readable(err['ctx']['le'])}; got {err['input']!r}. {why}"
     # Type and range errors: "must be greater than 0; got -1".
     return f"{err['msg'].replace('Input should be', 'must be')}; got {err.get('input')!r}"
+
+
+def _readable(number) -> str:
+    """1048576 -> '1,048,576'; 1000.0 -> '1,000'."""
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    return f"{number:,}"
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

@@ -147,6 +147,7 @@ def attach_lora(model, lora, gradient_checkpointing: bool, upcast: bool = True):
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    check_rank_fits(model, lora)  # before anything is allocated
     if upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
@@ -160,6 +161,14 @@ def attach_lora(model, lora, gradient_checkpointing: bool, upcast: bool = True):
         peft_model = get_peft_model(model, build_lora_config(lora))
     except ValueError as exc:  # e.g. a target module name that matches nothing
         raise UserError.single("lora.target_modules", _first_line(exc)) from None
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError too
+        if not _is_out_of_memory(exc):
+            raise  # anything else is a bug, with its traceback
+        raise UserError.single("lora.r", (
+            f"out of memory while creating the adapters ({_first_line(exc)}). Each targeted layer gets "
+            f"{lora.r} x (its inputs + its outputs) trainable weights: lower lora.r, or list fewer "
+            "lora.target_modules; `qlora estimate RECIPE` shows where the memory goes"
+        )) from None
     # PEFT accepts a modules_to_save name that matches nothing and then trains nothing extra.
     trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
     unmatched = [m for m in lora.modules_to_save if not any(f"{m}.modules_to_save." in n for n in trainable)]
@@ -168,6 +177,55 @@ def attach_lora(model, lora, gradient_checkpointing: bool, upcast: bool = True):
             "lora.modules_to_save", f"no module of this model is called {', '.join(map(repr, unmatched))}"
         )
     return peft_model
+
+
+def check_rank_fits(model, lora) -> None:
+    """Refuse a LoRA rank that no targeted layer can use.
+
+    An adapter's update B @ A has rank at most min(in, out) of its layer, so a larger r only adds
+    memory: r=100000 fails to allocate, with a traceback. The bound is the widest targeted layer,
+    not the narrowest: "all-linear" also targets small layers such as a mixture-of-experts router
+    (Mixtral's gate has 8 outputs, Qwen2-MoE's shared_expert_gate 1), and an r above those few is
+    harmless, as PEFT allows. The schema caps r (config.py); this is the model's own limit.
+    """
+    layers = _targeted_linears(model, lora.target_modules)
+    if not layers:
+        return  # PEFT names the unmatched target modules itself
+    name, widest = max(layers, key=lambda item: min(item[1].in_features, item[1].out_features))
+    limit = min(widest.in_features, widest.out_features)
+    if lora.r > limit:
+        raise UserError.single("lora.r", (
+            f"is {lora.r}, more than any targeted layer can use: the widest, {name} ({widest.in_features} -> "
+            f"{widest.out_features} features), has rank at most {limit}, and a LoRA update cannot exceed its "
+            f"layer's rank, so a larger r only adds memory. Set lora.r to at most {limit}"
+        ))
+
+
+def _targeted_linears(model, targets) -> list[tuple[str, torch.nn.Module]]:
+    """The linear layers PEFT puts adapters on: for "all-linear", every one but the output head; for a
+    list, those whose name is a listed name or ends with "." and one (PEFT's matching rule).
+    bitsandbytes' Linear4bit is a torch Linear and keeps the unquantized in/out_features."""
+    head = model.get_output_embeddings()
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if targets == "all-linear":
+            hit = module is not head
+        else:
+            hit = any(name == t or name.endswith(f".{t}") for t in targets)
+        if hit:
+            found.append((name, module))
+    return found
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an error is an allocation failure: torch.OutOfMemoryError on a GPU, a RuntimeError
+    "DefaultCPUAllocator: can't allocate memory" on the CPU, Python's MemoryError."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text
 
 
 def keep_adapter_fp32(model) -> None:
