@@ -679,10 +679,7 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     except UnicodeDecodeError:
         raise UserError.single(str(path), "is not a text file: a recipe is UTF-8 YAML") from None
     try:
-        data, node = _parse_yaml(text)
-        lines: dict[tuple, int] = {}
-        duplicates: list[Problem] = []
-        _collect_lines(node, (), lines, duplicates)
+        data, lines, duplicates = _parse_yaml(text)
     except YamlAliasError as exc:
         raise UserError.single(f"{path}:{exc.mark.line + 1}", exc.message) from None
     except RecursionError:  # the composer recurses once per level; recursive aliases are caught above
@@ -769,8 +766,9 @@ class _BoundedAliasLoader(yaml.SafeLoader):
         return size
 
 
-def _parse_yaml(text: str) -> tuple[Any, yaml.Node | None]:
-    """The Python value of a YAML document and its node tree (for line numbers), parsed once.
+def _parse_yaml(text: str) -> tuple[Any, dict[tuple, int], list[Problem]]:
+    """Parse a YAML document once: its Python value, the line of every key path, and the keys
+    written twice in one mapping.
 
     Raises YamlAliasError for an alias bomb or a recursive alias, and yaml.YAMLError for bad YAML.
     The value is a tree: a value reused through an alias is copied, so that `--set` on one key path
@@ -779,10 +777,15 @@ def _parse_yaml(text: str) -> tuple[Any, yaml.Node | None]:
     loader = _BoundedAliasLoader(text)
     try:
         node = loader.get_single_node()
+        # Lines before constructing: construction merges `<<: *anchor` keys into the mapping node
+        # in place, which would make a key that overrides a merged one look written twice.
+        lines: dict[tuple, int] = {}
+        duplicates: list[Problem] = []
+        _collect_lines(node, (), lines, duplicates)
         data = loader.construct_document(node) if node is not None else None
     finally:
         loader.dispose()
-    return _unshared(data), node
+    return _unshared(data), lines, duplicates
 
 
 def _unshared(value):
@@ -819,7 +822,7 @@ def _apply_overrides(data: dict, overrides) -> set[tuple]:
             continue
         try:
             path = _parse_key(key.strip())
-            value = _parse_yaml(raw)[0] if raw.strip() else None
+            value = _parse_yaml(raw)[0] if raw.strip() else None  # a value's own lines do not matter
         except YamlAliasError as exc:
             problems.append(Problem(f"--set {item}", exc.message))
             continue

@@ -129,6 +129,23 @@ def test_a_reused_anchor_is_a_copy_so_set_changes_only_the_key_it_names(tmp_path
     assert recipe.data.sources[0].columns == {"instruction": "question", "output": "answer"}
 
 
+def test_a_merge_key_may_be_overridden_and_its_values_are_copies(tmp_path):
+    # `<<: *src` then `path:` overrides a merged key; that is not a key written twice.
+    path = write(tmp_path, """\
+        model:
+          name_or_path: org/some-model
+        data:
+          sources:
+            - &src {path: a.jsonl, format: alpaca, columns: {instruction: q}}
+          val_sources:
+            - <<: *src
+              path: b.jsonl
+        """)
+    recipe = load_recipe(path, ["data.val_sources[0].columns.instruction=question"])
+    assert (recipe.data.val_sources[0].path, recipe.data.val_sources[0].columns) == ("b.jsonl", {"instruction": "question"})
+    assert (recipe.data.sources[0].path, recipe.data.sources[0].columns) == ("a.jsonl", {"instruction": "q"})
+
+
 def test_a_recursive_alias_is_named_with_its_line(tmp_path):
     path = write(tmp_path, BASE + "x-loop: &loop [a, *loop]\n")
     with pytest.raises(UserError) as err:
