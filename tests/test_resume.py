@@ -181,14 +181,27 @@ def test_damaged_checkpoints_are_skipped_or_refused(recipe, reference, tmp_path)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing deleted
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoints(recipe, tmp_path):
+def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoints(recipe, tmp_path, qlora_main, monkeypatch):
+    # train.learning_rate is bounded (config.py) below what overflows this model, so the NaN is
+    # injected instead: step 8's loss (after checkpoint-6) comes out NaN, as from an overflow.
+    from qlora_cli.checkpoints import checkpoints_in
+    from qlora_cli.trainer import CheckpointingTrainer
+
+    compute_loss = CheckpointingTrainer.compute_loss
+
+    def nan_at_step_8(self, model, inputs, *args, **kwargs):
+        loss = compute_loss(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if model.training and self.state.global_step == 7 else loss
+
+    monkeypatch.setattr(CheckpointingTrainer, "compute_loss", nan_at_step_8)
     run_dir = tmp_path / "run"
-    proc = run_cli("train", str(recipe), "--output-dir", str(run_dir),
-                   "--set", "train.learning_rate=1e30", "--set", "train.max_grad_norm=1e30")
+    proc = qlora_main("train", str(recipe), "--output-dir", str(run_dir))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert "loss is nan" in proc.stderr or "loss is inf" in proc.stderr
+    assert "loss is nan at step 8" in proc.stderr and "Nothing from that step was applied" in proc.stderr
     assert "train.learning_rate" in proc.stderr
+    assert "The last checkpoint is" in proc.stderr and "checkpoint-6" in proc.stderr
+    assert [p.name for p in checkpoints_in(run_dir / "checkpoints")] == ["checkpoint-6"]
     assert not (run_dir / "summary.json").exists()
 
 
