@@ -69,7 +69,8 @@ class ModelSection(Section):
         description="dtype of the layers that are not quantized (embeddings, norms, lm_head).",
     )
     trust_remote_code: bool = Field(
-        False, description="Run model code shipped inside the repository. Only enable for repositories you trust."
+        False, description="Declare that the model needs the Python code shipped inside its repository. The code "
+        "runs only when the command line also says --trust-remote-code; only give it for code you trust.",
     )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         None, description="Attention kernel. null lets transformers pick (sdpa where available)."

@@ -162,7 +162,7 @@ def attach_lora(model, lora, gradient_checkpointing: bool, upcast: bool = True):
     except ValueError as exc:  # e.g. a target module name that matches nothing
         raise UserError.single("lora.target_modules", _first_line(exc)) from None
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError too
-        if not _is_out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise  # anything else is a bug, with its traceback
         raise UserError.single("lora.r", (
             f"out of memory while creating the adapters ({_first_line(exc)}). Each targeted layer gets "
@@ -219,7 +219,7 @@ def _targeted_linears(model, targets) -> list[tuple[str, torch.nn.Module]]:
     return found
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
     """Whether an error is an allocation failure: torch.OutOfMemoryError on a GPU, a RuntimeError
     "DefaultCPUAllocator: can't allocate memory" on the CPU, Python's MemoryError."""
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):

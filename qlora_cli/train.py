@@ -24,7 +24,7 @@ from qlora_cli import distributed
 from qlora_cli.config import Recipe, default_template
 from qlora_cli.data.pipeline import build_datasets
 from qlora_cli.data.templates import apply_template, resolve_template
-from qlora_cli.modeling import attach_lora, keep_adapter_fp32, load_base_model, load_tokenizer
+from qlora_cli.modeling import attach_lora, is_out_of_memory, keep_adapter_fp32, load_base_model, load_tokenizer
 from qlora_cli.preflight import preflight, with_output_dir
 from qlora_cli.errors import EXIT_USER_ERROR, StoppedRun
 from qlora_cli.progress import peak_memory
@@ -210,14 +210,6 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
     stop.install()
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-    except torch.OutOfMemoryError:
-        raise StoppedRun(EXIT_USER_ERROR, (
-            f"out of memory at step {trainer.state.global_step + 1} (peak {peak_memory_text()}). "
-            f"{_last_checkpoint_text(run)} Lower train.batch_size (raise train.gradient_accumulation_steps to "
-            "keep the effective batch), turn on train.gradient_checkpointing, or lower data.max_seq_len; "
-            f"`{estimate_command}` shows where the memory goes and what fits. Then train again, or continue: "
-            f"{resume_command}"
-        )) from None
     except OSError as exc:
         from qlora_cli.checkpoints import WriteFailed  # a checkpoint's torch.save/safetensors write failed
 
@@ -236,6 +228,18 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
             f"learned nothing. {exc.checkpoint_text(run.checkpoints)} Lower train.learning_rate, raise "
             "train.warmup_ratio (or train.warmup_steps), or lower train.max_grad_norm, then train again "
             "(--overwrite replaces this run)."
+        )) from None
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        # Last: NonFiniteLoss and Diverged are RuntimeErrors too. On the CPU, running out of memory is a
+        # RuntimeError as well ("DefaultCPUAllocator: can't allocate memory").
+        if not is_out_of_memory(exc):
+            raise
+        raise StoppedRun(EXIT_USER_ERROR, (
+            f"out of memory at step {trainer.state.global_step + 1} (peak {peak_memory_text()}). "
+            f"{_last_checkpoint_text(run)} Lower train.batch_size (raise train.gradient_accumulation_steps to "
+            "keep the effective batch), turn on train.gradient_checkpointing, or lower data.max_seq_len; "
+            f"`{estimate_command}` shows where the memory goes and what fits. Then train again, or continue: "
+            f"{resume_command}"
         )) from None
     finally:
         stop.uninstall()

@@ -98,11 +98,17 @@ def test_a_model_id_while_offline_says_what_to_do(write_recipe, tmp_path, qlora_
     assert not (tmp_path / "run").exists()
 
 
-def test_out_of_memory_is_explained(write_recipe, tmp_path, qlora_main, monkeypatch):
+@pytest.mark.parametrize("error", [
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    # What the CPU allocator raises: a plain RuntimeError.
+    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"),
+], ids=["cuda", "cpu"])
+def test_out_of_memory_is_explained(error, write_recipe, tmp_path, qlora_main, monkeypatch):
     from qlora_cli.trainer import CheckpointingTrainer
 
     def oom(self, *args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error()
 
     monkeypatch.setattr(CheckpointingTrainer, "training_step", oom)
     result = qlora_main("train", write_recipe(SHORT))
