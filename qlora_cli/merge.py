@@ -231,7 +231,7 @@ def write_model(plan, folder: Path, base_mode: str, max_bytes: int | None) -> li
 def write_companions(config, plan, base_folder: Path, tokenizer, folder: Path) -> None:
     """config.json (with the new dtype), generation_config.json (the base's, stopping on the run's
     stop token too: serving.py) and the run's tokenizer + template."""
-    from qlora_cli.serving import write_generation_config
+    from qlora_cli.serving import keep_base_tokenizer_files, write_generation_config
 
     config.dtype = plan.out_dtype
     if plan.untie:  # the adapter changed one side of a tied pair: both are written, untied
@@ -240,6 +240,7 @@ def write_companions(config, plan, base_folder: Path, tokenizer, folder: Path) -
     write_generation_config(folder, base_folder, config, tokenizer)
     # The run's tokenizer carries the template training rendered with, so generate/serve match it.
     tokenizer.save_pretrained(folder)
+    keep_base_tokenizer_files(folder, str(base_folder))  # tokenizer.model, a class llama.cpp's converter knows
 
 
 def swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from qlora_cli.errors import UserError
+from qlora_cli.serving import model_file
 
 FLAG = "--trust-remote-code"
 FLAG_HELP = ("Allow the model's own Python code (its config's auto_map) to run on this machine. Needed, on "
@@ -30,7 +31,7 @@ def code_files(name_or_path: str, revision: str | None = None) -> list[str]:
     cannot be read: then the model has not been downloaded, and what runs is not known here."""
     files: list[str] = []
     for name in ("config.json", "tokenizer_config.json"):
-        path = _local_file(name_or_path, name, revision)
+        path = model_file(name_or_path, name, revision)
         if path is None:
             continue
         try:
@@ -77,16 +78,3 @@ def require_consent_for_directory(name_or_path: str, allowed: bool, where: str =
             f"{what_would_run(name_or_path)} on this machine with your permissions. If you trust that code, "
             f"add {FLAG} to this command",
         )
-
-
-def _local_file(name_or_path: str, name: str, revision: str | None) -> Path | None:
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path / name if (path / name).is_file() else None
-    try:  # a hub id: only what is already in the cache (no download just to warn)
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(name_or_path, name, revision=revision)
-    except Exception:  # an id the hub client rejects: nothing to list
-        return None
-    return Path(cached) if isinstance(cached, str) else None

@@ -3,6 +3,7 @@
     stop_token_ids(generation_config, tokenizer)   # every token a turn may end on
     write_generation_config(folder, base, tokenizer)
     make_base_path_absolute(folder)                # adapter_config.json usable from any directory
+    keep_base_tokenizer_files(folder, base)        # tokenizer.model, and a class older readers know
 
 Plain `transformers` `generate()`, and servers that read `generation_config.json`, stop on its
 `eos_token_id` only. A base model's file names the base's EOS (`</s>`), while a run trained with
@@ -14,7 +15,17 @@ set (targets.Target.stop_ids), so both agree.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+# Files that hold a tokenizer's vocabulary in a model repository besides tokenizer.json. transformers
+# 5's save_pretrained writes tokenizer.json alone; readers that build the vocabulary from these
+# (llama.cpp's converter reads tokenizer.model for SentencePiece scores and types; transformers 4's
+# slow tokenizers) need them as the base had them.
+VOCAB_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt", "vocab.txt")
+# transformers 5 writes tokenizer_class "TokenizersBackend", which transformers 4 (and so llama.cpp's
+# converter, pinned to it) does not know; this is the class every version loads tokenizer.json with.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 
 def stop_token_ids(generation_config, tokenizer) -> list[int]:
@@ -57,3 +68,44 @@ def make_base_path_absolute(folder: Path) -> None:
         return
     config["base_model_name_or_path"] = str(Path(base).expanduser().resolve())
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def keep_base_tokenizer_files(folder: Path, base: str, revision: str | None = None) -> None:
+    """After tokenizer.save_pretrained(FOLDER): copy the base's vocabulary files that were not
+    written, and replace a tokenizer class only transformers 5 knows by the base's own (or the
+    generic fast class). The tokens are unchanged: tokenizer.json, which every reader prefers
+    when the class is a fast one, is the file that was saved."""
+    folder = Path(folder)
+    for name in VOCAB_FILES:
+        source = model_file(base, name, revision)
+        if source is not None and not (folder / name).exists():
+            shutil.copyfile(source, folder / name)
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") not in (None, "TokenizersBackend"):
+        return
+    base_class = None
+    if (base_config := model_file(base, "tokenizer_config.json", revision)) is not None:
+        try:
+            base_class = json.loads(base_config.read_text(encoding="utf-8")).get("tokenizer_class")
+        except (OSError, ValueError, AttributeError):
+            pass
+    config["tokenizer_class"] = base_class if base_class not in (None, "TokenizersBackend") else PORTABLE_TOKENIZER_CLASS
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def model_file(name_or_path: str, name: str, revision: str | None = None) -> Path | None:
+    """NAME in a model given by local directory or hub id: the local file, or the cached one (no
+    download); None when there is none."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path / name if (path / name).is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, name, revision=revision)
+    except Exception:  # an id the hub client rejects: nothing there
+        return None
+    return Path(cached) if isinstance(cached, str) else None

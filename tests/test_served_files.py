@@ -1,15 +1,19 @@
-"""What serving tools read from a run directory and a merged model (issue 19, items 6 and 7).
+"""What serving tools read from a run directory and a merged model (issue 19, items 6, 7 and 9).
 
 - generation_config.json carries the run's stop token, so plain `transformers` generate() stops
   where `qlora generate` stops (a ChatML run ends turns with <|im_end|>, not the base's </s>).
 - adapter_config.json names a local base by its absolute path, so
   AutoPeftModelForCausalLM.from_pretrained(RUN) works from any directory.
+- The base's tokenizer files (a SentencePiece tokenizer.model) survive transformers 5's
+  save_pretrained, and tokenizer_config.json names a class older readers (llama.cpp's converter,
+  pinned to transformers 4) know, without changing a single token id.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,13 +26,15 @@ from qlora_cli.merge import merge
 from qlora_cli.rundir import RunDir
 
 
-def chatml_run(tiny, run_dir):
+def chatml_run(tiny, run_dir, model_dir=None):
     """A run directory trained with the ChatML template (its adapter untouched: B starts at zero)."""
     from qlora_cli.modeling import attach_lora, load_base_model
     from qlora_cli.train import prepare_tokenizer
 
     raw = tiny_recipe(tiny, run_dir)
     raw["data"]["template"] = "chatml"
+    if model_dir is not None:
+        raw["model"]["name_or_path"] = str(model_dir)
     raw["lora"].update({"r": 4, "alpha": 8, "modules_to_save": []})
     recipe = validate_recipe(raw)
     tokenizer, template = prepare_tokenizer(recipe)
@@ -88,3 +94,26 @@ def test_a_run_trained_with_a_relative_model_path_loads_from_any_directory(tiny_
     # and the run's generation_config.json stops on its template's stop token (alpaca: the EOS)
     tokenizer = AutoTokenizer.from_pretrained(tiny_run)
     assert json.loads((tiny_run / "generation_config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
+
+
+def test_the_bases_sentencepiece_file_and_a_portable_tokenizer_class_are_kept(tiny, tmp_path):
+    # A base laid out like stories260K or Mistral 7B v0.1: tokenizer.model beside tokenizer.json,
+    # and a class transformers 4 knows. (The bytes stand in for a SentencePiece model: what is
+    # checked is that the file travels unchanged and that nothing reads it instead of tokenizer.json.)
+    base = tmp_path / "base"
+    shutil.copytree(tiny / "model", base)
+    spm = bytes(range(256)) * 64
+    (base / "tokenizer.model").write_bytes(spm)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+
+    run_dir, trained = chatml_run(tiny, tmp_path / "run", model_dir=base)
+    merged = merge(run_dir, output=tmp_path / "merged", verify=False).output
+    texts = ["Count from 3 to 7.", " leading space and\n\ntwo newlines", "<|im_start|>user\nhi<|im_end|>"]
+    for folder in (run_dir, merged):
+        assert (folder / "tokenizer.model").read_bytes() == spm
+        assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+        reloaded = AutoTokenizer.from_pretrained(folder)
+        for text in texts:
+            assert reloaded(text)["input_ids"] == trained(text)["input_ids"], (folder.name, text)
+        assert reloaded.chat_template == trained.chat_template and reloaded.eos_token == "<|im_end|>"
