@@ -10,6 +10,8 @@ from qlora_cli.rundir import MODEL_CARD
 
 
 def render_model_card(recipe, summary: dict, run_name: str) -> str:
+    # A local base by its absolute path, as in recipe.yaml: the snippet works from any directory.
+    recipe = recipe.with_absolute_paths()
     m, q, lora, t = recipe.model, recipe.quant, recipe.lora, recipe.train
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
     sources = ", ".join(f"`{s.path}` ({s.format})" for s in recipe.data.sources)
@@ -53,22 +55,45 @@ The full recipe is in `recipe.yaml`, every logged step in `metrics.jsonl`, and t
 
 ## Use
 
-```python
+{load_snippet(recipe, run_name)}
+
+Or with this tool: `qlora generate {run_name} --prompt "..."`, `qlora eval {run_name}`, and
+`qlora merge {run_name}` for a standalone model.
+"""
+
+
+def load_snippet(recipe, run_name: str) -> str:
+    """Python that loads the run as training held it: the same 4-bit settings (built by
+    modeling.build_bnb_config, so the two cannot drift), dtype and adapter. Runs as written on
+    any machine, CPUs with AVX512-BF16 included (see the comment it carries)."""
+    from qlora_cli.modeling import build_bnb_config
+
+    bnb = build_bnb_config(recipe.quant)
+    name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+    return f'''```python
+import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 tokenizer = AutoTokenizer.from_pretrained("{run_name}")          # carries the training chat template
 base = AutoModelForCausalLM.from_pretrained(
-    "{m.name_or_path}",
-    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="{q.quant_type}",
-                                           bnb_4bit_use_double_quant={q.double_quant}),
+    "{recipe.model.name_or_path}",
+    dtype=torch.{recipe.model.dtype},
+    quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="{bnb.bnb_4bit_quant_type}",
+        bnb_4bit_use_double_quant={bnb.bnb_4bit_use_double_quant},
+        bnb_4bit_compute_dtype=torch.{name(bnb.bnb_4bit_compute_dtype)},
+        bnb_4bit_quant_storage=torch.{name(bnb.bnb_4bit_quant_storage)},
+    ),
 )
+# bitsandbytes repacks 4-bit weights on CPUs with AVX512-BF16 at the first forward without
+# gradients, and then fails on layer shapes its packing does not divide; training kept the
+# standard layout, and so does this (it changes nothing elsewhere).
+for module in base.modules():
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
 model = PeftModel.from_pretrained(base, "{run_name}")
-```
-
-Or with this tool: `qlora generate {run_name} --prompt "..."`, `qlora eval {run_name}`, and
-`qlora merge {run_name}` for a standalone model.
-"""
+```'''
 
 
 def write_model_card(run, recipe, summary: dict) -> None:

@@ -117,3 +117,21 @@ def test_the_bases_sentencepiece_file_and_a_portable_tokenizer_class_are_kept(ti
         for text in texts:
             assert reloaded(text)["input_ids"] == trained(text)["input_ids"], (folder.name, text)
         assert reloaded.chat_template == trained.chat_template and reloaded.eos_token == "<|im_end|>"
+
+
+def test_the_model_cards_snippet_runs_as_written_and_gives_the_runs_logits(tiny_run, tmp_path):
+    """The card's Python, run as a user would paste it (item 8: it crashed on AVX512-BF16 CPUs, this
+    machine's kind, at the first forward without gradients), gives the logits qlora's own loading does."""
+    from qlora_cli.targets import load_target
+
+    card = (tiny_run / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    ids = [1, 5, 9, 13, 17, 21]
+    probe = f"\nimport json\nwith torch.no_grad():\n    out = model(torch.tensor([{ids}])).logits\nprint(json.dumps(out[0].tolist()))\n"
+    proc = subprocess.run([sys.executable, "-c", snippet + probe], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    with torch.no_grad():
+        expected = load_target(str(tiny_run)).model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
