@@ -116,6 +116,8 @@ def merge(
             say("checking the merged model against the adapter on the quantized base")
             report["fidelity"] = verify_merge(recipe, run, tmp, plan, base_mode, compare)
             warn_if_unfaithful(report, say)
+        # What this merge wrote, so a later --overwrite deletes nothing else (check_output).
+        report["files"] = sorted([p.name for p in tmp.iterdir()] + [REPORT])
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if out.resolve().parent == run.path.resolve():
             run.record(out.name)  # the run's marker: a later `qlora train --overwrite` may replace it
@@ -199,6 +201,18 @@ def check_output(out: Path, overwrite: bool, base_folder: Path, extra_protected:
         if not (out / REPORT).is_file():
             raise UserError.single(
                 "--output", f"--overwrite only replaces an earlier `qlora merge` output (with {REPORT}), and {out} has none"
+            )
+        try:
+            wrote = set(json.loads((out / REPORT).read_text(encoding="utf-8")).get("files") or [])
+        except (OSError, ValueError, AttributeError):
+            wrote = set()
+        # Reports from before the list was kept name no files: those outputs are replaced whole, as then.
+        foreign = sorted(p.name for p in out.iterdir() if wrote and p.name not in wrote)
+        if foreign:
+            raise UserError.single(
+                "--output", f"--overwrite only replaces what `qlora merge` wrote, and {out} also holds "
+                f"{', '.join(foreign[:5])}{' and more' if len(foreign) > 5 else ''}: move them out of it, or "
+                "choose another --output",
             )
     parent = next((p for p in out.absolute().parents if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):

@@ -362,9 +362,13 @@ def test_existing_output_is_refused_and_kept_unless_overwrite(run_dir, tmp_path)
     _assert_user_error(run_cli("merge", str(run_dir), "--output", str(run_dir), "--overwrite"), "which the merge reads")
 
     first = merge(run_dir, output=tmp_path / "m", verify=False).output
-    (first / "marker").write_text("old")
-    merge(run_dir, output=first, verify=False, overwrite=True)
-    assert not (first / "marker").exists() and (first / "model.safetensors").is_file()
+    (first / "model.safetensors").write_bytes(b"an old merge")
+    merge(run_dir, output=first, verify=False, overwrite=True)  # replaces what the earlier merge wrote
+    assert (first / "model.safetensors").read_bytes() != b"an old merge"
+    (first / "notes.txt").write_text("mine")  # but never a file it did not write
+    _assert_user_error(run_cli("merge", str(run_dir), "--output", str(first), "--overwrite"), "notes.txt",
+                       "only replaces what `qlora merge` wrote")
+    assert (first / "notes.txt").read_text() == "mine" and (first / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
