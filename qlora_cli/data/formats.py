@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 
+from qlora_cli.data.sources import MAX_JSON_DEPTH, deep_json_lines
+
 # The two Alpaca preambles, verbatim from Stanford Alpaca. The "with input" variant is chosen
 # per row; the alpaca template falls back to the "no input" one when a conversation has no
 # system message (e.g. a prompt typed into `qlora generate`).
@@ -116,6 +118,10 @@ def _tools(value) -> list[dict] | None:
     if value is None or value == "" or value == []:
         return None
     if isinstance(value, str):
+        # Bounded before parsing, as whole files are (sources.py): json.loads raises RecursionError
+        # past about 1,000 levels, and a tool schema nests a few.
+        if deep_json_lines(value.encode("utf-8", "surrogatepass"), one_value=True):
+            raise BadRow(f"field 'tools' is nested more than {MAX_JSON_DEPTH} levels deep (tool schemas nest a few)")
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:

@@ -34,10 +34,10 @@ import pyarrow as pa
 from qlora_cli.data import cache as data_cache
 from qlora_cli.data.formats import FIELDS, OPTIONAL_FIELDS, BadRow, UnmappedRole, to_canonical
 from qlora_cli.data.sources import (
-    JSON_COLUMN, ROW_COLUMN, check_data_files, load_file, load_hub, resolve_files, row_label,
+    BAD_COLUMN, JSON_COLUMN, ROW_COLUMN, check_data_files, load_file, load_hub, resolve_files, row_label,
 )
 from qlora_cli.data.templates import Renderer, TemplateMismatch
-from qlora_cli.data.tokenize import IGNORE_INDEX, Encoded, encode, encode_text
+from qlora_cli.data.tokenize import IGNORE_INDEX, Encoded, encode, encode_text, lone_surrogate
 from qlora_cli.errors import Problem, UserError
 
 MAX_REPORTED = 5  # bad rows shown in a message
@@ -280,12 +280,12 @@ def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inpu
             row = _row(batch, i, rename)
             example = to_canonical(row, fmt, roles)
             if "text" in example:
-                texts.append(example["text"])
-                spans.append(None)
+                text, row_spans = example["text"], None
             else:
                 text, row_spans = renderer.render(example["messages"], example.get("tools"))
-                texts.append(text)
-                spans.append(row_spans)
+            _check_encodable(text)
+            texts.append(text)
+            spans.append(row_spans)
             text_rows.append(i)
         except UnmappedRole as exc:
             status[i], reason[i] = UNMAPPED_ROLE, ",".join(exc.roles)
@@ -323,6 +323,16 @@ def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inpu
     )
 
 
+def _check_encodable(text: str) -> None:
+    """A lone surrogate (from a broken \\uXXXX escape) makes a row bad: the tokenizer cannot take it."""
+    at = lone_surrogate(text)
+    if at is not None:
+        raise BadRow(
+            f"holds a lone surrogate {text[at]!r} (half of a UTF-16 pair without the other half, from a broken "
+            f"\\u escape), which is not text; it follows {text[max(0, at - 30):at]!r}"
+        )
+
+
 def _token_columns(ids, trained, lengths, max_len: int) -> dict:
     """input_ids, labels and trained-token counts of a flat batch, each row cut to max_len.
 
@@ -348,8 +358,8 @@ def _token_columns(ids, trained, lengths, max_len: int) -> dict:
 def _row(batch, i: int, rename: dict) -> dict:
     """Row i of a batch in the format's field names."""
     if JSON_COLUMN in batch:
-        if batch[JSON_COLUMN][i] is None:
-            raise BadRow("the line is not valid UTF-8")
+        if batch[BAD_COLUMN][i] is not None:  # the reader could not even keep its text
+            raise BadRow(batch[BAD_COLUMN][i])
         try:
             record = json.loads(batch[JSON_COLUMN][i])
         except json.JSONDecodeError as exc:

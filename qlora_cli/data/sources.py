@@ -9,6 +9,12 @@ here: report *where* a bad row is, and keep going past one. So when `datasets` r
 (a malformed line, a value of the wrong type), the file is read again, JSON lines line by line, a
 JSON array row by row, and every row is kept as its JSON text, to be parsed and judged one by one by
 the pipeline (on_bad_row).
+
+Before any JSON parser sees a file, `deep_json_lines` bounds how deeply its values nest: pyarrow's
+reader recurses once per level and crashes the process (a segfault, at about 20,000 levels), and
+the json module raises RecursionError (at about 1,000). Real rows nest a few levels (a conversation
+with tool calls, 6 to 8), so anything past MAX_JSON_DEPTH is refused or skipped as a bad row before
+it is parsed.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import glob
 import json
 import logging
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_cli.errors import UserError
@@ -27,6 +35,9 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
 
 ROW_COLUMN = "__row"  # 1-based row (or, for .jsonl, line) number within its file
 JSON_COLUMN = "__json"  # the row's JSON text, when the file had to be read line by line
+BAD_COLUMN = "__bad"  # with JSON_COLUMN: why the row could not be read at all (None when it could)
+
+MAX_JSON_DEPTH = 100  # levels of [ and { a row may nest, the row's own object included
 
 
 # Suffixes that mark a file even when it does not exist (hub ids may contain dots: OpenHermes-2.5).
@@ -126,10 +137,24 @@ def load_file(path: Path, source, where: str):
         kwargs = {"features": _string_features(path), "keep_default_na": False}
     elif builder == "text":
         kwargs = {"sample_by": source.sample_by}
-    if builder == "json" and not _is_utf8(path):
-        # pyarrow's JSON reader lets invalid UTF-8 through (and fails later, on access): read it
-        # line by line instead, so each bad line is a located bad row.
-        return _load_json_rows(path, where)
+    deep: dict[int, int] = {}
+    if builder == "json":
+        scan = _scan_json(path)
+        deep = scan.deep
+        if deep and not scan.lines:
+            # One array: the file cannot be read around the row, so it is refused (as when the
+            # array is malformed), at the line where the nesting passes the limit.
+            raise UserError.single(
+                f"{where}.path",
+                f"{path} line {min(deep)}: a value is nested more than {MAX_JSON_DEPTH} levels deep (real rows "
+                "nest a few), so the file is not read: fix or remove that row",
+            )
+        if deep or not scan.utf8 or scan.lone_surrogate:
+            # Line by line instead, so each bad line is a located bad row: a line nested too deeply
+            # is never parsed; pyarrow's reader lets invalid UTF-8 through (and fails later, on
+            # access); and `datasets` reads a JSON array with ujson, which silently deletes a lone
+            # surrogate (an unpaired \ud800-\udfff escape) from the text to train on.
+            return _load_json_rows(path, where, deep)
     try:
         # force_redownload: `datasets` keys its own copy of a local file on path and mtime, so an edit
         # that keeps the mtime (cp -p, rsync -a, unzip) would be served stale. Our cache (cache.py)
@@ -140,7 +165,7 @@ def load_file(path: Path, source, where: str):
     except Exception as exc:  # datasets raises many types for unreadable files
         if builder != "json":
             raise UserError.single(f"{where}.path", f"could not read {path}: {_reason(exc)}") from None
-        return _load_json_rows(path, where)
+        return _load_json_rows(path, where, deep)
     if len(ds) == 0:
         raise UserError.single(f"{where}.path", f"{path} has no rows")
     return ds.add_column(ROW_COLUMN, _row_numbers(path, len(ds)))
@@ -163,16 +188,129 @@ def load_hub(source, where: str):
     return ds.add_column(ROW_COLUMN, list(range(1, len(ds) + 1)))
 
 
-def _is_utf8(path: Path) -> bool:
+# --- Bounding the nesting depth ----------------------------------------------------------------
+
+# The bytes the depth scan looks at; every other byte is deleted before numpy sees the text.
+_STRUCTURE = b'[]{}"\n'
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in _STRUCTURE)
+_NOT_OPENING = bytes(b for b in range(256) if b not in b"[{\n")
+_ESCAPED = re.compile(rb'\\[\\"]')  # \\ or \"
+_BLOCK = 16 << 20  # JSON lines are scanned this many bytes at a time
+
+
+def deep_json_lines(data: bytes, one_value: bool = False, limit: int = MAX_JSON_DEPTH) -> dict[int, int]:
+    """{line: deepest level} for each line (1-based) of JSON text where values nest more than `limit` deep.
+
+    `data` is JSON lines (each line a value, starting again at depth 0) unless `one_value` (one value
+    over many lines, such as a JSON array of rows: the depth carries from line to line). Brackets
+    inside strings are text and do not count. Broken JSON gets an answer too, never an error: the
+    parser reports it afterwards. Fast enough to run on every data file: a few bytewise passes in
+    C (count, replace, translate), then numpy on the brackets and quotes alone.
+    """
+    if data.count(b"[") + data.count(b"{") <= limit:  # most rows, and small files: nothing to scan
+        return {}
+    if not one_value:
+        # A line opens at most as many levels as it holds [ and { (strings included). In nearly
+        # every file no line holds `limit` of them, and that is the whole check: one pass in C.
+        if max(map(len, data.translate(None, _NOT_OPENING).split(b"\n"))) <= limit:
+            return {}
+    import numpy as np
+
+    if b'\\"' in data:
+        # An escaped quote does not end a string: blank it out. Escaped backslashes too, read left to
+        # right as a parser does, so that the quote of `\\"` (a string ending in a backslash) still
+        # ends it. Same length: same lines.
+        data = _ESCAPED.sub(b"  ", data)
+    chars = np.frombuffer(data.translate(None, _NOT_STRUCTURE), np.uint8)
+    newline = chars == ord("\n")
+    # Inside a string after an odd number of quotes. Valid JSON has no raw newline inside a string,
+    # so each line starts outside one (and an unterminated string cannot hide the lines after it).
+    quotes = np.cumsum(chars == ord('"'), dtype=np.int64)
+    outside = (quotes - np.maximum.accumulate(np.where(newline, quotes, 0))) % 2 == 0
+    opens = outside & ((chars == ord("[")) | (chars == ord("{")))
+    closes = outside & ((chars == ord("]")) | (chars == ord("}")))
+    depth = np.cumsum(opens.astype(np.int64) - closes)
+    if not one_value:  # depth since the line began (a broken line does not carry into the next)
+        last_newline = np.maximum.accumulate(np.where(newline, np.arange(len(chars)), -1))
+        depth -= np.where(last_newline >= 0, depth[np.maximum(last_newline, 0)], 0)
+    deep = np.flatnonzero(opens & (depth > limit))  # the brackets that open a level past the limit
+    if not len(deep):
+        return {}
+    lines = np.cumsum(newline)[deep] + 1
+    first = np.flatnonzero(np.diff(lines, prepend=0))  # where each line's run of positions begins
+    return dict(zip(lines[first].tolist(), np.maximum.reduceat(depth[deep], first).tolist()))
+
+
+@dataclass
+class _JsonScan:
+    """What one pass over a JSON file's bytes found, before any parser reads it."""
+
+    lines: bool  # JSON lines (else one array of rows)
+    deep: dict[int, int] = field(default_factory=dict)  # lines nested more than MAX_JSON_DEPTH deep
+    utf8: bool = True
+    lone_surrogate: bool = False  # an escape of half a UTF-16 surrogate pair (\ud800) without the other
+
+
+def _scan_json(path: Path) -> _JsonScan:
+    """One read of the file, a block of whole lines at a time (a JSON array at once: every parser
+    reads it whole anyway, and its depth carries from line to line)."""
+    scan = _JsonScan(lines=_is_json_lines(path))
     decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 0  # lines before the block
+    for block in _line_blocks(path) if scan.lines else [path.read_bytes()]:
+        if scan.lines:
+            scan.deep.update((line + n, d) for n, d in deep_json_lines(block).items())
+        else:  # the array holding the rows is a level itself
+            scan.deep = deep_json_lines(block, one_value=True, limit=MAX_JSON_DEPTH + 1)
+        line += block.count(b"\n")
+        scan.lone_surrogate = scan.lone_surrogate or _has_lone_surrogate(block)
+        try:
+            # A megabyte at a time: decoding the block to one string costs several times more.
+            for start in range(0, len(block), 1 << 20) if scan.utf8 else ():
+                decoder.decode(memoryview(block)[start : start + (1 << 20)])
+        except UnicodeDecodeError:
+            scan.utf8 = False
     try:
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                decoder.decode(block)
-            decoder.decode(b"", final=True)
+        decoder.decode(b"", final=True)  # a character cut off by the end of the file
     except UnicodeDecodeError:
+        scan.utf8 = False
+    return scan
+
+
+def _line_blocks(path: Path):
+    """The file's bytes in blocks of about _BLOCK bytes that end at a line end (or the file's)."""
+    rest = b""
+    with path.open("rb") as f:
+        while block := f.read(_BLOCK):
+            text = rest + block
+            end = text.rfind(b"\n") + 1
+            if end:
+                yield text[:end]
+            rest = text[end:]
+    if rest:
+        yield rest
+
+
+# Any \ud800-\udfff escape; a proper pair is a high one (d800-dbff) then a low one (dc00-dfff).
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE_PAIR = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def _has_lone_surrogate(data: bytes) -> bool:
+    """Does the JSON text escape half of a UTF-16 surrogate pair without the other half?"""
+    if not _SURROGATE.search(data):  # almost every file: one fast search
         return False
-    return True
+    data = data.replace(b"\\\\", b"  ")  # in `\\ud800` the backslash is escaped: text, not an escape
+    return len(_SURROGATE.findall(data)) != 2 * len(_SURROGATE_PAIR.findall(data))
+
+
+def _is_json_lines(path: Path) -> bool:
+    """JSON lines (a value per line), or one JSON array? By the first character, whatever the suffix."""
+    if path.suffix.lower() == ".jsonl":
+        return True
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return not head.startswith(b"[")
 
 
 def _string_features(path: Path):
@@ -196,21 +334,26 @@ def _row_numbers(path: Path, n: int) -> list[int]:
     return lines if len(lines) == n else list(range(1, n + 1))
 
 
-def _load_json_rows(path: Path, where: str):
-    """The slow, forgiving reader: each row kept as JSON text, judged later (with its line number)."""
+def _load_json_rows(path: Path, where: str, deep: dict[int, int]):
+    """The slow, forgiving reader: each row kept as JSON text, judged later (with its line number).
+    A line that cannot be read at all (in `deep`, or not UTF-8) is kept as the reason instead."""
     import datasets
 
-    texts, rows = [], []
-    with path.open("rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if path.suffix.lower() == ".jsonl" or not head.startswith(b"["):  # JSON Lines, whatever the suffix
+    texts, rows, bad = [], [], []
+    if _is_json_lines(path):
         with path.open("rb") as f:
             for number, raw in enumerate(f, start=1):
                 if raw.strip():
-                    try:
-                        texts.append(raw.decode("utf-8").rstrip("\r\n"))
-                    except UnicodeDecodeError:
-                        texts.append(None)  # judged as a bad row, with its line number
+                    text, reason = None, None
+                    if number in deep:  # never parsed: json would raise RecursionError, pyarrow crash
+                        reason = f"nested more than {MAX_JSON_DEPTH} levels deep (real rows nest a few); not read"
+                    else:
+                        try:
+                            text = raw.decode("utf-8").rstrip("\r\n")
+                        except UnicodeDecodeError:
+                            reason = "the line is not valid UTF-8"
+                    texts.append(text)
+                    bad.append(reason)
                     rows.append(number)
     else:
         try:
@@ -223,11 +366,14 @@ def _load_json_rows(path: Path, where: str):
             ) from None
         if not isinstance(records, list):
             raise UserError.single(f"{where}.path", f"{path} must hold a JSON array of rows (or JSON lines)")
-        texts = [json.dumps(r, ensure_ascii=False) for r in records]
+        # ensure_ascii: a lone surrogate stays an escape (Arrow cannot store it as text); the row is
+        # parsed again, and judged, in the pipeline.
+        texts = [json.dumps(r) for r in records]
         rows = list(range(1, len(records) + 1))
+        bad = [None] * len(records)
     if not texts:
         raise UserError.single(f"{where}.path", f"{path} has no rows")
-    return datasets.Dataset.from_dict({JSON_COLUMN: texts, ROW_COLUMN: rows})
+    return datasets.Dataset.from_dict({JSON_COLUMN: texts, BAD_COLUMN: bad, ROW_COLUMN: rows})
 
 
 def _reason(exc: Exception) -> str:

@@ -69,6 +69,22 @@ def encode_text(tokenizer, texts: list[str]) -> Encoded:
     return Encoded(ids, np.ones(len(ids), dtype=bool), lengths)
 
 
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first lone surrogate in `text` (U+D800-U+DFFF, half of a UTF-16 pair), or None.
+
+    A Python string can hold one (json.loads of a "\\ud800" escape; a byte that is not UTF-8 in
+    argv, decoded with surrogateescape), but it is not text: UTF-8 cannot encode it, and the Rust
+    tokenizer refuses the whole batch holding it with a TypeError. So texts are checked first.
+    """
+    if text.isascii():  # a flag CPython keeps on every string: most texts cost nothing
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # UTF-8 encodes every code point but the surrogates
+        return exc.start
+    return None
+
+
 def _flatten(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
     return np.fromiter(chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum())), lengths
