@@ -235,3 +235,72 @@ def test_deeply_nested_tools_text_is_a_bad_row(tiny, tmp_path):
                            seed=0, use_cache=False).stats
     assert stats.train_rows == 1 and stats.bad_rows == 1
     assert "tools" in stats.bad_row_examples[0] and "nested more than 100" in stats.bad_row_examples[0]
+
+
+# --- (12) Globs and symlinks -----------------------------------------------------------------------
+
+
+@pytest.fixture()
+def linked_data(tiny, tmp_path):
+    """data/v3/train.jsonl (400 rows), with data/latest -> v3, data/current.jsonl -> v3/train.jsonl
+    and a hidden data/.cache/old.jsonl."""
+    data = tmp_path / "data"
+    (data / "v3").mkdir(parents=True)
+    (data / ".cache").mkdir()
+    shutil.copy(tiny / "alpaca.jsonl", data / "v3" / "train.jsonl")
+    shutil.copy(tiny / "alpaca.jsonl", data / ".cache" / "old.jsonl")
+    (data / "latest").symlink_to("v3")
+    (data / "current.jsonl").symlink_to("v3/train.jsonl")
+    return data
+
+
+def _files(path) -> list[str]:
+    from qlora_cli.config import DataSource
+    from qlora_cli.data.sources import resolve_files
+
+    return [os.path.realpath(f) for f in resolve_files(DataSource(path=str(path), format="alpaca"), "data.sources[0]")]
+
+
+def test_globs_and_folders_read_each_real_file_once(linked_data, write_recipe, qlora_main):
+    real = os.path.realpath(linked_data / "v3" / "train.jsonl")
+    for path in (linked_data / "**" / "*.jsonl", linked_data / "*" / "*.jsonl", linked_data):
+        assert _files(path) == [real], path
+
+    err = _ok(qlora_main("validate", "-q", _recipe(write_recipe, linked_data / "**" / "*.jsonl")))
+    assert "360 train rows, 40 validation rows" in err, err  # not 760: each row once, none both held out and trained
+
+
+def test_a_link_back_up_the_tree_is_not_followed(tiny, tmp_path):
+    # data/v1/again -> .. : glob.glob followed it about 40 times (until the kernel's ELOOP), one
+    # more copy of every row each time.
+    data = tmp_path / "data"
+    (data / "v1").mkdir(parents=True)
+    shutil.copy(tiny / "alpaca.jsonl", data / "v1" / "train.jsonl")
+    (data / "v1" / "again").symlink_to("..")
+    assert _files(data / "**" / "*.jsonl") == [os.path.realpath(data / "v1" / "train.jsonl")]
+
+
+def test_a_glob_does_not_walk_into_symlink_loops(tmp_path):
+    # /proc/self/root is a link to /, so following links in ** walked the whole machine (and loops in it).
+    code = (
+        "from qlora_cli.config import DataSource\n"
+        "from qlora_cli.data.sources import resolve_files\n"
+        "from qlora_cli.errors import UserError\n"
+        "try:\n"
+        "    resolve_files(DataSource(path='/proc/self/**/*.json', format='alpaca'), 'data.sources[0]')\n"
+        "except UserError as exc:\n"
+        "    print(exc)\n"
+    )
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "holds no data files" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_validation_file_that_is_a_training_file_is_refused_naming_both(linked_data, write_recipe, qlora_main):
+    train, val = linked_data / "v3" / "train.jsonl", linked_data / "latest" / "train.jsonl"
+    recipe = write_recipe({"data": {
+        "sources": [{"path": str(train), "format": "alpaca"}],
+        "val_sources": [{"path": str(val), "format": "alpaca"}], "val_size": 0,
+    }})
+    _user_error(qlora_main("validate", "-q", recipe), "data.val_sources[0]", str(train), str(val))

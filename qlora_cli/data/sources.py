@@ -20,6 +20,7 @@ it is parsed.
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob
 import json
 import logging
@@ -66,11 +67,12 @@ def resolve_files(source, where: str) -> list[Path]:
     if is_hub_id(path):
         return []
     if any(c in path for c in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(path, recursive=True)) if Path(p).is_file()]
+        files = _real_files_once(_glob(path))
         kind = "pattern"
     elif Path(path).is_dir():
-        # Hidden files and folders (.git, .ipynb_checkpoints) are never data.
-        files = sorted(
+        # Hidden files and folders (.git, .ipynb_checkpoints) are never data. rglob does not descend
+        # into linked folders (so no loop), but a linked file is a second name for a file.
+        files = _real_files_once(
             p for p in Path(path).rglob("*")
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
@@ -92,20 +94,66 @@ def resolve_files(source, where: str) -> list[Path]:
     return files
 
 
+def _glob(pattern: str) -> list[Path]:
+    """The files a glob pattern matches, like glob.glob(recursive=True) except that `**` does not
+    follow links to folders.
+
+    glob.glob does follow them: with data/latest -> v3, data/**/*.jsonl read every file twice, a
+    link back up the tree (a loop) read them once more per level until the kernel's limit (about
+    40 times), and /proc/self/**/*.json (where root links to /) walked the whole machine. pathlib's `**` never descends into a linked folder
+    (as bash's globstar); a link named by the pattern itself (data/latest/*.jsonl) is still read.
+    """
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:first]) if first else Path(".")
+    # pathlib accepts ** only as a whole part; within a part glob.glob reads it as *.
+    rest = [part if part == "**" else re.sub(r"\*\*+", "*", part) for part in parts[first:]]
+    if rest[-1] == "**":  # pathlib's last ** matches folders only, glob.glob's everything below
+        rest.append("*")
+    # As glob.glob, wildcards do not match hidden names (.git, .cache) unless the pattern part
+    # that matches them starts with a dot.
+    dotted = [part for part in rest if part.startswith(".")]
+
+    def visible(p: Path) -> bool:
+        return all(
+            not name.startswith(".") or any(fnmatch.fnmatchcase(name, d) for d in dotted)
+            for name in p.relative_to(root).parts
+        )
+
+    return sorted((p for p in root.glob("/".join(rest)) if p.is_file() and visible(p)), key=str)
+
+
+def _real_files_once(paths) -> list[Path]:
+    """Sorted paths, each real file once (the first of its names): a file reached through a link
+    and through its own folder would otherwise be trained twice, or leak from validation into training."""
+    seen, files = set(), []
+    for p in sorted(paths, key=str):
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
+            files.append(p)
+    return files
+
+
 def check_data_files(data) -> None:
     """Every source's files exist and have a data file type, and no file is named by two sources
-    (it would be trained twice, or trained and validated on). Hub sources are checked when loaded."""
+    (it would be trained twice, or trained and validated on), whatever links lead to it. Hub
+    sources are checked when loaded."""
     seen: dict = {}
     for group in ("sources", "val_sources"):
         for i, source in enumerate(getattr(data, group)):
             where = f"data.{group}[{i}]"
             for f in resolve_files(source, where):
-                first = seen.setdefault(f.resolve(), where)
-                if first != where:
-                    raise UserError.single(
-                        f"{where}.path",
-                        f"{f} is also read by {first}: name each file once (use weight or samples to repeat one)",
-                    )
+                first, first_path = seen.setdefault(os.path.realpath(f), (where, f))
+                if first == where:
+                    continue
+                same = "" if str(first_path) == str(f) else f" as {first_path}, the same file"
+                if first.startswith("data.sources") and group == "val_sources":
+                    advice = ("validating on training rows measures nothing: use another file, or "
+                              "data.val_size to hold rows out of the training data")
+                else:
+                    advice = "name each file once (use weight or samples to repeat one)"
+                raise UserError.single(f"{where}.path", f"{f} is also read by {first}{same}: {advice}")
 
 
 def _check_file(path: Path, source, where: str) -> None:
