@@ -80,7 +80,9 @@ class RunDir:
         # The directory itself when it exists (it may sit on a read-only filesystem), else the
         # nearest parent that exists, which the directory would be created in.
         nearest = next((p for p in (path.absolute(), *path.absolute().parents) if p.exists()), None)
-        if nearest is not None and (not nearest.is_dir() or not os.access(nearest, os.W_OK)):
+        if nearest is not None and not nearest.is_dir():
+            raise UserError.single("output.dir", f"{path} cannot be created: {nearest} is a file, not a directory")
+        if nearest is not None and not os.access(nearest, os.W_OK):
             what = "is not writable" if nearest == path.absolute() else f"cannot be created: {nearest} is not writable"
             raise UserError.single("output.dir", f"{path} {what} (a read-only filesystem, or no permission): "
                                    "choose another output.dir")

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,7 +132,7 @@ def _responses_beyond_max_seq_len(tiny, tmp_path):
 
 def _output_dir_under_a_file(tiny, tmp_path):
     (tmp_path / "afile").write_text("x")
-    return {"output": {"dir": str(tmp_path / "afile" / "run")}}, ["output.dir", "not a writable directory"]
+    return {"output": {"dir": str(tmp_path / "afile" / "run")}}, ["output.dir", "afile is a file, not a directory"]
 
 
 BAD_RECIPES = [
@@ -200,16 +201,19 @@ def test_overwrite_never_deletes_a_directory_that_is_not_an_earlier_run(write_re
 
 
 def test_overwrite_never_deletes_the_runs_own_inputs(write_recipe, tiny, tmp_path):
-    # An earlier run directory that (wrongly) also holds this run's data: the data must survive.
+    # An earlier run whose merged model (recorded in its marker, so --overwrite could delete it) is
+    # the base of this run: training on it into the same directory must not delete it.
+    from qlora_cli.rundir import RunDir
+
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "recipe.yaml").write_text("model: {}\n")
-    data = run_dir / "data.jsonl"
-    data.write_text((tiny / "alpaca.jsonl").read_text())
-    recipe = write_recipe({"data": {"sources": [{"path": str(data), "format": "alpaca"}]}})
+    RunDir(run_dir).create(overwrite=False)
+    shutil.copytree(tiny / "model", run_dir / "merged")
+    RunDir(run_dir).record("merged")
+    recipe = write_recipe({"model": {"name_or_path": str(run_dir / "merged"), "dtype": "float32"}})
     proc = run_cli("train", str(recipe), "--overwrite", timeout=180)
-    assert_user_error(proc, "output.dir", "--overwrite would delete", str(data))
-    assert data.read_text() == (tiny / "alpaca.jsonl").read_text()
+    assert_user_error(proc, "output.dir", "--overwrite would delete", str(run_dir / "merged"))
+    assert (run_dir / "merged" / "model.safetensors").is_file()
 
 
 def test_recursive_yaml_alias_exits_2(tmp_path):
