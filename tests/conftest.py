@@ -66,6 +66,17 @@ def tiny_recipe(tiny: Path, output_dir: Path) -> dict:
     return recipe
 
 
+def recipe_file(tiny: Path, directory: Path, changes: dict) -> Path:
+    """configs/tiny.yaml pointed at the tiny model and data, with each section of CHANGES merged in,
+    written to DIRECTORY/recipe.yaml (for module-scoped fixtures, which cannot use write_recipe)."""
+    raw = tiny_recipe(tiny, directory / "unused")
+    for section, values in changes.items():
+        raw[section].update(values)
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 @pytest.fixture()
 def write_recipe(tiny, tmp_path):
     """write_recipe({"lora": {"r": 4}}) -> path of configs/tiny.yaml pointed at the session's tiny

@@ -35,16 +35,9 @@ TORCH_DISK_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 67
 
 @pytest.fixture(scope="module")
 def recipe(tiny, tmp_path_factory):
-    import yaml
+    from conftest import recipe_file
 
-    from conftest import tiny_recipe
-
-    raw = tiny_recipe(tiny, tmp_path_factory.mktemp("faults") / "unused")
-    for section, values in CHANGES.items():
-        raw[section].update(values)
-    path = tmp_path_factory.mktemp("faults_recipe") / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return recipe_file(tiny, tmp_path_factory.mktemp("faults_recipe"), CHANGES)
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,7 @@ from qlora_cli import config
 from qlora_cli.config import LoraSection, ModelSection, QuantSection, Recipe, _section_type, load_recipe
 from qlora_cli.errors import UserError
 
-# The smallest valid recipe (as in test_config.py): text appended to it starts at line 7.
-BASE = """\
-model:
-  name_or_path: org/some-model
-data:
-  sources:
-    - path: data.jsonl
-      format: alpaca
-"""
+from test_config import BASE  # the smallest valid recipe: text appended to it starts at line 7
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -62,16 +62,9 @@ def _assert_same_run(run_dir, reference):
 
 @pytest.fixture(scope="module")
 def recipe(tiny, tmp_path_factory):
-    import yaml
+    from conftest import recipe_file
 
-    from conftest import tiny_recipe
-
-    raw = tiny_recipe(tiny, tmp_path_factory.mktemp("resume") / "unused")
-    for section, values in CHANGES.items():
-        raw[section].update(values)
-    path = tmp_path_factory.mktemp("resume_recipe") / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return recipe_file(tiny, tmp_path_factory.mktemp("resume_recipe"), CHANGES)
 
 
 FAKE_TOKEN = "hf_qloraFakeTokenThatMustNeverBeWritten42"
