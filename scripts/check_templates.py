@@ -95,13 +95,15 @@ def qlora_row(row: dict, fmt: str, roles: dict, renderer, tokenizer) -> tuple[st
 # --- the reference ------------------------------------------------------------------------------
 
 
-def reference(tokenizer, messages: list[dict], tools) -> tuple[list[int], list[bool], list[str]]:
-    """(ids, should-train per token, notes) from the template's own rendering, located by content."""
+def reference(tokenizer, messages: list[dict], tools) -> tuple[list[int], list[bool], list[bool], list[str]]:
+    """(ids, should-train per token, either-way per token, notes) from the template's own rendering, located by content."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, tools=tools)
     stops = [s for s in dict.fromkeys([*END_OF_TURN, tokenizer.eos_token]) if s]
     spans, notes, cursor = [], [], 0  # spans: (left allowance, content start, end with stop tokens)
     for i, m in enumerate(messages):
-        content = m["content"].strip()  # templates may trim (Llama 3)
+        # Stripped: templates may trim (Llama 3), and leading whitespace could match the template's own.
+        # Whitespace before it is allowed into the first token below, up to the end of the prompt.
+        content = m["content"].strip()
         if not content:
             if m["role"] == "assistant":
                 notes.append(f"message {i} is an empty assistant turn: nothing in it is assistant content")
@@ -122,14 +124,31 @@ def reference(tokenizer, messages: list[dict], tools) -> tuple[list[int], list[b
             if stop is None:
                 break
             end = cursor = k + len(stop)
+        # Whitespace right before the content may belong to the response's first token ('[/INST] Hello'
+        # -> '▁Hello'), but not past the end of the prompt a generation would start from.
+        floor = max(_prev_end(spans), _prompt_end(tokenizer, messages[:i], tools, text, at))
         left = at
-        while left > 0 and text[left - 1].isspace() and left - 1 >= _prev_end(spans):
+        while left > floor and text[left - 1].isspace():
             left -= 1
         spans.append((left, at, end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    should = [any(e > start and s < end and s >= left for left, start, end in spans) and e > s
-              for s, e in enc["offset_mapping"]]
-    return enc["input_ids"], should, notes
+    should, neutral = [], []
+    for s, e in enc["offset_mapping"]:
+        should.append(e > s and any(e > start and s < end and s >= left for left, start, end in spans))
+        # a token of nothing but the whitespace the template puts before the content: either way is fine
+        neutral.append(e > s and any(s >= left and e <= start for left, start, end in spans) and not text[s:e].strip())
+    return enc["input_ids"], should, neutral, notes
+
+
+def _prompt_end(tokenizer, before: list[dict], tools, text: str, at: int) -> int:
+    """Where the generation prompt for this turn ends in `text`, when its render is a prefix of it (else 0)."""
+    if not before:
+        return 0
+    try:
+        prompt = tokenizer.apply_chat_template(before, tokenize=False, add_generation_prompt=True, tools=tools)
+    except Exception:  # noqa: BLE001 - e.g. a template that insists on alternating roles
+        return 0
+    return len(prompt) if len(prompt) <= at and text.startswith(prompt) else 0
 
 
 def _prev_end(spans) -> int:
@@ -149,7 +168,7 @@ def check_row(row: dict, fmt: str, roles: dict, renderer, tokenizer) -> Result:
         return Result("SKIPPED", f"{status}: {reason or 'no token carries a loss'}")
     try:
         example = to_canonical(row, fmt, roles)
-        ref_ids, should, notes = reference(tokenizer, example["messages"], example.get("tools"))
+        ref_ids, should, neutral, notes = reference(tokenizer, example["messages"], example.get("tools"))
     except BadRow as exc:  # qlora accepted what the converter refuses: cannot happen unless they drift apart
         return Result("MISMATCH", f"the row converts for qlora but not here: {exc}", kinds=["conversion"])
     except Exception as exc:  # noqa: BLE001 - the template's own apply_chat_template refused the row
@@ -164,18 +183,19 @@ def check_row(row: dict, fmt: str, roles: dict, renderer, tokenizer) -> Result:
                       f"{where}: {_short(tokenizer.decode(ids[where:where + 20]))} vs "
                       f"{_short(tokenizer.decode(ref_ids[where:where + 20]))}", notes, ["rendered text differs"])
     details, kinds = [], []
-    for a, b in _runs([t and not s for t, s in zip(trained, should)]):
+    for a, b in _runs([t and not s and not x for t, s, x in zip(trained, should, neutral)]):
         if a == 0:
             a = 1  # position 0 is never a target
             if a == b:
                 continue
         piece = tokenizer.decode(ids[a:b])
-        details.append(f"trains {_short(piece)} (tokens {a}-{b - 1}) that is not assistant content")
+        details.append(f"trains {_short(piece)} ({_tokens(tokenizer, ids, a, b)}) that is not assistant content")
         kinds.append(_kind(piece, a, b, should, ids, tokenizer))
-    for a, b in _runs([s and not t for t, s in zip(trained, should)]):
+    for a, b in _runs([s and not t and not x for t, s, x in zip(trained, should, neutral)]):
         if a == 0 and b == 1:
             continue
-        details.append(f"does not train {_short(tokenizer.decode(ids[a:b]))} (tokens {a}-{b - 1}), assistant content")
+        details.append(f"does not train {_short(tokenizer.decode(ids[a:b]))} ({_tokens(tokenizer, ids, a, b)}), "
+                       "assistant content")
         kinds.append("assistant content not trained")
     if not details:
         return Result("OK")
@@ -192,6 +212,11 @@ def _kind(piece: str, a: int, b: int, should: list[bool], ids, tokenizer) -> str
     if b - a == 1 and b < len(should) and should[b]:
         return "boundary token merging prompt end and response start trained"
     return "prompt text trained"
+
+
+def _tokens(tokenizer, ids, a: int, b: int) -> str:
+    where = f"token {a}" if b - a == 1 else f"tokens {a}-{b - 1}"
+    return f"{where}: {tokenizer.convert_ids_to_tokens(ids[a:b])}" if b - a <= 3 else where
 
 
 def _runs(flags: list[bool]):
@@ -242,7 +267,7 @@ def check_file(path: Path, args, renderer, tokenizer, out) -> Counter:
         counts[result.status] += 1
         kinds.update(dict.fromkeys(result.kinds, 1))
         if result.status in ("REFUSED", "SKIPPED"):
-            reasons[_short(result.reason)[:140]] += 1
+            reasons[result.reason if len(result.reason) <= 110 else result.reason[:107] + "..."] += 1
         if args.quiet and result.status == "OK":
             continue
         print(f"  row {n}: {result.status}" + (f": {result.reason}" if result.reason else ""), file=out)
@@ -253,7 +278,7 @@ def check_file(path: Path, args, renderer, tokenizer, out) -> Counter:
     for kind, k in kinds.most_common():
         print(f"     mismatch: {kind}: {k} rows", file=out)
     for reason, k in reasons.most_common(3):
-        print(f"     refused/skipped: {k} x {reason}", file=out)
+        print(f"     refused/skipped: {k} x {reason!r}", file=out)
     return counts
 
 
