@@ -285,4 +285,6 @@ def test_ctrl_c_during_start_up_prints_no_traceback(write_recipe):
         outcomes.append((first + extra, proc.returncode, stderr))
     for delay, code, stderr in outcomes:
         assert "Traceback" not in stderr, f"Ctrl-C after {delay:.2f}s:\n{stderr[-3000:]}"
-        assert code == 130, f"Ctrl-C after {delay:.2f}s: exit {code}\n{stderr[-2000:]}"
+        # 130, or death by the signal itself (-2, which a shell also shows as 130): CPython ends
+        # that way when the interrupt lands in its own start-up or shutdown code.
+        assert code in (130, -signal.SIGINT), f"Ctrl-C after {delay:.2f}s: exit {code}\n{stderr[-2000:]}"
