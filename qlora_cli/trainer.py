@@ -295,6 +295,9 @@ class DivergenceGuard(TrainerCallback):
         why = None
         if grad_norm is not None and grad_norm < ZERO_GRAD_NORM and loss > CONVERGED_LOSS:
             why = f"grad_norm is {grad_norm:g} with the loss at {loss:.4g}: the adapter gets no gradient and no longer learns"
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            # Clipping scales an infinite gradient to nothing (or NaN): the step changes nothing.
+            why = f"grad_norm is {grad_norm:g}: the gradient overflows, so clipping leaves no update (lora.alpha too large?)"
         elif loss > limit:
             why = (f"the loss is {loss:.4g}, over {SPIKE_FACTOR:g}x the first logged loss "
                    f"({self.reference:.4g})")

@@ -45,6 +45,14 @@ def test_collapse_warns_at_the_spike_then_stops_on_the_dead_adapter():
     assert len(warnings) == 1 and warnings[0].startswith("step 20: the loss is 6951") and "10x" in warnings[0]
 
 
+def test_an_infinite_gradient_norm_every_step_stops_the_run():
+    # lora.alpha=1e30 with a large rate: grad_norm inf at every step, the loss flat, nothing learned.
+    guard, state, warnings = _guard()
+    with pytest.raises(Diverged) as stopped:
+        _feed(guard, state, [(1, 6.6, float("inf")), (2, 6.6, float("inf")), (3, 6.6, float("inf"))])
+    assert stopped.value.step == 3 and "grad_norm is inf" in str(stopped.value)
+
+
 def test_a_resumed_run_stops_where_the_uninterrupted_one_does():
     guard, state, _ = _guard()
     _feed(guard, state, COLLAPSE[:4])  # interrupted after step 30's checkpoint...
