@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from qlora_cli.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, StoppedRun, UserError
+from qlora_cli.remote_code import FLAG_HELP as REMOTE_CODE_HELP_TEXT  # a light module: --help stays instant
 
 app = typer.Typer(
     name="qlora",
@@ -33,9 +34,6 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 RESUME_LATEST = "latest"  # what a bare --resume means (see main)
-# remote_code.FLAG_HELP, repeated here so `qlora --help` imports nothing more.
-REMOTE_CODE_HELP = ("Allow the model's own Python code (its config's auto_map) to run on this machine. Needed, on "
-                    "every command, for a model whose recipe sets model.trust_remote_code; never implied by a file.")
 SET_HELP = "Override a recipe key, e.g. --set lora.r=8 --set data.sources[0].path=x.jsonl (repeatable)."
 
 
@@ -59,7 +57,7 @@ def train(
         help="Train in N processes on this machine (one per GPU, or N CPU processes), launched through "
         "accelerate. The recipe's distributed section picks DDP, FSDP or DeepSpeed.",
     ),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Quantize the base model to 4 bits, attach LoRA, train, and write a run directory."""
     from pathlib import Path
@@ -125,7 +123,7 @@ def validate(
     recipe: str = typer.Argument(..., help="Path to the YAML recipe."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the check; do not print the resolved recipe."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Check a recipe without training: schema, paths, tokenizer, template and every data row; print it resolved."""
     from qlora_cli.config import load_recipe
@@ -165,7 +163,7 @@ def data(
     stats: bool = typer.Option(False, "--stats", help="Show the full statistics table and length histogram."),
     as_json: bool = typer.Option(False, "--json", help="Print examples and statistics as JSON on stdout."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Preview the training data: rendered examples with trained tokens highlighted, and statistics."""
     from qlora_cli.config import load_recipe
@@ -230,7 +228,7 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier merged model at --output."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the fidelity check against the adapter model."),
     compare: bool = typer.Option(False, "--compare", help="Also merge with the other --base in memory and report both."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Fold the adapter into the base model and write a standalone model, with a fidelity report."""
     _quiet_libraries()  # first, so no library this command loads logs its import-time notices
@@ -266,7 +264,7 @@ def generate(
     adapter: Optional[List[str]] = typer.Option(None, "--adapter", help="NAME=RUN_DIR: another adapter on the same base (repeatable)."),
     compare: bool = typer.Option(False, "--compare", help="With --prompt: answer with every adapter and the bare base, side by side."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per batch with --input."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Generate with exactly the template the run was trained with."""
     _quiet_libraries()  # first, so no library this command loads logs its import-time notices
@@ -298,7 +296,7 @@ def eval_(
     ),
     no_generate: bool = typer.Option(False, "--no-generate", help="Loss, perplexity and token accuracy only (no exact match / ROUGE-L)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout instead of a table."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Loss, perplexity, token accuracy, exact match and ROUGE-L, with exactly the training template."""
     _quiet_libraries()  # first, so no library this command loads logs its import-time notices
@@ -354,7 +352,7 @@ def estimate(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     nproc: int = typer.Option(1, "--nproc", help="GPUs (one process each) the run will use; the figures are per GPU, under distributed.strategy."),
     as_json: bool = typer.Option(False, "--json", help="Print the breakdown as JSON on stdout."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Predict peak training memory per GPU from the recipe and the model's config.json (no weights downloaded)."""
     from qlora_cli.config import load_recipe
