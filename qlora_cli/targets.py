@@ -70,7 +70,7 @@ class Target:
             bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
             return bos + self.tokenizer.encode(text, add_special_tokens=False)
         messages = prompt if isinstance(prompt, list) else self.messages_for(prompt, system)
-        text, _ = Renderer(self.template, self.tokenizer).render(messages, add_generation_prompt=True)
+        text = Renderer(self.template, self.tokenizer).prompt(messages)
         return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
 

@@ -91,7 +91,7 @@ def rendered_rows(rows_file: Path, tokenizer, template, n: int = 5000) -> list[s
 
     renderer = Renderer(template, tokenizer)
     lines = rows_file.read_text(encoding="utf-8").splitlines()[:n]
-    return [renderer.render(to_canonical(json.loads(line), "alpaca", {})["messages"])[0] for line in lines]
+    return [renderer.examples(to_canonical(json.loads(line), "alpaca", {})["messages"])[0][0] for line in lines]
 
 
 def sentencepiece_style(texts: list[str], out: Path, vocab: int = 32000) -> str:

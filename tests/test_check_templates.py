@@ -46,9 +46,14 @@ def test_correct_rows_are_ok_and_refused_rows_are_counted_apart(tmp_path, tiny):
     assert "2 OK, 0 mismatched, 1 refused, 0 skipped (of 3)" in out
 
 
-def test_a_wrong_mask_is_a_mismatch_showing_the_prompt_text_trained(tmp_path, tiny):
-    # A conversation opening with an assistant turn: qlora's prefix renders start that turn's span at
-    # character 0, so the turn's header is trained as if the assistant had written it.
+def test_a_wrong_mask_is_a_mismatch_showing_the_prompt_text_trained(tmp_path, tiny, monkeypatch):
+    # The bug issue 19 reported, put back: a conversation opening with an assistant turn had that turn's
+    # span start at character 0, so the preamble and the turn's header were trained.
+    from qlora_cli.data.templates import Renderer
+
+    located = Renderer._reply_span
+    monkeypatch.setattr(Renderer, "_reply_span", lambda self, messages, k, upto, tools: (
+        (0, located(self, messages, k, upto, tools)[1]) if k == 0 else located(self, messages, k, upto, tools)))
     rows = [
         {"messages": [{"role": "user", "content": "Count from 1 to 3."}, {"role": "assistant", "content": "1 2 3"}]},
         {"messages": [{"role": "assistant", "content": "Hello, how can I help?"},

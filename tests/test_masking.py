@@ -24,7 +24,7 @@ def tokenize_example(example: dict, tok, train_on_inputs: bool, template: Templa
     else:
         installed = next((t for t in BUILTINS.values() if t.jinja == tok.chat_template), None)
         template = template or installed or Template("installed", tok.chat_template)
-        text, spans = Renderer(template, tok).render(example["messages"], example.get("tools"))
+        [(text, spans)] = Renderer(template, tok).examples(example["messages"], example.get("tools"))
         ids, labels = encode(tok, [text], [spans], train_on_inputs).lists()
     return {"input_ids": ids[0], "labels": labels[0]}
 
@@ -238,22 +238,22 @@ def test_a_template_that_drops_a_message_is_rejected(tokenizer_with):
         )
 
 
-def test_masks_come_from_the_joint_tokenization_not_separate_pieces(tokenizer_with):
-    """The boundary bug: tokenizing prompt and response apart gives different tokens at the seam."""
+def test_the_prompt_is_tokenized_as_generate_feeds_it_when_a_token_would_straddle_the_seam(tokenizer_with):
+    """The seam policy (tokenize.py): a token boundary falls where the reply starts, and the prompt's
+    tokens are the prompt text's own, the tokens `qlora generate` feeds."""
     tok = tokenizer_with("raw")
-    # The response completes a word, so BPE merges across the seam into one token " apple".
+    # The response completes a word, so tokenizing the whole text merges across the seam (" apple").
     prompt, response = "Spell it: appl", "e"
-    separate = tokens(tok, "<s>" + prompt) + tokens(tok, response + "</s>")
     joint = tokens(tok, "<s>" + prompt + response + "</s>")
-    assert separate != joint  # a real boundary case for this tokenizer
+    alone = tokens(tok, "<s>" + prompt)
+    assert joint[: len(alone)] != alone  # a real straddling case for this tokenizer
     ex = tokenize_example(
         {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}, tok, False
     )
-    assert ex["input_ids"] == joint  # what is trained is the joint tokenization...
-    # ...and the mask is computed on it: from the token holding the response's first character
-    # (" apple", which the model must emit) through EOS; the prompt-only tokens before it are masked.
-    assert [tok.decode([t]) for t in trained(ex)] == [" apple", "</s>"]
-    assert ex["labels"][: -2] == [IGNORE_INDEX] * (len(joint) - 2)
+    assert ex["input_ids"][: len(alone)] == alone
+    assert ex["labels"][: len(alone)] == [IGNORE_INDEX] * len(alone)
+    assert tok.decode(trained(ex)) == "e</s>"  # the reply and its stop token, nothing of the prompt
+    assert tok.decode(ex["input_ids"]) == "<s>" + prompt + response + "</s>"  # no text added or lost
 
 
 def test_sharegpt_roles_are_mapped_or_rejected():

@@ -450,14 +450,15 @@ def test_a_custom_template_with_a_syntax_error_is_a_recipe_error(tok, tmp_path):
 
 def test_a_template_that_raises_on_a_row_makes_it_a_bad_row(tok, tmp_path):
     strict = tmp_path / "strict.jinja"
-    strict.write_text("{%- for m in messages %}{%- if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+    strict.write_text("{%- for m in messages %}{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                      "{{ raise_exception('roles must alternate') }}"
                       "{%- endif %}{{ m['role'] + ': ' + m['content'] + eos_token }}{%- endfor %}")
-    rows = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"},
                           {"role": "assistant", "content": "ok"}]},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}]
     p = build(_data(_write(tmp_path / "m.jsonl", rows), fmt="messages", template=str(strict)), tok,
               template=str(strict))
-    assert p.stats.bad_rows == 1 and "refused this row: no system role" in p.stats.bad_row_examples[0]
+    assert p.stats.bad_rows == 1 and "refused this row: roles must alternate" in p.stats.bad_row_examples[0]
 
 
 def test_content_changed_with_the_same_mtime_is_read_again(tok, tmp_path):

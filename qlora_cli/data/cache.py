@@ -28,7 +28,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-FORMAT_VERSION = 3  # 2: histogram bins as [lo, hi, count]; trained-token counts exclude position 0
+FORMAT_VERSION = 4  # 2: histogram bins as [lo, hi, count]; trained-token counts exclude position 0
+# 4: the seam policy (tokenize.py), one example per rewritten turn, tool calls; split_rows and notes
 # 3: a row with a lone surrogate is a bad row (in a JSON array, ujson had silently deleted the character)
 
 # Data settings that do not change the tokenized rows: toggling them must not cost a rebuild.

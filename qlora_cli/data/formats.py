@@ -134,12 +134,17 @@ def _tools(value) -> list[dict] | None:
 
 
 def _turns(row: dict, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
-    """A conversation as canonical messages; `roles` maps the data's role names to ROLES."""
+    """A conversation as canonical messages; `roles` maps the data's role names to ROLES.
+
+    OpenAI's chat format is kept whole: an assistant turn's `tool_calls` (its content may then be null
+    or empty), and a tool turn's `tool_call_id` and `name`. Templates render them (the model's own
+    through apply_chat_template, the built-ins in their family's layout), and the calls are trained.
+    """
     turns = row.get(field)
     if not isinstance(turns, list) or not turns:
         raise BadRow(f"field '{field}' must be a non-empty list of {{{role_key}, {content_key}}}")
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+        if not isinstance(turn, dict) or role_key not in turn or (content_key not in turn and "tool_calls" not in turn):
             raise BadRow(f"{field}[{i}] must be an object with '{role_key}' and '{content_key}'")
         if not isinstance(turn[role_key], str):
             raise BadRow(f"{field}[{i}].{role_key} must be a string, got {type(turn[role_key]).__name__}")
@@ -151,13 +156,52 @@ def _turns(row: dict, field: str, role_key: str, content_key: str, roles: dict[s
         raise UnmappedRole(unmapped)
     out = []
     for i, turn in enumerate(turns):
-        name, content = turn[role_key], turn[content_key]
+        name, content = turn[role_key], turn.get(content_key)
         if name not in roles:
             known = ", ".join(sorted(roles))
             raise BadRow(f"{field}[{i}] has unknown role {name!r}; expected one of {known} (or map it with roles:)")
+        message = _msg(roles[name], "")
+        calls = turn.get("tool_calls")
+        if calls not in (None, []):
+            if message["role"] != "assistant":
+                raise BadRow(f"{field}[{i}] has tool_calls but its role is {message['role']!r}: only an assistant "
+                             "turn makes tool calls")
+            message["tool_calls"] = [_tool_call(call, f"{field}[{i}].tool_calls[{j}]") for j, call in enumerate(
+                calls if isinstance(calls, list) else [calls])]
+        if content is None and "tool_calls" in message:
+            content = ""  # OpenAI writes null content beside tool calls
         if not isinstance(content, str):
             raise BadRow(f"{field}[{i}].{content_key} must be a string, got {type(content).__name__}")
-        out.append(_msg(roles[name], content))
-    if not any(m["role"] == "assistant" and m["content"] for m in out):
+        message["content"] = content
+        for key in ("tool_call_id", "name"):  # which call a tool result answers
+            if message["role"] == "tool" and isinstance(turn.get(key), str):
+                message[key] = turn[key]
+        out.append(message)
+    if not any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in out):
         raise BadRow("the conversation has no non-empty assistant turn, so there is nothing to train on")
+    return out
+
+
+def _tool_call(call, where: str) -> dict:
+    """One OpenAI tool call, {"id", "type": "function", "function": {"name", "arguments"}}, with its
+    arguments as an object: OpenAI stores them as JSON text, and chat templates (and transformers'
+    documentation) expect a mapping they render with `tojson`; a string would be quoted twice."""
+    if not isinstance(call, dict):
+        raise BadRow(f"{where} must be an object with a 'function' (name and arguments)")
+    function = call.get("function", call)  # {"name", "arguments"} without the wrapper is common too
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise BadRow(f"{where} has no function name: expected {{'function': {{'name': ..., 'arguments': ...}}}}")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        if deep_json_lines(arguments.encode("utf-8", "surrogatepass"), one_value=True):
+            raise BadRow(f"{where}.arguments is nested more than {MAX_JSON_DEPTH} levels deep")
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise BadRow(f"{where}.arguments is not valid JSON: {exc.msg} at character {exc.pos + 1}") from None
+    if not isinstance(arguments, dict):
+        raise BadRow(f"{where}.arguments must be a JSON object, got {type(arguments).__name__}")
+    out = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
     return out

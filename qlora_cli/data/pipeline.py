@@ -36,7 +36,7 @@ from qlora_cli.data.formats import FIELDS, OPTIONAL_FIELDS, BadRow, UnmappedRole
 from qlora_cli.data.sources import (
     BAD_COLUMN, JSON_COLUMN, ROW_COLUMN, check_data_files, load_file, load_hub, resolve_files, row_label,
 )
-from qlora_cli.data.templates import Renderer, TemplateMismatch
+from qlora_cli.data.templates import Renderer, TemplateMismatch, system_notice
 from qlora_cli.data.tokenize import IGNORE_INDEX, Encoded, encode, encode_text, lone_surrogate
 from qlora_cli.errors import Problem, UserError
 
@@ -59,7 +59,8 @@ class SourceStats:
     truncated: int = 0  # longer than max_seq_len, cut to it
     dropped_too_long: int = 0  # longer than max_seq_len, dropped (on_too_long: drop)
     dropped_no_response: int = 0  # no response token within max_seq_len
-    kept: int = 0  # rows that survived the above
+    split_rows: int = 0  # conversations trained as one example per rewritten turn (Renderer.examples)
+    kept: int = 0  # examples that survived the above
     used: int = 0  # rows in the train (or validation) set after weight/samples; may repeat rows
     held_out: int = 0  # rows set aside for validation (val_size)
 
@@ -79,6 +80,8 @@ class DataStats:
     truncated: int = 0
     dropped_too_long: int = 0
     dropped_no_response: int = 0
+    split_rows: int = 0
+    notes: list[str] = field(default_factory=list)  # how the template treats this data, said once
     lengths: dict = field(default_factory=dict)  # percentiles of train example lengths
     histogram: list = field(default_factory=list)  # [[upper bound, count], ...]
     batching: dict = field(default_factory=dict)  # padding/packing efficiency, steps per epoch
@@ -146,6 +149,8 @@ def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, us
     train = _mix(pool, data.sources, stats.sources, seed)
 
     _fill_totals(stats, train, val, data, batch_size, seed)
+    notice = system_notice(template) if template is not None else None
+    stats.notes = [notice] if notice else []
     if use_cache:
         data_cache.store(key, train, val, stats.to_dict())
         stats.cache, stats.cache_key = "miss", key
@@ -230,6 +235,7 @@ def _tokenize_file(raw, source, where: str, name: str, data, renderer, tokenizer
             "row": Value("int64"),
             "length": Value("int32"),  # before truncation
             "trained": Value("int32"),
+            "examples": Value("int32"),
             "status": Value("string"),
             "reason": Value("string"),
         }
@@ -272,27 +278,41 @@ def _tokenize_batch(batch, **kwargs):
 
 
 def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inputs, max_len, on_too_long):
-    n = len(batch[ROW_COLUMN])
-    status, reason = [OK] * n, [""] * n
-    texts, spans, text_rows = [], [], []
-    for i in range(n):
+    # One output per example: a row is usually one example, a failed row one (with its status), and a
+    # conversation whose template rewrites earlier turns one per rewritten turn (Renderer.examples).
+    row_of, status, reason, turns = [], [], [], []
+    texts, spans, text_outputs = [], [], []
+    for i in range(len(batch[ROW_COLUMN])):
         try:
             row = _row(batch, i, rename)
             example = to_canonical(row, fmt, roles)
             if "text" in example:
-                text, row_spans = example["text"], None
+                rendered = [(example["text"], None)]
             else:
-                text, row_spans = renderer.render(example["messages"], example.get("tools"))
-            _check_encodable(text)
+                rendered = renderer.examples(example["messages"], example.get("tools"))
+            for text, _ in rendered:
+                _check_encodable(text)
+        except UnmappedRole as exc:
+            rendered, state = [], (UNMAPPED_ROLE, ",".join(exc.roles))
+        except TemplateMismatch as exc:
+            rendered, state = [], (TEMPLATE, str(exc))
+        except BadRow as exc:
+            rendered, state = [], (BAD, str(exc))
+        else:
+            state = (OK, "")
+        for text, row_spans in rendered:
+            text_outputs.append(len(row_of))
             texts.append(text)
             spans.append(row_spans)
-            text_rows.append(i)
-        except UnmappedRole as exc:
-            status[i], reason[i] = UNMAPPED_ROLE, ",".join(exc.roles)
-        except TemplateMismatch as exc:
-            status[i], reason[i] = TEMPLATE, str(exc)
-        except BadRow as exc:
-            status[i], reason[i] = BAD, str(exc)
+            row_of.append(i)
+            status.append(state[0])
+            reason.append(state[1])
+            turns.append(len(rendered))
+        if not rendered:
+            row_of.append(i)
+            status.append(state[0])
+            reason.append(state[1])
+            turns.append(0)
 
     # A batch comes from one source, so its rows are all plain text or all conversations.
     if not texts:
@@ -301,8 +321,8 @@ def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inpu
         encoded = encode_text(tokenizer, texts)
     else:
         encoded = encode(tokenizer, texts, spans, train_on_inputs)
-    lengths = np.zeros(n, dtype=np.int64)  # rows that failed above have no tokens
-    lengths[text_rows] = encoded.lengths
+    lengths = np.zeros(len(row_of), dtype=np.int64)  # outputs of failed rows have no tokens
+    lengths[text_outputs] = encoded.lengths
     for i in np.flatnonzero(lengths > max_len):
         if status[i] == OK and on_too_long != "truncate":
             status[i], reason[i] = TOO_LONG, f"{lengths[i]} tokens, more than max_seq_len={max_len}"
@@ -314,9 +334,10 @@ def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inpu
         {
             "input_ids": columns["input_ids"],
             "labels": columns["labels"],
-            "row": pa.array(batch[ROW_COLUMN], pa.int64()),
+            "row": pa.array([batch[ROW_COLUMN][i] for i in row_of], pa.int64()),
             "length": pa.array(lengths, pa.int32()),  # before truncation
             "trained": columns["trained"],
+            "examples": pa.array(turns, pa.int32()),  # examples its row became
             "status": pa.array(status, pa.string()),
             "reason": pa.array(reason, pa.string()),
         }
@@ -374,7 +395,9 @@ def _apply_policies(ds, name: str, source, where: str, data, stats: SourceStats)
     """Count and act on row statuses: stop on fatal ones, skip or stop on bad rows, drop the rest."""
     status, reasons, rows = _column(ds, "status"), _column(ds, "reason"), _column(ds, "row")
     counts = Counter(status)
-    stats.rows += len(status)
+    examples = _column(ds, "examples")
+    stats.rows += len(np.unique(rows))  # row numbers are unique in a file; a split row has several outputs
+    stats.split_rows += len(np.unique(rows[examples > 1]))
     label = row_label(name, source)
 
     def located(indices) -> list[Problem]:
@@ -422,7 +445,7 @@ def _apply_policies(ds, name: str, source, where: str, data, stats: SourceStats)
     stats.truncated += int(((lengths > data.max_seq_len) & ok).sum())
     keep = np.flatnonzero(ok)
     ds = ds.select(keep) if len(keep) < len(ds) else ds
-    return ds.remove_columns(["status", "reason"])
+    return ds.remove_columns(["status", "reason", "examples"])
 
 
 def _column(ds, name: str):
@@ -486,6 +509,7 @@ def _fill_totals(stats: DataStats, train, val, data, batch_size: int, seed: int)
     stats.truncated = sum(s.truncated for s in all_sources)
     stats.dropped_too_long = sum(s.dropped_too_long for s in all_sources)
     stats.dropped_no_response = sum(s.dropped_no_response for s in all_sources)
+    stats.split_rows = sum(s.split_rows for s in all_sources)
     stats.lengths = length_percentiles(lengths)
     stats.histogram = length_histogram(lengths, data.max_seq_len)
     stats.batching = batching_efficiency(lengths, data.max_seq_len, batch_size, seed)

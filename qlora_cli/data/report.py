@@ -18,7 +18,13 @@ MASKED_STYLE = "dim"
 
 def data_warnings(stats) -> list[str]:
     """Things a user should hear about before training on this data."""
-    out = []
+    out = list(stats.notes)
+    if stats.split_rows:
+        out.append(
+            f"{stats.split_rows} conversation(s) are trained as one example per assistant turn: the template "
+            "writes earlier turns differently once the conversation goes on (it drops past reasoning), so each "
+            "turn is trained in the context it has when the model answers it"
+        )
     if stats.bad_rows:
         out.append(f"skipped {stats.bad_rows} bad row(s) (data.on_bad_row: skip); the first:")
         out.extend(f"  {line}" for line in stats.bad_row_examples)
@@ -37,16 +43,11 @@ def example_segments(ds, tokenizer, n: int) -> list[dict]:
     out = []
     for i in range(min(n, len(ds))):
         row = ds[i]
-        segments, run, trained = [], [], None
-        for token, label in zip(row["input_ids"], row["labels"]):
-            is_trained = label != IGNORE_INDEX
-            if trained is not None and is_trained != trained:
-                segments.append({"text": tokenizer.decode(run), "trained": trained})
-                run = []
-            run.append(token)
-            trained = is_trained
-        if run:
-            segments.append({"text": tokenizer.decode(run), "trained": trained})
+        flags = [label != IGNORE_INDEX for label in row["labels"]]
+        cuts = [k for k in range(1, len(flags)) if flags[k] != flags[k - 1]]
+        bounds = [0, *cuts, len(flags)]
+        texts = _decoded_runs(tokenizer, row["input_ids"], bounds)
+        segments = [{"text": t, "trained": flags[a]} for t, a in zip(texts, bounds) if t]
         out.append(
             {
                 "source": row["source"],
@@ -58,6 +59,27 @@ def example_segments(ds, tokenizer, n: int) -> list[dict]:
                 "segments": segments,
             }
         )
+    return out
+
+
+def _decoded_runs(tokenizer, ids: list[int], bounds: list[int]) -> list[str]:
+    """The text of ids[a:b] for consecutive bounds, as it reads inside the whole sequence.
+
+    Decoding a run alone is not that: a SentencePiece decoder drops the word-start space of a run's
+    first token ('France is' + 'Paris.' for 'France is Paris.'). So each run is the difference between
+    decoding everything up to its end and everything before it; where a run ends inside a character
+    (a byte token of a multi-byte letter) and the prefixes disagree, the run is decoded alone.
+    """
+    def upto(k: int) -> str:
+        return tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    prefixes = [upto(b) for b in bounds]
+    out = []
+    for (a, b), before, after in zip(zip(bounds, bounds[1:]), prefixes, prefixes[1:]):
+        if after.startswith(before):
+            out.append(after[len(before):])
+        else:
+            out.append(tokenizer.decode(ids[a:b], skip_special_tokens=False, clean_up_tokenization_spaces=False))
     return out
 
 

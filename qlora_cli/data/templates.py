@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qlora_cli.data.formats import ALPACA_SYSTEM_NO_INPUT, BadRow
@@ -53,6 +53,22 @@ _TOOLS_TEXT = (
     "{%- set tools_text = system + 'You can call these tools:\\n' + (tools | map('tojson') | join('\\n')) %}"
 )
 
+# An assistant turn's tool calls (OpenAI's `tool_calls`, arguments parsed to objects by formats.py)
+# follow its content, one JSON object each, in the layout of the template's family: Hermes/Qwen's
+# <tool_call> tags for ChatML, Llama 3.1's bare {"name", "parameters"} for Llama 3. They are inside
+# the generation block: the model learns to make the calls.
+_CALLS = "{%- set f = call.function if call.function is defined else call %}"
+_CHATML_CALLS = (
+    "{%- for call in m['tool_calls'] or [] %}" + _CALLS
+    + "{{ ('\\n' if m['content'] or not loop.first else '') + '<tool_call>\\n' "
+    + "+ {'name': f.name, 'arguments': f.arguments} | tojson + '\\n</tool_call>' }}{%- endfor %}"
+)
+_LLAMA3_CALLS = (
+    "{%- for call in m['tool_calls'] or [] %}" + _CALLS
+    + "{{ ('\\n' if m['content'] | trim or not loop.first else '') "
+    + "+ {'name': f.name, 'parameters': f.arguments} | tojson }}{%- endfor %}"
+)
+
 CHATML = (
     _BOS
     + "{%- if tools %}" + _TOOLS_TEXT
@@ -61,7 +77,7 @@ CHATML = (
     + "{%- endif %}"
     + "{%- for m in messages %}"
     + "{%- if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
-    + "{%- generation %}{{ m['content'] + '<|im_end|>' }}{%- endgeneration %}{{ '\\n' }}"
+    + "{%- generation %}{{ m['content'] }}" + _CHATML_CALLS + "{{ '<|im_end|>' }}{%- endgeneration %}{{ '\\n' }}"
     + "{%- else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
     + "{%- endif %}{%- endfor %}"
     + "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
@@ -77,7 +93,7 @@ LLAMA3 = (
     + "{%- endif %}"
     + "{%- for m in messages %}"
     + "{%- if m['role'] == 'assistant' %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    + "{%- generation %}{{ m['content'] | trim + '<|eot_id|>' }}{%- endgeneration %}"
+    + "{%- generation %}{{ m['content'] | trim }}" + _LLAMA3_CALLS + "{{ '<|eot_id|>' }}{%- endgeneration %}"
     + "{%- else %}{{ '<|start_header_id|>' + ('ipython' if m['role'] == 'tool' else m['role']) "
     + "+ '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
     + "{%- endif %}{%- endfor %}"
@@ -102,6 +118,8 @@ class Template:
     roles: the roles it renders (None = unknown: checked per row by looking for the content).
     tokens: markers that must be single tokens of the tokenizer.
     tools: whether it renders tool definitions (None = unknown: checked per row, as roles).
+    folds_system: the template rejects (or drops) a system message, so its text is prepended to the
+        first user turn instead (resolve_template finds out).
     """
 
     name: str
@@ -110,6 +128,7 @@ class Template:
     roles: frozenset[str] | None = None
     tokens: tuple[str, ...] = field(default=())
     tools: bool | None = None
+    folds_system: bool = False
 
     @property
     def has_generation_blocks(self) -> bool:
@@ -165,6 +184,8 @@ def resolve_template(name: str, tokenizer, where: str = "data.template") -> Temp
     if stop is None:
         raise UserError.single(where, "the tokenizer has no EOS token, so the model could not learn to stop")
     _check_syntax(template, tokenizer, where)
+    if template.roles is None and _rejects_system(template, tokenizer):
+        template = replace(template, folds_system=True)
     split = [t for t in template.tokens if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
     if split:
         raise UserError.single(
@@ -183,11 +204,42 @@ def _check_syntax(template: Template, tokenizer, where: str) -> None:
     import jinja2
 
     try:
-        Renderer(template, tokenizer).render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
+        Renderer(template, tokenizer).examples([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
     except jinja2.TemplateSyntaxError as exc:
         raise UserError.single(where, f"template {template.name!r} is not valid Jinja: {exc.message} (line {exc.lineno})")
     except (jinja2.TemplateError, TemplateMismatch, BadRow):
         pass
+
+
+_PROBE_SYSTEM = "qlora-probe-system-text"
+
+
+def _rejects_system(template: Template, tokenizer) -> bool:
+    """Whether a template we did not write refuses a system message (Mistral v0.1-v0.2: "Only user and
+    assistant roles are supported", Gemma: "System role not supported") or leaves its text out, while
+    it renders the same conversation without one."""
+    import jinja2
+
+    renderer = Renderer(template, tokenizer)
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    try:
+        renderer._render(turns)
+    except jinja2.TemplateError:
+        return False  # it refuses more than the system role: rows will say what
+    try:
+        return _PROBE_SYSTEM not in renderer._render([{"role": "system", "content": _PROBE_SYSTEM}, *turns])
+    except jinja2.TemplateError:
+        return True
+
+
+def system_notice(template: Template) -> str | None:
+    """What a user should be told about how the template treats system messages, if anything."""
+    if not template.folds_system:
+        return None
+    return (
+        f"template {template.name!r} has no system role: a system message (alpaca's preamble, data.system) is "
+        "prepended to the first user turn, as this model's card advises"
+    )
 
 
 def apply_template(template: Template, tokenizer) -> None:
@@ -202,13 +254,46 @@ def apply_template(template: Template, tokenizer) -> None:
 
 
 class TemplateMismatch(ValueError):
-    """A conversation the template cannot render faithfully (a role it drops, a non-prefix-stable layout)."""
+    """A conversation the template cannot render faithfully (a role it drops, a turn it cannot place)."""
+
+
+def _has_reply(message: dict) -> bool:
+    """Whether an assistant message says anything: content or tool calls. An empty one trains nothing,
+    not even its end-of-turn token (the data does not say the model should stop there)."""
+    return bool(message["content"].strip() or message.get("tool_calls"))
+
+
+def _rendered_forms(text: str) -> tuple[str, ...]:
+    """How a template may write a message's text: as is, or through `tojson` (Llama 3.1 renders a
+    tool message's content that way: quoted, with escapes)."""
+    import json
+
+    text = text.strip()
+    return text, json.dumps(text, ensure_ascii=False), json.dumps(text)
+
+
+def _fold_system(messages: list[dict]) -> list[dict]:
+    """The system text prepended to the first user turn, once: what the model cards of templates that
+    reject a system role (Mistral v0.1-v0.2, Gemma) advise."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], messages[1:]
+    first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+    if first_user is None:
+        raise TemplateMismatch(
+            "the template has no system role, and this conversation has no user turn to fold the system text "
+            "into: add a user turn, or use a built-in template"
+        )
+    user = rest[first_user]
+    rest = list(rest)
+    rest[first_user] = {**user, "content": f"{system}\n\n{user['content']}" if system.strip() else user["content"]}
+    return rest
 
 
 class Renderer:
     """Renders canonical conversations to text plus the character spans that carry the loss.
 
-    One Renderer per template and tokenizer; `render` is called once per row (in worker
+    One Renderer per template and tokenizer; `examples` is called once per row (in worker
     processes, so it holds only picklable state and compiles lazily).
     """
 
@@ -216,25 +301,42 @@ class Renderer:
         self.template = template
         # What apply_chat_template passes to the template: bos_token, eos_token, ...
         self.variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        # Special tokens, longest first: a template may close the whole conversation with one (Phi-3's
+        # EOS after the last turn), which is not part of the turn once another follows.
+        self.specials = sorted(
+            {t for t in [*tokenizer.all_special_tokens, *self.variables.values()] if t}, key=len, reverse=True
+        )
 
-    def render(
-        self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False
-    ) -> tuple[str, list[tuple[int, int]]]:
-        """(text, [(start, end), ...]) with one span per assistant turn (its content and stop token)."""
+    def examples(self, messages: list[dict], tools: list[dict] | None = None) -> list[tuple[str, list[tuple[int, int]]]]:
+        """[(text, [(start, end), ...]), ...]: usually one example, whose spans are its assistant replies
+        (each one's content, tool calls and stop token). A template that rewrites earlier turns once the
+        conversation goes on (Qwen3 and DeepSeek-R1 drop past reasoning) gives the turns it rewrites an
+        example each, in the context the template gives them at inference time."""
+        messages = self._prepare(messages, tools)
+        examples = self._guarded(lambda: self._examples(messages, tools))
+        self._check_content_rendered(messages, tools, [text for text, _ in examples])
+        return examples
+
+    def prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The text a reply to MESSAGES is generated from: the conversation and the generation prompt."""
+        messages = self._prepare(messages, tools)
+        return self._guarded(lambda: self._render(messages, tools, add_generation_prompt=True))
+
+    def _prepare(self, messages, tools):
+        if self.template.folds_system:
+            messages = _fold_system(messages)
+        self._check_roles(messages, tools)
+        return messages
+
+    def _guarded(self, render):
         import jinja2
 
-        self._check_roles(messages, tools)
         try:
-            if self.template.has_generation_blocks:
-                text, spans = self._render(messages, tools, add_generation_prompt, with_spans=True)
-            else:
-                text, spans = self._render(messages, tools, add_generation_prompt), self._prefix_spans(messages, tools)
+            return render()
         except jinja2.TemplateSyntaxError:
             raise  # the template's problem, not the row's (resolve_template reports it)
         except jinja2.TemplateError as exc:  # e.g. a tokenizer template's raise_exception("roles must alternate")
             raise BadRow(f"template {self.template.name!r} refused this row: {exc}") from None
-        self._check_content_rendered(messages, tools, text)
-        return text, spans
 
     def _render(self, messages, tools=None, add_generation_prompt=False, with_spans=False):
         from transformers.utils.chat_template_utils import render_jinja_template
@@ -249,35 +351,91 @@ class Renderer:
         )
         return (rendered[0], list(indices[0])) if with_spans else rendered[0]
 
-    def _prefix_spans(self, messages, tools) -> list[tuple[int, int]]:
-        # For a template without generation blocks: assistant turn k is what rendering messages[:k+1]
-        # adds to rendering messages[:k] with the generation prompt. That only holds when each
-        # render is a prefix of the next (true of ChatML-, Llama- and Mistral-style templates);
-        # a template that rewrites earlier turns (e.g. strips past reasoning) is rejected.
+    def _examples(self, messages, tools):
+        if self.template.has_generation_blocks:
+            text, spans = self._render(messages, tools, with_spans=True)
+            replies = [m for m in messages if m["role"] == "assistant"]
+            if len(spans) == len(replies):  # one block per assistant message, as in the built-ins
+                spans = [span for span, m in zip(spans, replies) if _has_reply(m)]
+            return [(text, spans)]
+        return self._located_examples(messages, tools)
+
+    def _located_examples(self, messages, tools):
+        # A template without generation blocks: reply k is what rendering messages[:k+1] adds to the
+        # generation prompt after messages[:k] (the text the model is given at inference time), up to
+        # the end of its stop token. When the whole conversation's rendering holds that turn as is, the
+        # reply is trained there; when the template writes it differently once more turns follow, it
+        # gets an example of its own, ending with it.
         full = self._render(messages, tools)
-        spans = []
+        spans, alone = [], []
         for k, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or not _has_reply(message):
                 continue
-            before = self._render(messages[:k], tools, add_generation_prompt=True) if k else ""
-            after = self._render(messages[: k + 1], tools)
-            if not (after.startswith(before) and full.startswith(after)):
+            upto = full if k == len(messages) - 1 else self._render(messages[: k + 1], tools)
+            start, end = self._reply_span(messages, k, upto, tools)
+            turn = self._turn_in(full, upto[:end])
+            if turn is not None and turn > start:
+                spans.append((start, turn))
+            else:
+                alone.append((upto[:end], [(start, end)]))
+        return ([(full, spans)] if spans or not alone else []) + alone
+
+    def _turn_in(self, full: str, turn: str) -> int | None:
+        """Where TURN (a conversation rendered up to the end of a reply) ends in FULL, when FULL holds it:
+        as is, or without a special token the template adds only at the very end (Phi-3's EOS)."""
+        if full.startswith(turn):
+            return len(turn)
+        cut = turn
+        while (closing := next((s for s in self.specials if cut.endswith(s)), None)) is not None:
+            cut = cut[: -len(closing)].rstrip()
+            # What is left must still end on a special token: the reply's own stop token.
+            if full.startswith(cut) and any(cut.endswith(s) for s in self.specials):
+                return len(cut)
+        return None
+
+    def _reply_span(self, messages, k: int, upto: str, tools) -> tuple[int, int]:
+        """Where reply k starts and ends in UPTO (the conversation rendered up to and including it)."""
+        import jinja2
+
+        try:
+            prompt = self._render(messages[:k], tools, add_generation_prompt=True)
+        except jinja2.TemplateError:  # e.g. a template that reads messages[0] cannot render no messages
+            prompt = None
+        if prompt is not None:
+            if not (upto.startswith(prompt) and len(prompt) < len(upto.rstrip())):
                 raise TemplateMismatch(
-                    f"template {self.template.name!r} renders a conversation differently from its beginning, so "
-                    "the assistant turns cannot be located. Add {% generation %} blocks around assistant content, "
-                    "or use a built-in template"
+                    f"template {self.template.name!r} renders a conversation differently from its beginning: the "
+                    f"assistant turn at message {k} does not follow the generation prompt, so it cannot be trained "
+                    "as it will be generated. Add {% generation %} blocks around assistant content, or use a "
+                    "built-in template"
                 )
-            end = len(after)
-            while end > len(before) and after[end - 1].isspace():  # a newline after the stop token is not a reply
-                end -= 1
-            spans.append((len(before), end))
-        return spans
+            return len(prompt), len(upto.rstrip())  # a newline after the stop token is not part of the reply
+        # No generation prompt leads into this turn (a conversation that opens with the assistant, and a
+        # template that cannot render an empty one): the reply is its own content and the stop token(s)
+        # right after it, never the preamble before it.
+        content = messages[k]["content"].strip()
+        at = upto.rfind(content) if content else -1
+        if at < 0:
+            raise TemplateMismatch(
+                f"template {self.template.name!r}: the assistant turn at message {k} cannot be located in the "
+                "rendered conversation. Add {% generation %} blocks around assistant content, or use a built-in "
+                "template"
+            )
+        end = at + len(content)
+        while (stop := next((t for t in self.specials if upto[end:].lstrip().startswith(t)), None)) is not None:
+            end = len(upto) - len(upto[end:].lstrip()) + len(stop)
+        return at, end
 
     def _check_roles(self, messages, tools) -> None:
         if tools and self.template.tools is False:
             raise TemplateMismatch(
                 f"template {self.template.name!r} has no place for the row's tool definitions (they would be "
                 "dropped): use chatml or llama3, or a template that renders `tools`"
+            )
+        if self.template.tools is False and any(m.get("tool_calls") for m in messages):
+            raise TemplateMismatch(
+                f"template {self.template.name!r} has no place for an assistant's tool_calls (they would be "
+                "dropped): use chatml or llama3, or a template that renders tool calls"
             )
         roles = self.template.roles
         if roles is None:
@@ -291,11 +449,14 @@ class Renderer:
                     "or use chatml or llama3"
                 )
 
-    def _check_content_rendered(self, messages, tools, text: str) -> None:
+    def _check_content_rendered(self, messages, tools, texts: list[str]) -> None:
         # For templates we did not write, the only proof that nothing was dropped is finding it.
+        def found(piece: str) -> bool:
+            return any(form in text for text in texts for form in _rendered_forms(piece))
+
         if tools and self.template.tools is None:
             names = [t.get("name") or (t.get("function") or {}).get("name") for t in tools]  # plain or OpenAI-style
-            missing = [n for n in names if not n or str(n) not in text]
+            missing = [n for n in names if not n or not found(str(n))]
             if missing:
                 raise TemplateMismatch(
                     f"template {self.template.name!r} dropped the tool definitions ({', '.join(map(str, missing))}): "
@@ -303,9 +464,15 @@ class Renderer:
                 )
         if self.template.roles is not None:
             return
-        for m in messages:
-            if m["content"].strip() not in text:
+        for i, m in enumerate(messages):
+            if m["content"].strip() and not found(m["content"]):
                 raise TemplateMismatch(
-                    f"template {self.template.name!r} dropped a {m['role']!r} message: map that role to one it "
-                    "renders with roles:, or use a built-in template"
+                    f"template {self.template.name!r} dropped a {m['role']!r} message (message {i}): map that role "
+                    "to one it renders with roles:, or use a built-in template"
+                )
+            calls = [c.get("function", c).get("name") for c in m.get("tool_calls") or []]
+            if any(not found(str(name)) for name in calls):
+                raise TemplateMismatch(
+                    f"template {self.template.name!r} dropped the tool calls of message {i} "
+                    f"({', '.join(map(str, calls))}): use chatml or llama3, or a template that renders tool_calls"
                 )

@@ -4,16 +4,24 @@
     enc.ids, enc.trained, enc.lengths      # flat numpy arrays: text k is ids[starts[k]:starts[k+1]]
     ids, labels = enc.lists()              # the same as one list per text, -100 where no loss
 
-A token carries a loss (its label is its id) when it overlaps a span; every other label is -100,
-which PyTorch's cross-entropy skips. This is the rule `apply_chat_template(...,
-return_assistant_tokens_mask=True)` applies (the tokens from the one holding a span's first
-character to the one holding its last); doing it here lets a whole batch be encoded in one call
-to the Rust tokenizer, which is what makes preprocessing fast. tests/test_masking.py checks the
-two agree.
+A token carries a loss (its label is its id) when it lies in a span; every other label is -100,
+which PyTorch's cross-entropy skips.
 
-The batch stays flat (one array of ids for all texts) because the pipeline's later steps
-(truncation, labels, counts, Arrow columns) are then a few numpy operations per batch rather than
-Python loops over every token.
+The seam policy: a token boundary always falls where a reply's span starts, and the tokens before it
+are the tokens of the prompt text alone, which is what `qlora generate`, `qlora eval` and plain
+`tokenizer(apply_chat_template(..., add_generation_prompt=True))` feed the model. The whole text is
+tokenized at once, and where a token straddles a span's edge (byte-level BPE merges 'Answer:' +
+'\n\nParis' into ':\n\n', 'assistant\n' + '\n\n' into '\n\n\n'; a prompt ending in a space
+gives ' Paris'), that text is tokenized again in pieces cut there: the prompt alone, then the reply
+as text that follows a special token (behind an anchor token that is then dropped), which is where
+a reply starts in a chat template. Otherwise the prompt would end on a token the model never saw
+before a reply, and `generate` would feed a different one. Tokens where nothing straddles are the
+whole text's own, exactly as the tokenizer writes them.
+
+A batch goes to the Rust tokenizer in one call (two when pieces must be redone), which is what makes
+preprocessing fast. The batch stays flat (one array of ids for all texts) because the
+pipeline's later steps (truncation, labels, counts, Arrow columns) are then a few numpy operations per
+batch rather than Python loops over every token.
 """
 
 from __future__ import annotations
@@ -50,14 +58,63 @@ class Encoded:
 
 def encode(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]], train_on_inputs: bool) -> Encoded:
     """Tokenize rendered conversations (no special tokens added: the template holds BOS)."""
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    ids, lengths = _flatten([enc.ids for enc in encodings])
-    trained = np.full(len(ids), train_on_inputs, dtype=bool)
-    if not train_on_inputs:
-        for enc, start, row_spans in zip(encodings, np.cumsum(lengths) - lengths, spans):
-            for first, last in _token_ranges(enc, row_spans):
-                trained[start + first : start + last + 1] = True
-    return Encoded(ids, trained, lengths)
+    backend = tokenizer.backend_tokenizer
+    whole = backend.encode_batch(texts, add_special_tokens=False)
+    # Per text, one entry per piece: (encoding, piece start, piece end, row offset of the encoded
+    # string's character 0, anchor tokens to drop). Most texts are one piece: the whole text.
+    parts = [[(enc, 0, len(text), 0, 0)] for enc, text in zip(whole, texts)]
+    cut = {}
+    for k, (enc, row_spans) in enumerate(zip(whole, spans)):
+        edges = sorted({c for span in row_spans for c in span if 0 < c < len(texts[k])})
+        straddled = [c for c in edges if _straddles(enc, c)]
+        if straddled:
+            cut[k] = straddled
+    if cut:
+        anchor, drop = _anchor(tokenizer)
+        pieces, owners = [], []
+        for k, cuts in cut.items():
+            bounds = [0, *cuts, len(texts[k])]
+            for a, b in zip(bounds, bounds[1:]):
+                pieces.append(texts[k][a:b] if a == 0 else anchor + texts[k][a:b])
+                owners.append((k, a, b, a - len(anchor) if a else 0, drop if a else 0))
+            parts[k] = []
+        for enc, (k, *where) in zip(backend.encode_batch(pieces, add_special_tokens=False), owners):
+            parts[k].append((enc, *where))
+    rows, flags = [], []
+    for row_parts, row_spans in zip(parts, spans):
+        row, row_flags = [], []
+        for enc, start, end, shift, drop in row_parts:
+            trained = np.full(len(enc.ids), train_on_inputs, dtype=bool)
+            if not train_on_inputs:
+                inside = [(s - shift, e - shift) for s, e in row_spans if start <= s and e <= end]
+                for first, last in _token_ranges(enc, inside):
+                    trained[first : last + 1] = True
+            row += enc.ids[drop:]
+            row_flags.append(trained[drop:])
+        rows.append(row)
+        flags.append(np.concatenate(row_flags))
+    ids, lengths = _flatten(rows)
+    return Encoded(ids, np.concatenate(flags) if flags else np.zeros(0, bool), lengths)
+
+
+def _straddles(enc, char: int) -> bool:
+    """Whether one token holds both the character before CHAR and CHAR itself."""
+    token = enc.char_to_token(char)
+    return token is not None and enc.offsets[token][0] < char
+
+
+def _anchor(tokenizer) -> tuple[str, int]:
+    """(text, tokens to drop): a special token to put before a piece so it is tokenized as text that
+    follows a special token. EOS when the tokenizer splits it off as one token (it always has one: a
+    template needs it); else no anchor (byte-level BPE tokenizes a piece the same either way)."""
+    backend = tokenizer.backend_tokenizer
+    for token in (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token):
+        if not token:
+            continue
+        enc = backend.encode(token + "x", add_special_tokens=False)
+        if len(enc.ids) >= 2 and enc.offsets[0] == (0, len(token)) and enc.offsets[1][0] >= len(token):
+            return token, 1
+    return "", 0
 
 
 def encode_text(tokenizer, texts: list[str]) -> Encoded:
