@@ -303,8 +303,9 @@ class Renderer:
         self.variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         # Special tokens, longest first: a template may close the whole conversation with one (Phi-3's
         # EOS after the last turn), which is not part of the turn once another follows.
+        added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
         self.specials = sorted(
-            {t for t in [*tokenizer.all_special_tokens, *self.variables.values()] if t}, key=len, reverse=True
+            {t for t in [*tokenizer.all_special_tokens, *added, *self.variables.values()] if t}, key=len, reverse=True
         )
 
     def examples(self, messages: list[dict], tools: list[dict] | None = None) -> list[tuple[str, list[tuple[int, int]]]]:
