@@ -136,14 +136,17 @@ def validate(
     check_model_path(r.model)  # these need no library: a typo or a wrong path is reported at once
     check_data_files(r.data)
     _quiet_libraries()
+    from qlora_cli.architectures import check_model
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.data.report import data_warnings
     from qlora_cli.train import prepare_tokenizer
 
     tokenizer, template = prepare_tokenizer(r)
+    _, coverage = check_model(r, tokenizer)  # 4-bit coverage and vocabulary, on an empty model
     stats = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size).stats
     err.print(
-        f"[green]ok[/] {escape(recipe)}: {stats.train_rows} train rows, {stats.val_rows} validation rows, "
+        f"[green]ok[/] {escape(recipe)}: {coverage.fraction:.1%} of the model's block weights in 4 bits, "
+        f"{stats.train_rows} train rows, {stats.val_rows} validation rows, "
         f"template {template.name if template else 'none (text)'}, "
         f"{stats.truncated} truncated to max_seq_len={r.data.max_seq_len}, "
         f"{stats.dropped_too_long + stats.dropped_no_response} dropped, {stats.bad_rows} bad rows skipped",
@@ -383,7 +386,9 @@ def estimate(
         typer.echo(json.dumps({"parts_bytes": est.parts, "total_bytes": est.total, "budget_bytes": budget, "fits": fits,
                                "nproc": nproc, "strategy": r.distributed.strategy, "cpu_ram_bytes": est.offloaded,
                                "quantized_params": est.quantized_params, "other_params": est.other_params,
-                               "trainable_params": est.trainable_params, "notes": est.notes}, indent=2))
+                               "trainable_params": est.trainable_params,
+                               "quantized_fraction": round(est.quantized_fraction, 5), "refused": est.refused,
+                               "notes": est.notes}, indent=2))
         return
     per_gpu = f" per GPU ({nproc} GPUs, {r.distributed.strategy})" if nproc > 1 else ""
     table = Table(title=f"estimated peak training memory{per_gpu}: {r.model.name_or_path}", title_justify="left")
@@ -398,9 +403,12 @@ def estimate(
     out.print(table)
     for note in est.notes:
         out.print(f"[dim]{escape(note)}[/]", soft_wrap=True)
-    out.print(f"{est.quantized_params:,} parameters in 4 bits, {est.other_params:,} in full precision, "
+    out.print(f"{est.quantized_params:,} parameters in 4 bits ({est.quantized_fraction:.1%} of the transformer "
+              f"blocks' weights), {est.other_params:,} in full precision, "
               f"{est.trainable_params:,} trainable; batch {r.train.batch_size} x {r.data.max_seq_len} tokens, "
               f"gradient checkpointing {'on' if r.train.gradient_checkpointing else 'off'}", soft_wrap=True)
+    if est.refused:
+        out.print(f"[red]qlora train refuses this model:[/] {escape(est.refused)}", soft_wrap=True)
     if budget is None:
         out.print("no GPU here and no --gpu-memory: no verdict")
     elif fits:

@@ -57,6 +57,8 @@ class Estimate:
     quantized_params: int = 0
     other_params: int = 0
     trainable_params: int = 0
+    quantized_fraction: float = 1.0  # of the transformer blocks' matrix weights (architectures.py)
+    refused: str | None = None  # why `qlora train` would refuse this model (too little of it in 4 bits)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -100,12 +102,21 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
     import torch
     from transformers import AutoConfig
 
+    from qlora_cli.architectures import quantized_fraction, require_4bit
+    from qlora_cli.errors import UserError
     from qlora_cli.merge_weights import quantized_meta_model
     from qlora_cli.modeling import TORCH_DTYPES
 
     m, q = recipe.model, recipe.quant
     config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     model = quantized_meta_model(config, q, TORCH_DTYPES[m.dtype])
+    coverage = quantized_fraction(model)
+    try:
+        require_4bit(coverage, "model.name_or_path", TORCH_DTYPES[m.dtype].itemsize)
+    except UserError as exc:  # the figures below are still the truth of what loading it would take
+        refused = exc.problems[0].message
+    else:
+        refused = None
     quantized_names = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
     tied = getattr(model, "all_tied_weights_keys", None)
     est = Estimate()
@@ -125,6 +136,7 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
         if layer is not None:
             inv.per_layer.setdefault(layer, [0, 0])[0 if quantized else 1] += p.numel()
     est.quantized_params, est.other_params = inv.quantized, inv.other
+    est.quantized_fraction, est.refused = coverage.fraction, refused
     # One process: peft's prepare_model_for_kbit_training upcasts the unquantized layers to fp32.
     est.weights = nf4_bytes(inv.quantized, q.double_quant, inv.matrices) + inv.other * 4
     linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}

@@ -148,9 +148,16 @@ def footprint(model) -> dict:
     Also: quantized_params, bits_per_quantized_param (measured), quant_state_bytes (what
     get_memory_footprint() leaves out) and double_quant (whether the model was loaded with it).
     """
+    from qlora_cli.architectures import quantized_fraction
+
     measured, theoretical = measured_4bit_bytes(model), theoretical_4bit_bytes(model)
     quantized = _quantized(model)
+    coverage = quantized_fraction(model)
     return {
+        # The share of the transformer blocks' matrix weights really held in 4 bits (architectures.py).
+        "block_weights_4bit_fraction": round(coverage.fraction, 5),
+        "block_weights": coverage.total,
+        "block_weights_full_precision": coverage.full_precision,
         "measured_bytes": measured,
         "theoretical_bytes": theoretical,
         "ratio": round(measured / theoretical, 5) if theoretical else None,

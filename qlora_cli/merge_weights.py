@@ -223,7 +223,9 @@ def quantized_meta_model(config, quant, model_dtype: torch.dtype):
 
     from qlora_cli.modeling import build_bnb_config
 
-    with init_empty_weights():
+    from qlora_cli.architectures import plain_linears
+
+    with init_empty_weights(), plain_linears(config.model_type):
         model = AutoModelForCausalLM.from_config(config)
     quantizer = AutoHfQuantizer.from_config(build_bnb_config(quant), pre_quantized=False)
     quantizer.preprocess_model(model, dtype=model_dtype, device_map={"": "cpu"})

@@ -96,23 +96,33 @@ def load_base_model(model, quant, place: bool = True):
 
     place=False leaves placement to FSDP/DeepSpeed, which load on the CPU and shard (distributed.py).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_cli.architectures import plain_linears, quantized_fraction, require_4bit
 
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            model.name_or_path,
-            revision=model.revision,
-            quantization_config=build_bnb_config(quant),
-            dtype=TORCH_DTYPES[model.dtype],
-            device_map=device_map() if place else None,
-            trust_remote_code=model.trust_remote_code,
-            attn_implementation=model.attn_implementation,
+        config = AutoConfig.from_pretrained(
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
+        with plain_linears(config.model_type):
+            loaded = AutoModelForCausalLM.from_pretrained(
+                model.name_or_path,
+                revision=model.revision,
+                config=config,
+                quantization_config=build_bnb_config(quant),
+                dtype=TORCH_DTYPES[model.dtype],
+                device_map=device_map() if place else None,
+                trust_remote_code=model.trust_remote_code,
+                attn_implementation=model.attn_implementation,
+            )
     except (OSError, ValueError) as exc:
         raise UserError.single("model.name_or_path", f"could not load the model: {_first_line(exc)}") from None
     except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
         where = "model.attn_implementation" if model.attn_implementation else "model.name_or_path"
         raise UserError.single(where, f"a package the model needs is missing: {_first_line(exc)}") from None
+    # Checked after loading too (validate and estimate check the same on an empty model first): what
+    # is in 4 bits is what transformers did, whatever the architecture.
+    require_4bit(quantized_fraction(loaded), "model.name_or_path", TORCH_DTYPES[model.dtype].itemsize)
     disable_cpu_weight_repacking(loaded)
     return loaded
 

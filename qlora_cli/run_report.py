@@ -58,6 +58,8 @@ def render_summary_panel(summary: dict, recipe, run_dir: str) -> Panel:
         table.add_row("4-bit model", escape(
             f"{weights['measured_bytes'] / 2**20:,.2f} MiB measured vs {weights['theoretical_bytes'] / 2**20:,.2f} MiB "
             f"in theory ({weights['bits_per_quantized_param']:.3f} bits per quantized weight)"
+            + (f"; {weights['block_weights_4bit_fraction']:.1%} of the transformer blocks' weights in 4 bits"
+               if "block_weights_4bit_fraction" in weights else "")
         ))
     table.add_row("files", escape(f"{run_dir}/  (adapter, tokenizer, recipe.yaml, metrics.jsonl, loss.png, README.md)"))
     table.add_row("next", "\n".join(escape(c) for c in next_commands(run_dir)))

@@ -24,6 +24,7 @@ from qlora_cli import distributed
 from qlora_cli.config import Recipe, default_template
 from qlora_cli.data.pipeline import build_datasets
 from qlora_cli.data.templates import apply_template, resolve_template
+from qlora_cli.architectures import check_vocab_fits
 from qlora_cli.modeling import attach_lora, is_out_of_memory, keep_adapter_fp32, load_base_model, load_tokenizer
 from qlora_cli.preflight import preflight, with_output_dir
 from qlora_cli.errors import EXIT_USER_ERROR, StoppedRun
@@ -140,6 +141,7 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
     train_ds, eval_ds = prepared.for_trainer()
     distributed.prepare_loading(recipe)
     model = load_base_model(recipe.model, recipe.quant, place=not recipe.distributed.sharded)
+    check_vocab_fits(tokenizer, model.get_input_embeddings().num_embeddings)
     # No KV cache in training: it is useless there, and with one, transformers ignores packed
     # position ids and lets packed examples attend to each other (tests/test_packing.py).
     model.config.use_cache = False
