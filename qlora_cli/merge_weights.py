@@ -9,6 +9,11 @@
             writer.add(name, tensor)
         writer.end_input_shard()
 
+GPT-2-style `Conv1D` layers store their weight transposed, [in, out]. transformers transposes such a
+weight before quantizing it (so the 4-bit layer holds [out, in]) and PEFT's factors are always
+A [r, in], B [out, r]: the fold works on the transposed weight, exactly as training saw it, and
+transposes the result back into the checkpoint's layout (`MergePlan.transposed`).
+
 Two ways to fold an update into a weight (the `--base` flag):
 - `dequantized`: the weight is first quantized to 4 bits and back, exactly as training loaded it
   (same dtype, quant type, double quantization, block size, device kind), so the merged model is
@@ -105,7 +110,11 @@ def read_adapter(run_dir: Path) -> Adapter:
         raise UserError.single("RUN_DIR", f"{cfg_path} is not a LoRA adapter config (no numeric lora_alpha)")
     if config.get("peft_type") != "LORA":
         raise UserError.single("RUN_DIR", f"{cfg_path} is a {config.get('peft_type')} adapter; only LoRA can be merged")
-    for flag in ("fan_in_fan_out", "lora_bias", "use_qalora"):
+    # fan_in_fan_out (PEFT sets it for full-precision Conv1D layers) only says how the base weight is
+    # stored; the factors are A [r, in], B [out, r] either way. The merge takes the layout from the
+    # module's type instead (inspect_model), which also covers Conv1D layers quantized to 4 bits,
+    # whose adapters PEFT records without the flag.
+    for flag in ("lora_bias", "use_qalora"):
         if config.get(flag):
             raise UserError.single("RUN_DIR", f"{cfg_path} sets {flag}, which qlora merge does not support")
 
@@ -199,19 +208,37 @@ class BaseCheckpoint:
         return sum((self.folder / s).stat().st_size for s in self.shards)
 
 
-def inspect_model(config, quant, model_dtype: torch.dtype) -> tuple[set[str], dict[str, str]]:
+class QuantizedWeights(set):
+    """The weight keys training held in 4 bits. `transposed` names the weights the checkpoint stores
+    as [in, out] (GPT-2-style Conv1D layers, in 4 bits or not); the adapter's update to them is
+    [out, in], and transformers quantizes them transposed."""
+
+    def __init__(self, keys=(), transposed=()):
+        super().__init__(keys)
+        self.transposed = frozenset(transposed)
+
+
+def inspect_model(config, quant, model_dtype: torch.dtype) -> tuple[QuantizedWeights, dict[str, str]]:
     """(the weights training held in 4 bits, the tied weights {copy: source}), by name.
 
     Both asked of transformers itself, on an empty meta-device model: its bitsandbytes quantizer
     decides what is quantized (every linear layer but the output head and the modules the config
     keeps in full precision), and its tying rules say which weights share storage (e.g.
-    lm_head.weight -> model.embed_tokens.weight when tie_word_embeddings is set).
+    lm_head.weight -> model.embed_tokens.weight when tie_word_embeddings is set). The quantizer
+    also records which 4-bit layers were Conv1D (`source_cls`), whose weights are stored transposed.
     """
     import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
 
     model = quantized_meta_model(config, quant, model_dtype)
-    quantized = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    return quantized, dict(getattr(model, "all_tied_weights_keys", None) or {})
+    quantized, transposed = set(), set()
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            quantized.add(f"{name}.weight")
+        if isinstance(m, Conv1D) or issubclass(getattr(m, "source_cls", type(None)), Conv1D):
+            transposed.add(f"{name}.weight")
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    return QuantizedWeights(quantized, transposed), tied
 
 
 def quantized_meta_model(config, quant, model_dtype: torch.dtype):
@@ -246,6 +273,7 @@ class MergePlan:
     out_dtype: torch.dtype
     device: str  # where to quantize: the device kind training used
     counts: dict = field(default_factory=dict)
+    transposed: frozenset = frozenset()  # weight keys stored [in, out] (Conv1D): folded transposed
 
     def output_bytes(self) -> int:
         size = torch.tensor([], dtype=self.out_dtype).element_size()
@@ -260,13 +288,17 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _DTYPE_BYTES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def plan_merge(adapter: Adapter, base: BaseCheckpoint, tied: dict[str, str], **kw) -> MergePlan:
+def plan_merge(adapter: Adapter, base: BaseCheckpoint, tied: dict[str, str], transposed=None, **kw) -> MergePlan:
     """Check every adapter tensor against the base's shapes before anything is written.
 
     A tied pair (lm_head sharing the input embeddings) is stored once in the checkpoint. When
     the adapter changes one side only, the PEFT model no longer shares them, so the merge writes
-    both and unties them in config.json.
+    both and unties them in config.json. TRANSPOSED (default: what inspect_model found, carried
+    by `quantized`) names the weights stored [in, out], whose updates are checked transposed.
     """
+    if transposed is None:
+        transposed = getattr(kw.get("quantized"), "transposed", frozenset())
+    transposed = frozenset(transposed)
     touched = adapter.updates.keys() | adapter.replacements.keys()
     untie = {
         copy: source for copy, source in tied.items()
@@ -275,11 +307,15 @@ def plan_merge(adapter: Adapter, base: BaseCheckpoint, tied: dict[str, str], **k
     shapes = {**base.shapes, **{copy: base.shapes[source] for copy, source in untie.items()}}
     problems = []
     for key, u in adapter.updates.items():
+        stored = shapes.get(key)
+        if stored is not None and key in transposed:
+            stored = stored[::-1]  # a Conv1D weight: the adapter sees it as [out, in]
         if key not in shapes:
             problems.append(Problem(u.module, f"adapted by the run but the base checkpoint has no {key}"))
-        elif shapes[key] != u.expected_shape():
+        elif stored != u.expected_shape():
+            layout = " (stored transposed, as a Conv1D weight)" if key in transposed else ""
             problems.append(Problem(
-                u.module, f"the adapter was trained for shape {list(u.expected_shape())}, the base has {list(shapes[key])}",
+                u.module, f"the adapter was trained for shape {list(u.expected_shape())}, the base has {list(stored)}{layout}",
             ))
         elif u.magnitude is not None and tuple(u.magnitude.shape) != u.magnitude_shape():
             problems.append(Problem(u.module, f"DoRA magnitude has shape {list(u.magnitude.shape)}, expected {list(u.magnitude_shape())}"))
@@ -293,7 +329,7 @@ def plan_merge(adapter: Adapter, base: BaseCheckpoint, tied: dict[str, str], **k
             problems[:10] + ([Problem("...", f"and {len(problems) - 10} more")] if len(problems) > 10 else []),
             header=f"the adapter does not fit the base model in {base.folder}: was it trained on another model?",
         )
-    return MergePlan(base=base, adapter=adapter, untie=untie, **kw)
+    return MergePlan(base=base, adapter=adapter, untie=untie, transposed=transposed, **kw)
 
 
 # --- The fold -------------------------------------------------------------------------------------
@@ -320,6 +356,16 @@ def fold(plan: MergePlan, key: str, tensor: torch.Tensor, base_mode: str) -> tor
         return a.replacements[key].to(plan.out_dtype)
     if not tensor.is_floating_point():
         return tensor.clone()
+    if key in plan.transposed:
+        # A Conv1D weight, stored [in, out]: fold it as [out, in], the layout transformers quantizes
+        # (it transposes before quantizing, so the NF4 blocks run along the other axis) and the
+        # adapter's update has, then store the result the checkpoint's way round again.
+        return _fold(plan, key, tensor.T, base_mode).T.contiguous()
+    return _fold(plan, key, tensor, base_mode)
+
+
+def _fold(plan: MergePlan, key: str, tensor: torch.Tensor, base_mode: str) -> torch.Tensor:
+    a = plan.adapter
     if base_mode == "dequantized":
         # Training saw every quantized weight through NF4, and every other one cast to the model dtype.
         if key in plan.quantized:

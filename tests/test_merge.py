@@ -175,6 +175,101 @@ def test_biases_embeddings_and_tied_heads_merge_faithfully(tiny, tmp_path, base,
         assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is not bool(touched)
 
 
+# --- GPT-2's Conv1D: weights stored transposed ---------------------------------------------------
+
+
+def gpt2_base(tiny, folder, n_embd=64):
+    """A random 2-layer GPT-2 (Conv1D layers, weights stored [in, out]; c_proj is square, so only
+    the module type can tell the layout) with the tiny tokenizer."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=n_embd, n_layer=2, n_head=2, n_positions=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("lora", [pytest.param({}, id="lora"), pytest.param({"use_dora": True}, id="dora")])
+def test_gpt2_conv1d_layers_merge_faithfully(tiny, tmp_path, lora):
+    from safetensors import safe_open
+
+    model_dir = gpt2_base(tiny, tmp_path / "gpt2")
+    run_dir, adapter_model = fabricate_run(tiny, tmp_path / "run", model_dir=model_dir, **lora)
+    ids = probe_ids(AutoTokenizer.from_pretrained(run_dir))
+    expected = logits_of(adapter_model, ids)
+
+    result = merge(run_dir, output=tmp_path / "out")
+    # The checkpoint keeps GPT-2's layout: Conv1D weights [in, out], the shapes of the base.
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as base, \
+            safe_open(str(result.output / "model.safetensors"), "pt") as merged:
+        assert {k: merged.get_slice(k).get_shape() for k in merged.keys()} == {k: base.get_slice(k).get_shape() for k in base.keys()}
+    torch.testing.assert_close(logits_of(load_merged(result.output), ids), expected, rtol=0, atol=1e-4)
+    assert result.report["adapter"]["modules"] == 8  # c_attn, c_proj, c_fc, mlp.c_proj in 2 layers
+    assert result.report["fidelity"]["results"]["dequantized"]["top1_agreement"] >= 0.999
+
+    # (The logits above pin the NF4 round trip to the transposed weight, as transformers quantizes
+    # it: NF4 blocks of the stored layout hold other values, 0.008-0.018 off here.) The base the
+    # adapter never saw is measurably worse.
+    original = merge(run_dir, output=tmp_path / "orig", base_mode="original", verify=False)
+    worse = (logits_of(load_merged(original.output), ids) - expected).abs().max()
+    assert worse > 1e-3
+
+
+def test_full_precision_conv1d_with_fan_in_fan_out_merges_like_peft(tiny, tmp_path):
+    """A Conv1D that stays in full precision gets PEFT's fan_in_fan_out adapter; its factors have
+    the same layout, and the fold matches PEFT's own merge_and_unload."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import qlora_cli.merge_weights as mw
+
+    model_dir = gpt2_base(tiny, tmp_path / "gpt2")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]))
+    assert model.peft_config["default"].fan_in_fan_out  # PEFT sets it for Conv1D
+    gen = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.05
+    model.save_pretrained(tmp_path / "run")
+    reference = model.merge_and_unload().state_dict()
+
+    adapter = mw.read_adapter(tmp_path / "run")
+    base = mw.BaseCheckpoint.open(model_dir)
+    transposed = {k for k in base.shapes if k.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))}
+    plan = mw.plan_merge(
+        adapter, base, tied={}, quantized=mw.QuantizedWeights((), transposed), quant=None,
+        model_dtype=torch.float32, out_dtype=torch.float32, device="cpu",
+    )
+    merged = dict(mw.merged_tensors(plan, "dequantized"))
+    assert merged.keys() == load_file(str(model_dir / "model.safetensors")).keys()
+    for key in transposed:
+        torch.testing.assert_close(merged[key], reference[key], rtol=0, atol=1e-6)
+
+
+def test_conv1d_adapter_for_another_shape_is_refused_in_the_adapters_layout(tiny, tmp_path):
+    """A GPT-2 adapter on a wider GPT-2: refused before anything is written, each shape named the
+    adapter's way round, with the base's stored (transposed) layout said."""
+    import qlora_cli.merge_weights as mw
+    from transformers import AutoConfig
+
+    run_dir, _ = fabricate_run(tiny, tmp_path / "run", model_dir=gpt2_base(tiny, tmp_path / "gpt2"))
+    wide = gpt2_base(tiny, tmp_path / "wide", n_embd=128)
+    quantized, tied = mw.inspect_model(AutoConfig.from_pretrained(wide), validate_recipe(tiny_recipe(tiny, tmp_path)).quant, torch.float32)
+    assert "transformer.h.0.attn.c_proj.weight" in quantized.transposed  # square: known by its type
+    with pytest.raises(UserError) as err:
+        mw.plan_merge(mw.read_adapter(run_dir), mw.BaseCheckpoint.open(wide), tied=tied, quantized=quantized,
+                      quant=None, model_dtype=torch.float32, out_dtype=torch.float32, device="cpu")
+    assert ("transformer.h.0.attn.c_attn: the adapter was trained for shape [192, 64], the base has [384, 128] "
+            "(stored transposed, as a Conv1D weight)") in str(err.value)
+
+
 # --- Shards --------------------------------------------------------------------------------------
 
 
