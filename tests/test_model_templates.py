@@ -356,3 +356,27 @@ def test_a_malformed_tool_call_is_a_bad_row_naming_it(call, message):
     with pytest.raises(FormatBadRow, match=message) as info:
         to_canonical(row, "messages")
     assert "messages[1].tool_calls[0]" in str(info.value)
+
+
+def test_a_straddled_seam_before_a_later_reply_gives_each_reply_its_own_example(bpe):
+    """The later reply's prompt holds the earlier straddling token whole, the earlier reply's prompt ends
+    inside it: one example per reply, so every reply's prompt is exactly what generate feeds for it."""
+    from qlora_cli.data.pipeline import _tokenize_rows
+    from qlora_cli.data.sources import BAD_COLUMN, JSON_COLUMN, ROW_COLUMN
+
+    from qlora_cli.data.templates import BUILTINS
+
+    renderer = Renderer(BUILTINS["raw"], bpe)
+    # 'appl' + 'e': the whole text merges ' apple' across the first reply's start.
+    conversation = msgs(("user", "Spell it: appl"), ("assistant", "e"), ("user", " Again: appl"), ("assistant", "e"))
+    table = _tokenize_rows(
+        {ROW_COLUMN: [7], JSON_COLUMN: [json.dumps({"messages": conversation})], BAD_COLUMN: [None]},
+        fmt="messages", rename={"messages": "messages", "tools": "tools"}, roles={}, renderer=renderer,
+        tokenizer=bpe, train_on_inputs=False, max_len=4096, on_too_long="truncate",
+    )
+    assert table.column("row").to_pylist() == [7, 7] and table.column("examples").to_pylist() == [2, 2]
+    for k, (ids, labels) in enumerate(zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist())):
+        fed = bpe(renderer.prompt(conversation[: 2 * k + 1]), add_special_tokens=False).input_ids
+        trained = [label != IGNORE_INDEX for label in labels]
+        assert ids[: len(fed)] == fed and trained.index(True) == len(fed)
+        assert trained_runs(bpe, ids, trained) == ["e</s>"]  # its own reply only: the other is history

@@ -279,9 +279,10 @@ def _tokenize_batch(batch, **kwargs):
 
 def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inputs, max_len, on_too_long):
     # One output per example: a row is usually one example, a failed row one (with its status), and a
-    # conversation whose template rewrites earlier turns one per rewritten turn (Renderer.examples).
-    row_of, status, reason, turns = [], [], [], []
-    texts, spans, text_outputs = [], [], []
+    # conversation may become several: one per turn its template rewrites (Renderer.examples), or one
+    # per reply where a token straddles an earlier reply's start (tokenize.encode).
+    failed = []  # (row, status, reason)
+    texts, spans, text_rows = [], [], []
     for i in range(len(batch[ROW_COLUMN])):
         try:
             row = _row(batch, i, rename)
@@ -293,36 +294,31 @@ def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inpu
             for text, _ in rendered:
                 _check_encodable(text)
         except UnmappedRole as exc:
-            rendered, state = [], (UNMAPPED_ROLE, ",".join(exc.roles))
+            failed.append((i, UNMAPPED_ROLE, ",".join(exc.roles)))
         except TemplateMismatch as exc:
-            rendered, state = [], (TEMPLATE, str(exc))
+            failed.append((i, TEMPLATE, str(exc)))
         except BadRow as exc:
-            rendered, state = [], (BAD, str(exc))
+            failed.append((i, BAD, str(exc)))
         else:
-            state = (OK, "")
-        for text, row_spans in rendered:
-            text_outputs.append(len(row_of))
-            texts.append(text)
-            spans.append(row_spans)
-            row_of.append(i)
-            status.append(state[0])
-            reason.append(state[1])
-            turns.append(len(rendered))
-        if not rendered:
-            row_of.append(i)
-            status.append(state[0])
-            reason.append(state[1])
-            turns.append(0)
+            for text, row_spans in rendered:
+                texts.append(text)
+                spans.append(row_spans)
+                text_rows.append(i)
 
     # A batch comes from one source, so its rows are all plain text or all conversations.
     if not texts:
-        encoded = Encoded(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64))
+        encoded = Encoded(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0, np.int64))
     elif spans[0] is None:
         encoded = encode_text(tokenizer, texts)
     else:
         encoded = encode(tokenizer, texts, spans, train_on_inputs)
-    lengths = np.zeros(len(row_of), dtype=np.int64)  # outputs of failed rows have no tokens
-    lengths[text_outputs] = encoded.lengths
+    source = encoded.source if encoded.source is not None else np.arange(len(texts))
+    # Outputs: the encoded examples, then one per failed row (with no tokens).
+    row_of = [text_rows[k] for k in source] + [i for i, _, _ in failed]
+    status = [OK] * len(source) + [state for _, state, _ in failed]
+    reason = [""] * len(source) + [why for _, _, why in failed]
+    per_row = Counter(row_of)
+    lengths = np.concatenate([encoded.lengths, np.zeros(len(failed), np.int64)])
     for i in np.flatnonzero(lengths > max_len):
         if status[i] == OK and on_too_long != "truncate":
             status[i], reason[i] = TOO_LONG, f"{lengths[i]} tokens, more than max_seq_len={max_len}"
@@ -330,6 +326,7 @@ def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inpu
     for i in np.flatnonzero(columns["trained"].to_numpy() == 0):
         if status[i] == OK:
             status[i] = NO_RESPONSE
+    turns = [per_row[r] if k < len(source) else 0 for k, r in enumerate(row_of)]  # examples of its row
     return pa.table(
         {
             "input_ids": columns["input_ids"],

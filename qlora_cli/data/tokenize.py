@@ -18,6 +18,9 @@ a reply starts in a chat template. Otherwise the prompt would end on a token the
 before a reply, and `generate` would feed a different one. Tokens where nothing straddles are the
 whole text's own, exactly as the tokenizer writes them.
 
+A conversation in which an earlier reply's seam straddles becomes one example per reply (each
+reply's prompt is then exactly its own): `Encoded.source` says which input text each came from.
+
 A batch goes to the Rust tokenizer in one call (two when pieces must be redone), which is what makes
 preprocessing fast. The batch stays flat (one array of ids for all texts) because the
 pipeline's later steps (truncation, labels, counts, Arrow columns) are then a few numpy operations per
@@ -41,6 +44,7 @@ class Encoded:
     ids: np.ndarray  # int32, every text's ids one after the other
     trained: np.ndarray  # bool, per token: does it carry a loss
     lengths: np.ndarray  # int64, tokens per text
+    source: np.ndarray | None = None  # int64, per text: the input text it comes from (encode may split one)
 
     @property
     def starts(self) -> np.ndarray:
@@ -60,6 +64,7 @@ def encode(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]], trai
     """Tokenize rendered conversations (no special tokens added: the template holds BOS)."""
     backend = tokenizer.backend_tokenizer
     whole = backend.encode_batch(texts, add_special_tokens=False)
+    texts, spans, whole, source = _one_per_reply_where_history_straddles(backend, texts, spans, whole)
     # Per text, one entry per piece: (encoding, piece start, piece end, row offset of the encoded
     # string's character 0, anchor tokens to drop). Most texts are one piece: the whole text.
     parts = [[(enc, 0, len(text), 0, 0)] for enc, text in zip(whole, texts)]
@@ -94,7 +99,37 @@ def encode(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]], trai
         rows.append(row)
         flags.append(np.concatenate(row_flags))
     ids, lengths = _flatten(rows)
-    return Encoded(ids, np.concatenate(flags) if flags else np.zeros(0, bool), lengths)
+    return Encoded(ids, np.concatenate(flags) if flags else np.zeros(0, bool), lengths, np.asarray(source, np.int64))
+
+
+def _one_per_reply_where_history_straddles(backend, texts, spans, whole):
+    """(texts, spans, encodings, source text of each): a conversation in which a token straddles the
+    start of a reply that another reply follows becomes one example per reply, each ending with it.
+
+    The later reply's prompt is the whole conversation before it, which `generate` tokenizes at once,
+    straddling token included; the earlier reply's prompt ends inside that token. One sequence cannot
+    give both replies their own prompt's tokens, so each gets its own. (Rare: a reply that starts
+    with a character its prompt's last one merges with, like Mistral's ']' + '{'.)
+    """
+    split = [
+        k for k, (enc, row_spans) in enumerate(zip(whole, spans))
+        if any(0 < start < len(texts[k]) and _straddles(enc, start) for start, _ in sorted(row_spans)[:-1])
+    ]
+    if not split:
+        return texts, spans, whole, list(range(len(texts)))
+    extra = [(k, texts[k][:end], [(start, end)]) for k in split for start, end in sorted(spans[k])]
+    encoded = iter(backend.encode_batch([text for _, text, _ in extra], add_special_tokens=False))
+    extra_of = {}
+    for k, text, row_spans in extra:
+        extra_of.setdefault(k, []).append((text, row_spans, next(encoded)))
+    out_texts, out_spans, out_whole, source = [], [], [], []
+    for k in range(len(texts)):
+        for text, row_spans, enc in extra_of.get(k, [(texts[k], spans[k], whole[k])]):
+            out_texts.append(text)
+            out_spans.append(row_spans)
+            out_whole.append(enc)
+            source.append(k)
+    return out_texts, out_spans, out_whole, source
 
 
 def _straddles(enc, char: int) -> bool:
