@@ -1,6 +1,7 @@
 # Two commands for a fresh machine with only Python:
 #   make demo   - install into .venv, build the tiny offline model, train it, merge it, score it, ask it
 #   make test   - install into .venv, run the whole test suite
+#   make test-architectures - every model family trained, merged and sampled (minutes; CI runs it)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-architectures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,11 @@ demo: install build/tiny/model/config.json
 test: install
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: is tests/ missing?" >&2; fi; exit $$rc
+
+# The architecture matrix's slow half (tests/test_architectures.py, marker `architectures`): each
+# family trained a few steps, reloaded, merged and sampled. `make test` runs its load half only.
+test-architectures: install
+	$(BIN)/python -m pytest -q -m architectures tests/test_architectures.py
 
 clean:
 	rm -rf build runs $(VENV)
