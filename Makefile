@@ -2,6 +2,7 @@
 #   make demo   - install into .venv, build the tiny offline model, train it, merge it, score it, ask it
 #   make test   - install into .venv, run the whole test suite
 #   make test-architectures - every model family trained, merged and sampled (minutes; CI runs it)
+#   make test-multinode     - two machines simulated over loopback: checkpoints, kills, resume (CI runs it)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install demo test test-architectures clean
+.PHONY: install demo test test-architectures test-multinode clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,9 @@ test: install
 # family trained a few steps, reloaded, merged and sampled. `make test` runs its load half only.
 test-architectures: install
 	$(BIN)/python -m pytest -q -m architectures tests/test_architectures.py
+
+test-multinode: install
+	$(BIN)/python -m pytest -q -m multinode tests/test_multinode.py
 
 clean:
 	rm -rf build runs $(VENV)

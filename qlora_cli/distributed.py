@@ -69,6 +69,7 @@ def check_launch(recipe) -> None:
     import torch
 
     d, cuda = recipe.distributed, torch.cuda.is_available()
+    check_group_env()
     asked = launcher_strategy()
     if asked is not None and asked != d.strategy:
         raise UserError.single(
@@ -95,6 +96,30 @@ def check_launch(recipe) -> None:
 
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError.single("distributed.strategy", "deepspeed is not installed: pip install deepspeed")
+
+
+# What MPI launchers set instead of RANK/WORLD_SIZE (accelerate reads them too).
+MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK")
+
+
+def check_group_env() -> None:
+    """A launch that meant several processes but set up no process group: each would train alone.
+
+    `accelerate launch --cpu` across machines (`num_machines` > 1) sets MASTER_ADDR but, unless it
+    runs under mpirun, no RANK or WORLD_SIZE: every machine's process then runs a whole
+    single-process training of its own, and on a shared disk they write the same run directory.
+    """
+    if "MASTER_ADDR" not in os.environ or "WORLD_SIZE" in os.environ or "RANK" in os.environ:
+        return
+    if any(var in os.environ for var in MPI_RANK_VARS):
+        return
+    raise UserError.single(
+        "launch",
+        f"MASTER_ADDR is set ({os.environ['MASTER_ADDR']}), so this was launched to join other processes, but "
+        "no RANK or WORLD_SIZE was set, so it would train alone, and so would every other machine. accelerate's "
+        "--cpu launcher does this across machines unless it runs under mpirun: launch with --multi_gpu instead "
+        "(torchrun underneath; it runs CPU processes too), or with torchrun --nnodes N --node_rank R",
+    )
 
 
 def deepspeed_stage(recipe) -> int:
@@ -188,6 +213,35 @@ def _leave(together: bool) -> None:
     if together:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def shared_run_dir(path: Path) -> bool:
+    """Whether every process sees a file rank 0 has just written into the run directory: the machines
+    share its filesystem (NFS, Lustre), or each has a disk of its own. The same answer on every rank.
+    (A unique file name, so a leftover run directory on another machine's own disk cannot fool it.)"""
+    import secrets
+
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1 or not dist.is_initialized():
+        return True
+    device = torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    nonce = torch.tensor([secrets.randbits(62) if rank() == 0 else 0], dtype=torch.int64, device=device)
+    dist.broadcast(nonce, src=0)
+    probe = Path(path) / f".qlora-shared-{int(nonce.item()):x}"
+    if rank() == 0:
+        probe.write_text("", encoding="utf-8")
+    dist.barrier()
+    seen = torch.tensor([1 if probe.is_file() else 0], device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)  # everyone has looked once this returns
+    if rank() == 0:
+        probe.unlink(missing_ok=True)
+    return bool(seen.item())
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 @contextmanager

@@ -166,6 +166,25 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
                  parameters=parameter_counts(model), process_group=group)
 
 
+def _per_machine_checkpoints_unless_shared(run: RunDir, trainer, checkpoint, overwrite: bool, say) -> None:
+    """Several machines: on a filesystem they share, global rank 0 alone writes, publishes and rotates
+    checkpoints (each process adds its own RNG state to the staging copy first). When each machine
+    has a disk of its own, follow transformers' `save_on_each_node`: each machine's local rank 0 keeps
+    a whole copy there (its own processes' RNG states included), so every machine can resume."""
+    if distributed.shared_run_dir(run.path):
+        return
+    trainer.args.save_on_each_node = True  # TrainingArguments.should_save: local rank 0 of each machine
+    if distributed.local_rank() == 0 and not distributed.is_main_process():
+        if checkpoint is None:
+            run.create(overwrite)
+        else:
+            run.prepare_resume(step=int(checkpoint.name.rsplit("-", 1)[1]))
+    if distributed.is_main_process():
+        say(f"[yellow]note:[/] the machines do not share {run.path}: each keeps its own checkpoints there "
+            "(save_on_each_node); the adapter and run files are written on this machine (rank 0). To resume, "
+            "run the same command on every machine, each with its own copy")
+
+
 def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, resume: str | None = None,
           resume_command: str = "qlora train RECIPE --resume", console=None, display: str = "rich",
           estimate_command: str = "qlora estimate RECIPE") -> TrainResult:
@@ -208,6 +227,7 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
             _announce(console, recipe, setup, data_stats)
     if setup.process_group is not None:
         setup.process_group.wait_for_everyone()  # the run directory exists before any rank writes a checkpoint
+        _per_machine_checkpoints_unless_shared(run, trainer, checkpoint, overwrite, say)
     started = time.perf_counter()
     stop.install()
     try:
