@@ -380,3 +380,15 @@ def test_a_straddled_seam_before_a_later_reply_gives_each_reply_its_own_example(
         trained = [label != IGNORE_INDEX for label in labels]
         assert ids[: len(fed)] == fed and trained.index(True) == len(fed)
         assert trained_runs(bpe, ids, trained) == ["e</s>"]  # its own reply only: the other is history
+
+
+def test_a_model_template_that_drops_the_text_beside_a_tool_call_says_so(bpe):
+    # Llama 3.1's template renders an assistant turn with tool_calls as the call alone.
+    calls_only = (
+        "{%- for m in messages %}{%- if m.tool_calls %}{{ '<|assistant|>\\n' + m.tool_calls[0].function.name + '<|end|>\\n' }}"
+        "{%- else %}{{ '<|' + m.role + '|>\\n' + m.content + '<|end|>\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{%- endif %}"
+    )
+    example = to_canonical(openai_row("Let me check."), "messages")
+    with pytest.raises(TemplateMismatch, match="renders the tool calls of message 1 but not the text beside them"):
+        examples(bpe, calls_only, example["messages"])

@@ -466,6 +466,12 @@ class Renderer:
         if self.template.roles is not None:
             return
         for i, m in enumerate(messages):
+            if m["content"].strip() and not found(m["content"]) and m.get("tool_calls"):
+                raise TemplateMismatch(
+                    f"template {self.template.name!r} renders the tool calls of message {i} but not the text beside "
+                    "them (Llama 3.1's does this), so that text would be lost: move it to its own assistant turn, "
+                    "or use chatml or llama3"
+                )
             if m["content"].strip() and not found(m["content"]):
                 raise TemplateMismatch(
                     f"template {self.template.name!r} dropped a {m['role']!r} message (message {i}): map that role "
