@@ -237,7 +237,7 @@ def system_notice(template: Template) -> str | None:
     if not template.folds_system:
         return None
     return (
-        f"template {template.name!r} has no system role: a system message (alpaca's preamble, data.system) is "
+        f"template {template.name!r} has no system role: a system message (alpaca's preamble, a system turn, --system) is "
         "prepended to the first user turn, as this model's card advises"
     )
 
