@@ -192,13 +192,25 @@ def merge_run(run_dir: Path, output: Path) -> dict:
     return json.loads((result.output / "merge_report.json").read_text())
 
 
-def greedy_reply(target_dir: Path) -> list[int]:
-    """The greedy reply's token ids, as `qlora generate TARGET --prompt ... --greedy` produces it."""
+def greedy_reply(target_dir: Path) -> tuple[tuple[list[int], bool], list[int]]:
+    """((the greedy reply's token ids as `qlora generate TARGET --prompt ... --greedy` produces it,
+    whether it ended on a stop token), NEW_TOKENS greedy tokens with the stop tokens suppressed). A model trained 3 steps often stops
+    at once; the second makes every family decode several steps through its cache."""
+    import torch
+
     from qlora_cli.generate import Sampling, complete
     from qlora_cli.targets import load_target
 
     target = load_target(str(target_dir))
-    return complete(target, target.prompt_ids(PROMPT), Sampling(max_new_tokens=NEW_TOKENS, greedy=True)).token_ids
+    prompt = target.prompt_ids(PROMPT)
+    reply = complete(target, prompt, Sampling(max_new_tokens=NEW_TOKENS, greedy=True))
+    with torch.no_grad():
+        out = target.model.generate(
+            input_ids=torch.tensor([prompt], device=target.model.device), max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=target.stop_ids,
+            pad_token_id=target.tokenizer.pad_token_id,
+        )
+    return (reply.token_ids, reply.stopped), out[0, len(prompt):].tolist()
 
 
 @dataclass
@@ -213,8 +225,10 @@ class Row:
     adapter_effect: float | None = None  # what the adapter changes in the base's logits
     top1: float | None = None  # merge_report.json: merged model vs adapter on the 4-bit base
     merged_diff: float | None = None  # merged model (plain transformers) vs the trained model
-    reply_tokens: int | None = None
-    reply_matches: bool | None = None  # the merged model's greedy reply is the adapter's
+    reply_tokens: int | None = None  # the greedy reply `qlora generate` gives
+    reply_stopped: bool | None = None  # ...ended on a stop token (not at NEW_TOKENS)
+    forced_tokens: int | None = None  # greedy tokens decoded with the stop suppressed
+    reply_matches: bool | None = None  # the merged model's greedy tokens (both kinds) are the adapter's
     error: str | None = None
     seconds: dict = field(default_factory=dict)
 
@@ -268,7 +282,8 @@ def run_family(family: str, work: Path, tiny: Path) -> Row:
         row.merged_diff = (merged_logits(folder / "merged", batch) - trained).abs().max().item()
         lap("merge")
         adapter, merged = greedy_reply(folder / "run"), greedy_reply(folder / "merged")
-        row.reply_tokens, row.reply_matches = len(adapter), adapter == merged
+        (reply, row.reply_stopped), forced = adapter
+        row.reply_tokens, row.forced_tokens, row.reply_matches = len(reply), len(forced), adapter == merged
         lap("generate")
     except Exception as exc:  # noqa: BLE001 - the table says what broke
         row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -298,8 +313,9 @@ def table(rows: list[Row]) -> str:
             lines.append(
                 f"{head} | {r.steps} steps, loss {r.loss} | same logits (max diff {r.reload_diff:.1g}; "
                 f"the adapter moves them {r.adapter_effect:.2g}) | {r.top1:.2%} (merged vs trained logits: max diff "
-                f"{r.merged_diff:.1g}) | {r.reply_tokens} tokens, {'same as' if r.reply_matches else 'NOT'} "
-                "the adapter's |"
+                f"{r.merged_diff:.1g}) | {r.reply_tokens} token{'s' if r.reply_tokens != 1 else ''}"
+                f"{', stop' if r.reply_stopped else ' (limit)'}; {r.forced_tokens} with the stop suppressed; "
+                f"merged {'=' if r.reply_matches else '≠'} adapter |"
             )
     return "\n".join(lines)
 
