@@ -245,15 +245,16 @@ def write_model(plan, folder: Path, base_mode: str, max_bytes: int | None) -> li
 def write_companions(config, plan, base_folder: Path, tokenizer, folder: Path) -> None:
     """config.json (with the new dtype), generation_config.json (the base's, stopping on the run's
     stop token too: serving.py) and the run's tokenizer + template."""
-    from qlora_cli.serving import keep_base_tokenizer_files, write_generation_config
+    from qlora_cli.serving import keep_base_tokenizer_files, save_tokenizer, write_generation_config
 
     config.dtype = plan.out_dtype
     if plan.untie:  # the adapter changed one side of a tied pair: both are written, untied
         config.tie_word_embeddings = False
     config.save_pretrained(folder)
     write_generation_config(folder, base_folder, config, tokenizer)
-    # The run's tokenizer carries the template training rendered with, so generate/serve match it.
-    tokenizer.save_pretrained(folder)
+    # The run's tokenizer carries the template training rendered with, so generate/serve match it;
+    # written without generation blocks, so plain Jinja renders it too (serving.portable_jinja).
+    save_tokenizer(tokenizer, folder)
     keep_base_tokenizer_files(folder, str(base_folder))  # tokenizer.model, a class llama.cpp's converter knows
 
 

@@ -234,13 +234,15 @@ class RunDir:
         in the run directory is ever half written. With the trained `model`, also what serving
         tools read: its generation_config.json with the run's stop token, and the base's path
         made absolute in adapter_config.json (serving.py)."""
-        from qlora_cli.serving import keep_base_tokenizer_files, make_base_path_absolute, write_generation_config
+        from qlora_cli.serving import (
+            keep_base_tokenizer_files, make_base_path_absolute, save_tokenizer, write_generation_config,
+        )
 
         staging = self.final_staging
         shutil.rmtree(staging, ignore_errors=True)
         try:
             save_adapter(staging)
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)  # its chat template in plain Jinja (serving.portable_jinja)
             keep_base_tokenizer_files(staging, tokenizer.name_or_path)
             if model is not None:
                 make_base_path_absolute(staging)

@@ -4,6 +4,7 @@
     write_generation_config(folder, base, tokenizer)
     make_base_path_absolute(folder)                # adapter_config.json usable from any directory
     keep_base_tokenizer_files(folder, base)        # tokenizer.model, and a class older readers know
+    save_tokenizer(tokenizer, folder)              # save_pretrained, with the template in plain Jinja
 
 Plain `transformers` `generate()`, and servers that read `generation_config.json`, stop on its
 `eos_token_id` only. A base model's file names the base's EOS (`</s>`), while a run trained with
@@ -15,6 +16,7 @@ set (targets.Target.stop_ids), so both agree.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -109,3 +111,84 @@ def model_file(name_or_path: str, name: str, revision: str | None = None) -> Pat
     except Exception:  # an id the hub client rejects: nothing there
         return None
     return Path(cached) if isinstance(cached, str) else None
+
+
+# transformers' `{% generation %}` ... `{% endgeneration %}` (the built-in templates wrap assistant
+# replies in it so training can find them). Only transformers and llama.cpp know the tag: plain
+# Jinja, and the servers built on it, stop at "Encountered unknown tag 'generation'".
+_GENERATION_TAG = re.compile(r"{%([-+]?)\s*(end)?generation\s*([-+]?)%}")
+
+
+def save_tokenizer(tokenizer, folder) -> None:
+    """tokenizer.save_pretrained(FOLDER), with its chat template written in portable form
+    (portable_jinja). The tokenizer object keeps the template it had: training still finds the
+    replies by their generation blocks."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates: each one
+        tokenizer.chat_template = {name: portable_jinja(text) for name, text in template.items()}
+    elif isinstance(template, str):
+        tokenizer.chat_template = portable_jinja(template)
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.chat_template = template
+
+
+def portable_jinja(text: str) -> str:
+    """TEXT without generation tags, rendering the same text as before.
+
+    A generation block renders its body unchanged (it only records where the body landed), so
+    dropping its two tags leaves the output as it was, provided the tags did nothing else: their
+    whitespace control (`{%-`, `-%}`, and the trim_blocks/lstrip_blocks that chat templates are
+    rendered with) acts on the text beside a tag, so each tag must sit between two other tags
+    (or at an end of the template); and the block is a scope, so no `{% set %}` directly inside it
+    may leak out. Templates where either fails (none of the built-ins) keep the blocks as standard
+    `{% with %}` ... `{% endwith %}`, which have the same whitespace control and the same scope.
+    """
+    tags = list(_GENERATION_TAG.finditer(text))
+    if not tags:
+        return text
+    between_tags = all(
+        (m.start() == 0 or text[: m.start()].endswith(("}}", "%}", "#}")))
+        and (m.end() == len(text) or text[m.end():].startswith(("{{", "{%", "{#")))
+        for m in tags
+    )
+    if between_tags and not _assigns_in_generation_blocks(text):
+        return _GENERATION_TAG.sub("", text)
+    return _GENERATION_TAG.sub(lambda m: f"{{%{m[1]} {'endwith' if m[2] else 'with'} {m[3]}%}}", text)
+
+
+def _assigns_in_generation_blocks(text: str) -> bool:
+    """Whether a generation block assigns a variable in its own scope (not inside a loop, macro or
+    other scope of its own), which would be visible after the block once its tags are gone. A
+    template that does not parse counts as yes (it is then only rewritten, never trusted)."""
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+
+    class Generation(Extension):  # parses the tag as transformers does: a call block around the body
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(nodes.Name("__generation__", "load"), [], [], body).set_lineno(lineno)
+
+    scopes = (nodes.For, nodes.Macro, nodes.CallBlock, nodes.FilterBlock, nodes.With, nodes.Scope)
+
+    def assigns(node) -> bool:
+        for child in node.iter_child_nodes():
+            if isinstance(child, (nodes.Assign, nodes.AssignBlock)):
+                return True
+            if not isinstance(child, scopes) and assigns(child):
+                return True
+        return False
+
+    try:
+        tree = jinja2.Environment(extensions=[Generation, loopcontrols]).parse(text)
+    except jinja2.TemplateSyntaxError:
+        return True
+    return any(
+        assigns(block) for block in tree.find_all(nodes.CallBlock)
+        if isinstance(block.call, nodes.Name) and block.call.name == "__generation__"
+    )
