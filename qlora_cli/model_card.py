@@ -1,7 +1,9 @@
-"""RUN/README.md: a model card that says what was trained, how well, and how to load it.
+"""RUN/README.md: a model card that says what was trained, how well, and how to load it; and
+MERGED/README.md, the merged model's: what was folded into what, and how faithfully.
 
-PEFT's save_pretrained writes a generic template full of "More Information Needed"; this one is
-filled from the run's own recipe and summary, so it stays true without anyone editing it.
+PEFT's save_pretrained writes a generic template full of "More Information Needed"; these are
+filled from the run's own recipe and summary (and the merge report), so they stay true without
+anyone editing them.
 """
 
 from __future__ import annotations
@@ -101,3 +103,59 @@ def write_model_card(run, recipe, summary: dict) -> None:
     tmp = path.with_name(f".{MODEL_CARD}.partial")
     tmp.write_text(render_model_card(recipe, summary, str(run.path)), encoding="utf-8")
     tmp.replace(path)
+
+
+def render_merge_card(report: dict, output: str) -> str:
+    """The merged model's README.md, from its merge_report.json: base, run, and the fidelity
+    figures beside the precision floor they are judged against."""
+    fid = report.get("fidelity")
+    if fid is None:
+        fidelity = "Not checked (`qlora merge --no-verify`)."
+    else:
+        rows = [(f"merged model ({mode} base){'' if mode == report['base'] else ', in memory only'}", r)
+                for mode, r in fid["results"].items()]
+        floor = fid.get("floor")
+        if floor is not None:
+            rows.append((f"precision floor ({floor['dtype']})", floor))
+        table = "\n".join(
+            f"| {name} | {100 * r['top1_agreement']:.2f}% | {r['mean_kl']:.3g} | {r['max_abs_logit_diff']:.3g} | "
+            f"{r['positions']:,} |" for name, r in rows
+        )
+        verdict = f"**Warning:** {report['warning']}." if report.get("warning") else (
+            "The merged model is within the precision floor: it is the model the adapter made, up to rounding."
+        )
+        means = f"\n\nThe precision floor is {floor['means']}; the merge is judged against it." if floor else ""
+        fidelity = f"""Next-token predictions of this model against the adapter on the 4-bit base (as `qlora generate` loads it),
+on {fid['prompts']}:
+
+| | top-1 agreement | mean KL | max \\|logit diff\\| | positions |
+|---|---|---|---|---|
+{table}{means}
+
+{verdict}"""
+    return f"""---
+library_name: transformers
+base_model: {report['base_model']}
+tags: [qlora, lora, merged]
+---
+
+# {output}
+
+`{report['base_model']}` with the {report['adapter']['kind']} adapter of the run `{report['run_dir']}` folded in
+by `qlora merge` ({report['base']} base, {report['dtype']}): a standalone model, no PEFT needed.
+
+## Fidelity
+
+{fidelity}
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{output}")   # the run's chat template, in plain Jinja
+model = AutoModelForCausalLM.from_pretrained("{output}")
+```
+
+`generation_config.json` stops on the template's end of turn. Every figure above is in `merge_report.json`.
+"""

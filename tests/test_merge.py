@@ -29,7 +29,7 @@ from qlora_cli.serving import portable_jinja
 
 MERGED_FILES = {
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-    "merge_report.json",
+    "merge_report.json", "README.md",
 }
 
 
