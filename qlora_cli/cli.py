@@ -154,6 +154,10 @@ def validate(
     )
     for line in data_warnings(stats):
         err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    from qlora_cli.preflight import precision_note
+
+    if note := precision_note(r):  # what the run computes in, when model.dtype and compute_dtype differ
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if not quiet:
         # The fully resolved recipe (defaults, overrides and all) on stdout: what `train` would run.
         typer.echo(r.to_yaml(), nl=False)

@@ -63,6 +63,8 @@ def preflight(recipe: Recipe, run: RunDir, overwrite: bool, resume: str | None, 
     check_attention(recipe.model)
     check_trackers(recipe.train)
     check_compute_dtype(recipe.quant)
+    if note := precision_note(recipe):
+        warn(note)
     distributed.check_launch(recipe)
     check_speed_options(recipe.train)
     if remote_code_warning(recipe.model):
@@ -229,6 +231,38 @@ def check_compute_dtype(quant) -> None:
         raise UserError.single(
             "quant.compute_dtype", f"{torch.cuda.get_device_name()} has no bfloat16 support: use float16"
         )
+
+
+def precision_note(recipe: Recipe) -> str | None:
+    """What the run really computes in, when model.dtype (the checkpoint's unquantized layers) and
+    quant.compute_dtype differ; None when they agree.
+
+    bitsandbytes (0.50) runs a 4-bit layer's matmul in quant.compute_dtype, dequantizing the 4-bit
+    weights at that precision, but hands its result back in the dtype of its input, which is the
+    dtype of the layers around it. Training upcasts those (embeddings, norms, head) to fp32 (peft's
+    prepare_model_for_kbit_training); loading the run for generation, evaluation, the merge's check
+    or a plain PeftModel keeps them in model.dtype. (tests/test_merge_floor.py checks both facts.)
+    """
+    model_dtype, compute = recipe.model.dtype, recipe.quant.compute_dtype
+    if model_dtype == compute:
+        return None
+    if compute == "float32":
+        text = f"model.dtype is {model_dtype} and quant.compute_dtype float32: the 4-bit matmuls run in float32, "
+        if recipe.distributed.sharded:  # no upcast under sharding (modeling.attach_lora)
+            text += (f"but the unquantized layers stay {model_dtype} under {recipe.distributed.strategy}, so "
+                     f"activations pass between layers in {model_dtype}")
+        else:
+            text += (f"and training runs in float32 throughout (peft upcasts the unquantized layers), but loaded "
+                     f"for generate, eval or merge the run passes {model_dtype} activations between its layers, "
+                     f"so it computes partly in {model_dtype} there")
+        import torch
+
+        if not torch.cuda.is_available():
+            text += ("; on the CPU, set model.dtype: float32 for float32 throughout (the 4-bit weights stay the "
+                     "same; only the unquantized layers take twice the memory)")
+        return text
+    return (f"model.dtype is {model_dtype} and quant.compute_dtype {compute}: the 4-bit matmuls run in {compute}, "
+            f"the unquantized layers hold {model_dtype} weights")
 
 
 def remote_code_warning(model) -> str | None:
