@@ -12,9 +12,9 @@ response tokens (or the other way round) shows up either way.
 
 The precision floor is what arithmetic alone costs on the same rows: the adapter model compared
 with itself computed in another precision. A bf16 model cannot agree with anything to 100%: on
-SmolLM2-135M (bf16) the adapter model as loaded agrees with itself in fp32 on about 97% of next
-tokens, so a correct merge, which carries its own bf16 rounding, lands there too. The merge is
-judged against that figure, not against 100%.
+SmolLM2-135M-Instruct (bf16, 20 QLoRA steps) the adapter model as loaded agrees with itself in fp32
+on 97.88% of 5,807 next tokens, and the correct bf16 merge, which carries a bf16 rounding of its
+own, on 97.68%. The merge is judged against that figure, not against 100%.
 """
 
 from __future__ import annotations
