@@ -22,7 +22,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from qlora_cli.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, StoppedRun, UserError
-from qlora_cli.remote_code import FLAG_HELP as REMOTE_CODE_HELP_TEXT  # a light module: --help stays instant
+from qlora_cli.model.remote_code import (
+    FLAG_HELP as REMOTE_CODE_HELP_TEXT,  # a light module: --help stays instant
+)
 
 app = typer.Typer(
     name="qlora",
@@ -62,10 +64,10 @@ def train(
     """Quantize the base model to 4 bits, attach LoRA, train, and write a run directory."""
     from pathlib import Path
 
-    from qlora_cli.config import load_recipe
-    from qlora_cli.preflight import check_inputs, preflight, with_output_dir
-    from qlora_cli.remote_code import require_consent
-    from qlora_cli.rundir import RECIPE, RunDir
+    from qlora_cli.model.remote_code import require_consent
+    from qlora_cli.outputs.run_dir import RECIPE, RunDir
+    from qlora_cli.train.preflight import check_inputs, preflight, with_output_dir
+    from qlora_cli.recipe.load import load_recipe
 
     if log_format not in ("rich", "json"):
         raise UserError.single("--log-format", f"{log_format!r} is not a log format: use rich or json")
@@ -91,7 +93,7 @@ def train(
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
         # Check everything that needs no model before starting N processes, so a bad recipe or
         # path is reported once, plainly, instead of by every rank and then by the launcher.
-        from qlora_cli.distributed import launch
+        from qlora_cli.train.distributed import launch
 
         args = [recipe, *overrides, *(["--output-dir", output_dir] if output_dir else []),
                 *(["--overwrite"] if overwrite else []), *(["--resume", resume] if resume else []),
@@ -100,7 +102,7 @@ def train(
         with run.lock():  # this process writes nothing, but holds the run for the ones it launches
             preflight(checked, run, overwrite, resume, warn=lambda text: None)
             raise typer.Exit(launch(nproc, args))
-    from qlora_cli.train import train as run_training
+    from qlora_cli.train.run import train as run_training
 
     display = "json" if log_format == "json" else ("quiet" if quiet else "rich")
     result = run_training(recipe_obj, output_dir=output_dir, overwrite=overwrite, resume=resume,
@@ -112,7 +114,7 @@ def train(
     if display == "json":
         typer.echo(json.dumps({"event": "done", "run_dir": str(result.run_dir.path), "summary": s}, default=str))
         return
-    from qlora_cli.run_report import render_summary_panel
+    from qlora_cli.train.end_panel import render_summary_panel
 
     err.print(render_summary_panel(s, recipe_obj, str(result.run_dir.path)))
     typer.echo(str(result.run_dir.path))
@@ -126,20 +128,20 @@ def validate(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Check a recipe without training: schema, paths, tokenizer, template and every data row; print it resolved."""
-    from qlora_cli.config import load_recipe
     from qlora_cli.data.sources import check_data_files
-    from qlora_cli.preflight import check_model_path
-    from qlora_cli.remote_code import require_consent
+    from qlora_cli.model.remote_code import require_consent
+    from qlora_cli.model.location import check_model_path
+    from qlora_cli.recipe.load import load_recipe
 
     r = load_recipe(recipe, set_ or [])
     require_consent(r.model, trust_remote_code)  # the tokenizer may bring code too
     check_model_path(r.model)  # these need no library: a typo or a wrong path is reported at once
     check_data_files(r.data)
     _quiet_libraries()
-    from qlora_cli.architectures import check_model
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.data.report import data_warnings
-    from qlora_cli.train import prepare_tokenizer
+    from qlora_cli.model.architectures import check_model
+    from qlora_cli.model.tokenizer import prepare_tokenizer
 
     tokenizer, template = prepare_tokenizer(r)
     _, coverage = check_model(r, tokenizer)  # 4-bit coverage and vocabulary, on an empty model
@@ -154,7 +156,7 @@ def validate(
     )
     for line in data_warnings(stats):
         err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
-    from qlora_cli.preflight import precision_note
+    from qlora_cli.train.preflight import precision_note
 
     if note := precision_note(r):  # what the run computes in, when model.dtype and compute_dtype differ
         err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
@@ -173,10 +175,10 @@ def data(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Preview the training data: rendered examples with trained tokens highlighted, and statistics."""
-    from qlora_cli.config import load_recipe
     from qlora_cli.data.sources import check_data_files
-    from qlora_cli.preflight import check_model_path
-    from qlora_cli.remote_code import require_consent
+    from qlora_cli.model.remote_code import require_consent
+    from qlora_cli.model.location import check_model_path
+    from qlora_cli.recipe.load import load_recipe
 
     r = load_recipe(recipe, set_ or [])
     require_consent(r.model, trust_remote_code)  # the tokenizer may bring code too
@@ -184,8 +186,13 @@ def data(
     check_data_files(r.data)
     _quiet_libraries()
     from qlora_cli.data.pipeline import build_datasets
-    from qlora_cli.data.report import data_warnings, example_segments, render_example, render_stats
-    from qlora_cli.train import prepare_tokenizer
+    from qlora_cli.data.report import (
+        data_warnings,
+        example_segments,
+        render_example,
+        render_stats,
+    )
+    from qlora_cli.model.tokenizer import prepare_tokenizer
 
     tokenizer, template = prepare_tokenizer(r)
     prepared = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size)
@@ -239,8 +246,8 @@ def merge(
 ):
     """Fold the adapter into the base model and write a standalone model, with a fidelity report."""
     _quiet_libraries()  # first, so no library this command loads logs its import-time notices
-    from qlora_cli.fidelity import render_fidelity
-    from qlora_cli.merge import merge as run_merge
+    from qlora_cli.merge.fidelity import render_fidelity
+    from qlora_cli.merge.run import merge as run_merge
 
     start = time.perf_counter()
     result = run_merge(
@@ -275,7 +282,7 @@ def generate(
 ):
     """Generate with exactly the template the run was trained with."""
     _quiet_libraries()  # first, so no library this command loads logs its import-time notices
-    from qlora_cli.generate import run_generate
+    from qlora_cli.infer.generate import run_generate
 
     run_generate(
         target, prompt=prompt, input_file=input_file, output_file=output_file, interactive=interactive,
@@ -307,8 +314,8 @@ def eval_(
 ):
     """Loss, perplexity, token accuracy, exact match and ROUGE-L, with exactly the training template."""
     _quiet_libraries()  # first, so no library this command loads logs its import-time notices
-    from qlora_cli.eval_report import describe, render_table
-    from qlora_cli.evaluation import run_eval
+    from qlora_cli.infer.eval_results import describe, render_table
+    from qlora_cli.infer.evaluate import run_eval
 
     results = run_eval(
         target, data_path=data_path, split=split, compare_base=compare_base, max_samples=max_samples,
@@ -336,7 +343,7 @@ def init(
     """Write a commented starter recipe for a model and data format."""
     from pathlib import Path
 
-    from qlora_cli.starter import FORMATS, starter_recipe
+    from qlora_cli.recipe.starter import FORMATS, starter_recipe
 
     if fmt not in FORMATS:
         raise UserError.single("--format", f"{fmt!r} is not a starter format: use one of {', '.join(FORMATS)}")
@@ -362,9 +369,9 @@ def estimate(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Predict peak training memory per GPU from the recipe and the model's config.json (no weights downloaded)."""
-    from qlora_cli.config import load_recipe
-    from qlora_cli.preflight import check_model_path
-    from qlora_cli.remote_code import require_consent
+    from qlora_cli.model.remote_code import require_consent
+    from qlora_cli.model.location import check_model_path
+    from qlora_cli.recipe.load import load_recipe
 
     if nproc < 1:
         raise UserError.single("--nproc", f"is {nproc}: give the number of GPUs, 1 or more")
@@ -375,9 +382,10 @@ def estimate(
     import torch
     from rich.table import Table
 
-    from qlora_cli.estimate import GIB, estimate as run_estimate, suggestions
-    from qlora_cli.merge_weights import parse_size
-    from qlora_cli.progress import format_memory
+    from qlora_cli.estimate import GIB, suggestions
+    from qlora_cli.estimate import estimate as run_estimate
+    from qlora_cli.merge.weights import parse_size
+    from qlora_cli.train.progress import format_memory
 
     budget = parse_size(gpu_memory, "--gpu-memory") if gpu_memory else (
         torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
@@ -431,7 +439,7 @@ def plot(
     """Draw train loss (raw and smoothed) and eval loss against step; several runs are overlaid."""
     from pathlib import Path
 
-    from qlora_cli.plots import plot_runs
+    from qlora_cli.outputs.plots import plot_runs
 
     if not output.lower().endswith(".png"):
         raise UserError.single("--output", f"{output} is not a .png file name")
@@ -442,7 +450,7 @@ def plot(
 @app.command()
 def schema():
     """Print the recipe's JSON Schema (for editor completion and validation)."""
-    from qlora_cli.config import json_schema
+    from qlora_cli.recipe.schema import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2))
 
@@ -490,7 +498,7 @@ def main() -> None:
     Typer's standalone mode handles usage errors (unknown flag, missing argument: exit 2) and
     --help itself; what reaches us is either a UserError (exit 2) or a bug (exit 1).
     """
-    from qlora_cli.distributed import STOP_FILE_ENV, is_main_process
+    from qlora_cli.train.distributed import STOP_FILE_ENV, is_main_process
 
     try:
         app(args=_bare_resume_to_latest(sys.argv[1:]), prog_name="qlora")

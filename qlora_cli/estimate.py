@@ -68,7 +68,7 @@ class Estimate:
 
 def nf4_bytes(n: int, double_quant: bool, tensors: int = 0) -> float:
     """n weights in `tensors` 4-bit matrices, with their quantization constants (footprint.nf4_theory)."""
-    from qlora_cli.footprint import nf4_theory
+    from qlora_cli.model.footprint import nf4_theory
 
     per_weight, per_tensor = nf4_theory(n, double_quant)
     return per_weight + tensors * per_tensor
@@ -102,10 +102,10 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
     import torch
     from transformers import AutoConfig
 
-    from qlora_cli.architectures import quantized_fraction, require_4bit
     from qlora_cli.errors import UserError
-    from qlora_cli.merge_weights import quantized_meta_model
-    from qlora_cli.modeling import TORCH_DTYPES
+    from qlora_cli.model.meta import quantized_meta_model
+    from qlora_cli.model.architectures import quantized_fraction, require_4bit
+    from qlora_cli.model.load import TORCH_DTYPES
 
     m, q = recipe.model, recipe.quant
     config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
@@ -237,7 +237,7 @@ def _sharded(est: Estimate, inv: _Inventory, recipe, n: int) -> None:
         offload_params = offload_optimizer = dist.fsdp_cpu_offload  # FSDP offloads parameters, grads and the step
         label = "fsdp"
     else:
-        from qlora_cli.distributed import deepspeed_stage, zero_optimization
+        from qlora_cli.train.distributed import deepspeed_stage, zero_optimization
 
         stage = deepspeed_stage(recipe)  # the stage `qlora train` reads, with the same checks
         zero = zero_optimization(recipe)

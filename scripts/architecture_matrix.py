@@ -119,9 +119,9 @@ def write_recipe(recipe: dict, path: Path) -> Path:
 def load_4bit(model_dir: Path):
     """The base through qlora's own loading path. Returns (model, Coverage); raises the UserError
     qlora stops with when too little of the model would be in 4 bits."""
-    from qlora_cli.architectures import quantized_fraction
-    from qlora_cli.config import ModelSection, QuantSection
-    from qlora_cli.modeling import load_base_model
+    from qlora_cli.model.architectures import quantized_fraction
+    from qlora_cli.recipe.schema import ModelSection, QuantSection
+    from qlora_cli.model.load import load_base_model
 
     quant = QuantSection(quant_type="nf4", double_quant=True, compute_dtype="float32")
     model = load_base_model(ModelSection(name_or_path=str(model_dir), dtype="float32"), quant)
@@ -132,8 +132,8 @@ def train_run(recipe_path: Path):
     """`qlora train` in this process (the same function the command calls). Returns TrainResult."""
     from rich.console import Console
 
-    from qlora_cli.config import load_recipe
-    from qlora_cli.train import train
+    from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.train.run import train
 
     with open(os.devnull, "w") as sink:  # no live display: the matrix prints its own table
         return train(load_recipe(recipe_path), display="quiet", console=Console(file=sink))
@@ -166,7 +166,7 @@ def reload_check(result, batch, expected) -> tuple[float, float]:
     reloaded on a freshly loaded 4-bit base, max |difference| the adapter makes to the base's logits)."""
     from peft import PeftModel
 
-    from qlora_cli.config import load_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     base, _ = load_4bit(Path(load_recipe(result.run_dir / "recipe.yaml").model.name_or_path))
     reloaded = PeftModel.from_pretrained(base, str(result.run_dir.path)).eval()
@@ -186,7 +186,7 @@ def merged_logits(merged_dir: Path, batch):
 
 def merge_run(run_dir: Path, output: Path) -> dict:
     """`qlora merge` with its fidelity check (the function the command calls). Returns merge_report.json."""
-    from qlora_cli.merge import merge
+    from qlora_cli.merge.run import merge
 
     result = merge(run_dir, output=output)
     return json.loads((result.output / "merge_report.json").read_text())
@@ -198,8 +198,8 @@ def greedy_reply(target_dir: Path) -> tuple[tuple[list[int], bool], list[int]]:
     at once; the second makes every family decode several steps through its cache."""
     import torch
 
-    from qlora_cli.generate import Sampling, complete
-    from qlora_cli.targets import load_target
+    from qlora_cli.infer.generate import Sampling, complete
+    from qlora_cli.infer.target import load_target
 
     target = load_target(str(target_dir))
     prompt = target.prompt_ids(PROMPT)
@@ -237,10 +237,10 @@ def run_family(family: str, work: Path, tiny: Path) -> Row:
     """Every step for one family, measured; a failure is recorded, not raised."""
     import torch
 
-    from qlora_cli.architectures import quantized_fraction
-    from qlora_cli.config import QuantSection
+    from qlora_cli.model.architectures import quantized_fraction
+    from qlora_cli.recipe.schema import QuantSection
     from qlora_cli.errors import UserError
-    from qlora_cli.merge_weights import quantized_meta_model
+    from qlora_cli.model.meta import quantized_meta_model
 
     row = Row(family, FAMILIES[family][0])
     folder = work / family.replace(" ", "_")

@@ -5,7 +5,7 @@
 This is what a user would write without the tool: transformers + bitsandbytes (NF4, double quant),
 peft (prepare_model_for_kbit_training + LoRA) and TRL's SFTTrainer on prompt/completion pairs (so
 the loss is on the completion only), then the adapter saved. Only the numbers come from the
-recipe (`qlora_cli.config.load_recipe`, a pure pydantic/YAML reader), so both sides train with the
+recipe (`qlora_cli.recipe.load.load_recipe`, a pure pydantic/YAML reader), so both sides train with the
 same settings; none of qlora's data pipeline, templates, model loading, trainer subclass or
 callbacks is used. Supports alpaca sources only (the tiny recipe's format).
 
@@ -151,7 +151,7 @@ def main() -> None:
     from transformers import AutoTokenizer, set_seed
     from trl import SFTTrainer
 
-    from qlora_cli.config import load_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe)
     set_seed(recipe.train.seed)

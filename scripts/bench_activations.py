@@ -70,8 +70,8 @@ def load(batch: int, seq: int, dtype_name: str, shape: dict, checkpointing: bool
     """(recipe, model) for a random model of this shape, loaded and adapted as `qlora train` does."""
     import torch
 
-    from qlora_cli.config import validate_recipe
-    from qlora_cli.modeling import attach_lora, load_base_model
+    from qlora_cli.recipe.load import validate_recipe
+    from qlora_cli.model.load import attach_lora, load_base_model
 
     tmp = Path(tempfile.mkdtemp(prefix="qlora-activations-"))
     model_dir = build_model(tmp / "model", getattr(torch, dtype_name), shape)
@@ -92,7 +92,7 @@ def measure(batch: int, seq: int, dtype_name: str, shape: dict = SHAPE) -> dict:
     import torch
 
     from qlora_cli.estimate import LOSS_SAVED, estimate
-    from qlora_cli.footprint import _quant_state_tensors, _quantized
+    from qlora_cli.model.footprint import _quant_state_tensors, _quantized
 
     dtype = getattr(torch, dtype_name)
     recipe, model = load(batch, seq, dtype_name, shape)
@@ -137,7 +137,7 @@ def step_peak(batch: int, seq: int, dtype_name: str, checkpointing: bool, shape:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from qlora_cli.estimate import estimate
-    from qlora_cli.footprint import quant_state_bytes
+    from qlora_cli.model.footprint import quant_state_bytes
 
     dtype = getattr(torch, dtype_name)
     recipe, model = load(batch, seq, dtype_name, shape, checkpointing)

@@ -56,9 +56,9 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "cache": p.stats.cache}))
 
 def load(model_dir: str):
     """The tokenizer with the alpaca template installed, as `qlora train` prepares it."""
-    from qlora_cli.config import ModelSection
+    from qlora_cli.recipe.schema import ModelSection
     from qlora_cli.data.templates import apply_template, resolve_template
-    from qlora_cli.modeling import load_tokenizer
+    from qlora_cli.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(ModelSection(name_or_path=model_dir))
     template = resolve_template("alpaca", tokenizer)
@@ -67,7 +67,7 @@ def load(model_dir: str):
 
 
 def data_section(path: str, procs: int, cache: bool):
-    from qlora_cli.config import DataSection
+    from qlora_cli.recipe.schema import DataSection
 
     return DataSection(sources=[{"path": path, "format": "alpaca"}], num_proc=procs, cache=cache)
 

@@ -5,7 +5,7 @@
 For the tiny model and a medium random Llama (about 0.5 B parameters, built locally from a
 config), it loads the base exactly as training does (4-bit NF4 + double quantization, then
 peft's prepare_model_for_kbit_training) and compares the bytes its tensors hold (parameters,
-buffers and the 4-bit quant states, qlora_cli/footprint.py) with the estimate's weight part. It
+buffers and the 4-bit quant states, qlora_cli/model/footprint.py) with the estimate's weight part. It
 also checks the trainable-parameter count against PEFT's. Then the same under
 distributed.strategy fsdp, in one process: weights stored in bf16 and no fp32 upcast, which is what
 each GPU's shards add up to. Prints JSON.
@@ -34,10 +34,10 @@ def medium_model(out: Path) -> Path:
 
 
 def measure(model_dir: Path, dtype: str, strategy: str = "ddp") -> dict:
-    from qlora_cli.config import validate_recipe
+    from qlora_cli.recipe.load import validate_recipe
     from qlora_cli.estimate import estimate
-    from qlora_cli.footprint import measured_4bit_bytes
-    from qlora_cli.modeling import attach_lora, load_base_model
+    from qlora_cli.model.footprint import measured_4bit_bytes
+    from qlora_cli.model.load import attach_lora, load_base_model
 
     recipe = validate_recipe({
         "model": {"name_or_path": str(model_dir), "dtype": dtype},

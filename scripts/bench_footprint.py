@@ -5,7 +5,7 @@
 Loads two models in 4 bits on the CPU with qlora's own loader (NF4, as `qlora train` does), with
 and without double quantization: the tiny model (scripts/build_tiny.py) and a random medium Llama
 built locally from a config (hidden 1536, 12 layers, 32k vocabulary, bf16: about 0.5 B parameters,
-as scripts/bench_estimate.py). For each, qlora_cli.footprint gives:
+as scripts/bench_estimate.py). For each, qlora_cli.model.footprint gives:
   - measured: bytes held by parameters, buffers and bitsandbytes' quant states (absmax, nested
     absmax, lookup tables, offset);
   - theoretical: 4 bits per quantized weight plus block scales (4.127 bits with double quant, 4.5
@@ -44,9 +44,9 @@ def medium_model(out: Path) -> Path:
 
 
 def measure(name: str, model_dir: Path, dtype: str, double_quant: bool) -> dict:
-    from qlora_cli.config import validate_recipe
-    from qlora_cli.footprint import footprint
-    from qlora_cli.modeling import load_base_model
+    from qlora_cli.recipe.load import validate_recipe
+    from qlora_cli.model.footprint import footprint
+    from qlora_cli.model.load import load_base_model
 
     recipe = validate_recipe({
         "model": {"name_or_path": str(model_dir), "dtype": dtype},

@@ -178,8 +178,8 @@ def write_recipe(run_dir: Path, model_dir: Path, data_file: Path) -> None:
     tiny_recipe points it) at the big model, with fp32 weights and compute."""
     import yaml
 
-    from qlora_cli.config import validate_recipe
-    from qlora_cli.rundir import RunDir
+    from qlora_cli.recipe.load import validate_recipe
+    from qlora_cli.outputs.run_dir import RunDir
 
     recipe = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     recipe["model"]["name_or_path"] = str(model_dir)
@@ -242,7 +242,7 @@ def child(variant: str, info: dict, out: Path) -> dict:
     if variant == "naive":
         naive_merge(Path(info["model_dir"]), Path(info["run_dir"]), out)
     else:
-        from qlora_cli.merge import merge
+        from qlora_cli.merge.run import merge
 
         merge(info["run_dir"], output=out, dtype="bf16" if variant == "streamed-bf16" else None,
               verify=False, overwrite=True)
@@ -270,10 +270,10 @@ def import_everything() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401  (transformers imports lazily)
 
-    import qlora_cli.config  # noqa: F401
-    import qlora_cli.merge  # noqa: F401
-    import qlora_cli.modeling  # noqa: F401
-    import qlora_cli.train  # noqa: F401  (merge's report reads library versions from it)
+    import qlora_cli.recipe.schema  # noqa: F401
+    import qlora_cli.merge.run  # noqa: F401
+    import qlora_cli.model.load  # noqa: F401
+    import qlora_cli.train.run  # noqa: F401  (merge's report reads library versions from it)
 
 
 def naive_merge(model_dir: Path, run_dir: Path, out: Path) -> None:

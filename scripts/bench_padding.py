@@ -5,7 +5,7 @@
 
 configs/tiny.yaml pointed at the data file (alpaca format, all rows trained: data.val_size=0,
 data.max_seq_len as given, the recipe default 2048), with the tiny tokenizer, goes through
-`qlora_cli.train.build_trainer`: qlora's own pipeline, TRL's packing and collator, the trainer's own
+`qlora_cli.train.run.build_trainer`: qlora's own pipeline, TRL's packing and collator, the trainer's own
 dataloader (seeded random order). One epoch of `trainer.get_train_dataloader()` is iterated and
 counted, for packing off and on, and compared with what the pipeline predicts (`stats.batching`).
 
@@ -50,9 +50,9 @@ class CountingCollator:
 
 
 def build(data: Path, max_seq_len: int, batch_size: int, packing: bool, work: Path):
-    from qlora_cli.config import load_recipe
-    from qlora_cli.rundir import RunDir
-    from qlora_cli.train import build_trainer
+    from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.outputs.run_dir import RunDir
+    from qlora_cli.train.run import build_trainer
 
     overrides = [f"data.sources[0].path={data}", f"data.max_seq_len={max_seq_len}", "data.val_size=0", "train.eval_steps=null",
                  f"data.packing={str(packing).lower()}", f"train.batch_size={batch_size}",

@@ -6,7 +6,7 @@ a mistake in the recipe or a path is reported, against importing the training st
 All are started as fresh processes with the same interpreter; the figures are medians, and the
 difference from `python -c pass` is what the tool itself costs before doing anything (the target
 is under 0.5 s). The two mistakes (a misspelled key given with --set, a data file that does not
-exist) exit 2; `import qlora_cli.train` is what reporting them after loading torch, transformers,
+exist) exit 2; `import qlora_cli.train.run` is what reporting them after loading torch, transformers,
 peft and bitsandbytes would cost. The tiny model is built in a temporary directory for the
 recipe to point at. Prints JSON.
 """
@@ -56,7 +56,7 @@ def main() -> None:
                                    "--set", "lora.alpah=16"], 2, "did you mean 'alpha'"),
         "train, missing data file": ([*recipe, "--set", f"data.sources[0].path={tmp / 'missing.jsonl'}"], 2,
                                      "data file not found"),
-        "import qlora_cli.train": ([sys.executable, "-c", "import qlora_cli.train"], 0, ""),
+        "import qlora_cli.train.run": ([sys.executable, "-c", "import qlora_cli.train.run"], 0, ""),
     }
     for case in commands.values():  # warm the file cache
         wall(*case)

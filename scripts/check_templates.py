@@ -117,9 +117,9 @@ class Result:
 
 def load(tokenizer_dir: str, template_name: str):
     """The tokenizer and Renderer a recipe with this model and data.template would use (train.prepare_tokenizer)."""
-    from qlora_cli.config import ModelSection
+    from qlora_cli.recipe.schema import ModelSection
     from qlora_cli.data.templates import Renderer, apply_template, resolve_template
-    from qlora_cli.modeling import load_tokenizer
+    from qlora_cli.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(ModelSection(name_or_path=tokenizer_dir))
     template = resolve_template(template_name, tokenizer)

@@ -17,7 +17,8 @@ from typing import Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from qlora_cli.config import Recipe, _section_type
+from qlora_cli.recipe.schema import Recipe
+from qlora_cli.recipe.load import _section_type
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def docs_page() -> str:
 
 
 def schema_text() -> str:
-    from qlora_cli.config import json_schema
+    from qlora_cli.recipe.schema import json_schema
 
     return json.dumps(json_schema(), indent=2) + "\n"
 

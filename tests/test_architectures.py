@@ -22,10 +22,10 @@ import torch
 from transformers import AutoConfig
 
 import architecture_matrix as matrix
-from qlora_cli.architectures import MIN_FRACTION, quantized_fraction
-from qlora_cli.config import QuantSection
+from qlora_cli.model.architectures import MIN_FRACTION, quantized_fraction
+from qlora_cli.recipe.schema import QuantSection
 from qlora_cli.errors import UserError
-from qlora_cli.merge_weights import quantized_meta_model
+from qlora_cli.model.meta import quantized_meta_model
 
 DENSE = [f for f in matrix.FAMILIES if f not in matrix.MOE]
 MOE = [f for f in matrix.FAMILIES if f in matrix.MOE]

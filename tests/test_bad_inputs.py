@@ -50,7 +50,7 @@ def test_bad_recipe_is_refused_clearly(name, tiny, tmp_path, qlora_main):
 
 def test_trust_remote_code_is_off_by_default():
     # What a recipe that turns it on may do (nothing without --trust-remote-code): test_run_safety.py.
-    from qlora_cli.config import Recipe
+    from qlora_cli.recipe.schema import Recipe
 
     assert Recipe.model_fields["model"].annotation.model_fields["trust_remote_code"].default is False
 
@@ -59,9 +59,9 @@ def test_bf16_compute_is_refused_on_a_gpu_without_bf16(monkeypatch):
     """This machine has no GPU, so the GPU is faked: the check must name the key and the fix."""
     import torch
 
-    from qlora_cli.config import QuantSection
+    from qlora_cli.recipe.schema import QuantSection
     from qlora_cli.errors import UserError
-    from qlora_cli.preflight import check_compute_dtype
+    from qlora_cli.train.preflight import check_compute_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from qlora_cli.config import DataSection, ModelSection
+from qlora_cli.recipe.schema import DataSection, ModelSection
 from qlora_cli.data import cache
 from qlora_cli.data.pipeline import build_datasets
 from qlora_cli.data.templates import apply_template, resolve_template
-from qlora_cli.modeling import load_tokenizer
+from qlora_cli.model.load import load_tokenizer
 
 ROWS = [{"instruction": f"Say apple {i}.", "input": "x" if i % 2 else "", "output": f"apple {i}"} for i in range(12)]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli
-from qlora_cli.config import json_schema
+from qlora_cli.recipe.schema import json_schema
 
 QLORA = Path(sys.executable).with_name("qlora")  # the console script installed next to this interpreter
 HEAVY_MODULES = ("torch", "transformers", "datasets", "trl", "peft", "bitsandbytes")
@@ -203,7 +203,7 @@ def test_overwrite_never_deletes_a_directory_that_is_not_an_earlier_run(write_re
 def test_overwrite_never_deletes_the_runs_own_inputs(write_recipe, tiny, tmp_path):
     # An earlier run whose merged model (recorded in its marker, so --overwrite could delete it) is
     # the base of this run: training on it into the same directory must not delete it.
-    from qlora_cli.rundir import RunDir
+    from qlora_cli.outputs.run_dir import RunDir
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

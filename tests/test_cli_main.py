@@ -21,7 +21,7 @@ def test_internal_error_exits_1_with_traceback(monkeypatch, capsys):
     def boom():
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr("qlora_cli.config.json_schema", boom)
+    monkeypatch.setattr("qlora_cli.recipe.schema.json_schema", boom)
     assert _run_main(monkeypatch, ["schema"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "kaboom" in err and "internal error" in err
@@ -31,7 +31,7 @@ def test_user_error_exits_2_without_traceback(monkeypatch, capsys):
     def bad():
         raise UserError.single("lora.r", "must be at least 1", line=3)
 
-    monkeypatch.setattr("qlora_cli.config.json_schema", bad)
+    monkeypatch.setattr("qlora_cli.recipe.schema.json_schema", bad)
     assert _run_main(monkeypatch, ["schema"]) == 2
     err = capsys.readouterr().err
     assert "lora.r (line 3): must be at least 1" in err and "Traceback" not in err
@@ -44,7 +44,7 @@ def test_ctrl_c_wrapped_by_a_library_is_an_interrupt_not_a_bug(monkeypatch, caps
         except KeyboardInterrupt as exc:  # e.g. Python's __set_name__ machinery during an import
             raise RuntimeError("Error calling __set_name__") from exc
 
-    monkeypatch.setattr("qlora_cli.config.json_schema", wrapped)
+    monkeypatch.setattr("qlora_cli.recipe.schema.json_schema", wrapped)
     assert _run_main(monkeypatch, ["schema"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
@@ -63,7 +63,7 @@ def test_validate_checks_everything_but_trains_nothing(write_recipe, tmp_path):
     # stdout is the fully resolved recipe: overrides applied, defaults written out, and valid itself.
     import yaml
 
-    from qlora_cli.config import validate_recipe
+    from qlora_cli.recipe.load import validate_recipe
 
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["data"]["max_seq_len"] == 64 and resolved["data"]["val_size"] == 100

@@ -10,21 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora_cli.config import (
-    DataSection,
-    DataSource,
-    LoraSection,
-    ModelSection,
-    DistributedSection,
-    OutputSection,
-    QuantSection,
-    Recipe,
-    TrainSection,
-    _apply_overrides,
-    json_schema,
-    load_recipe,
-    validate_recipe,
-)
+from qlora_cli.recipe.schema import DataSection, DataSource, LoraSection, ModelSection, DistributedSection, OutputSection, QuantSection, Recipe, TrainSection, json_schema
+from qlora_cli.recipe.load import _apply_overrides, load_recipe, validate_recipe
 from qlora_cli.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -100,7 +100,7 @@ def test_two_processes_train_one_model_into_one_run_directory(ddp_runs):
 
 
 def test_sigint_stops_every_rank_at_one_checkpoint_and_resume_continues(ddp_runs):
-    from qlora_cli.checkpoints import problem
+    from qlora_cli.train.checkpoints import problem
 
     run, (stopped, resumed), _, _ = ddp_runs
     assert stopped.returncode == 130, stopped.stderr[-3000:]
@@ -120,9 +120,9 @@ def test_sigint_stops_every_rank_at_one_checkpoint_and_resume_continues(ddp_runs
                                                    ("2 processes", "2", None),
                                                    ("1 process", "2", "from 18 to 36 rows per step")])
 def test_resuming_with_another_number_of_processes_is_warned_about(ddp_runs, monkeypatch, which, world, warned):
-    from qlora_cli.config import load_recipe
-    from qlora_cli.rundir import RECIPE, RunDir
-    from qlora_cli.preflight import preflight
+    from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.outputs.run_dir import RECIPE, RunDir
+    from qlora_cli.train.preflight import preflight
 
     run = ddp_runs[0] if which == "2 processes" else ddp_runs[2]
     monkeypatch.setenv("WORLD_SIZE", world)
@@ -160,7 +160,7 @@ def test_two_processes_match_one_process_at_twice_the_batch(ddp_runs):
 def test_torchrun_ctrl_c_saves_one_checkpoint_on_every_rank(tiny, tmp_path):
     """Under plain torchrun, Ctrl-C reaches each worker twice (terminal, then torchrun forwarding
     it): that must count as one press, and the ranks must agree on the step to stop at."""
-    from qlora_cli.checkpoints import problem
+    from qlora_cli.train.checkpoints import problem
 
     recipe = _recipe(tiny, tmp_path, 8)
     with socket.socket() as sock:
@@ -187,7 +187,7 @@ def test_torchrun_ctrl_c_saves_one_checkpoint_on_every_rank(tiny, tmp_path):
 
 
 def _load(tiny, tmp_path, *overrides):
-    from qlora_cli.config import load_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(tiny, tmp_path / "run")))
@@ -195,8 +195,8 @@ def _load(tiny, tmp_path, *overrides):
 
 
 def test_ddp_settings_follow_the_world_size(tiny, tmp_path, monkeypatch):
-    from qlora_cli import distributed
-    from qlora_cli.modeling import build_bnb_config
+    from qlora_cli.train import distributed
+    from qlora_cli.model.load import build_bnb_config
 
     recipe = _load(tiny, tmp_path, "train.batch_size=4", "train.gradient_accumulation_steps=3")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -209,9 +209,9 @@ def test_ddp_settings_follow_the_world_size(tiny, tmp_path, monkeypatch):
 
 
 def test_fsdp_becomes_fsdp_qlora_arguments_and_float_storage(tiny, tmp_path):
-    from qlora_cli.modeling import build_bnb_config
-    from qlora_cli.rundir import RunDir
-    from qlora_cli.train import build_sft_config
+    from qlora_cli.model.load import build_bnb_config
+    from qlora_cli.outputs.run_dir import RunDir
+    from qlora_cli.train.run import build_sft_config
 
     recipe = _load(tiny, tmp_path, "distributed.strategy=fsdp", "train.optimizer=adamw_torch",
                    "train.gradient_checkpointing=true", "distributed.fsdp_cpu_offload=true")
@@ -231,8 +231,8 @@ def test_fsdp_becomes_fsdp_qlora_arguments_and_float_storage(tiny, tmp_path):
 
 
 def test_deepspeed_takes_the_zero3_config_and_float_storage(tiny, tmp_path):
-    from qlora_cli import distributed
-    from qlora_cli.modeling import build_bnb_config
+    from qlora_cli.train import distributed
+    from qlora_cli.model.load import build_bnb_config
 
     zero3 = ROOT / "configs" / "deepspeed" / "zero3.json"
     recipe = _load(tiny, tmp_path, "distributed.strategy=deepspeed", f"distributed.deepspeed_config={zero3}")
@@ -258,8 +258,7 @@ def test_deepspeed_takes_the_zero3_config_and_float_storage(tiny, tmp_path):
 
 
 def test_a_launcher_config_that_contradicts_the_recipe_is_refused(tiny, tmp_path, monkeypatch):
-    from qlora_cli import distributed
-
+    from qlora_cli.train import distributed
     recipe = _load(tiny, tmp_path)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
     with pytest.raises(UserError, match="distributed.strategy: is ddp, but the accelerate config .* uses fsdp"):
@@ -270,7 +269,7 @@ def test_shipped_launch_configs_are_what_the_readme_says(tiny):
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 
-    from qlora_cli.config import load_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     configs = ROOT / "configs" / "accelerate"
     ddp = load_config_from_file(str(configs / "ddp.yaml"))
@@ -285,8 +284,7 @@ def test_shipped_launch_configs_are_what_the_readme_says(tiny):
 
 
 def test_nproc_checks_the_recipe_before_launching_anything(write_recipe, tmp_path, qlora_main, monkeypatch):
-    from qlora_cli import distributed
-
+    from qlora_cli.train import distributed
     monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("launched despite a bad recipe"))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("mine")
@@ -306,7 +304,7 @@ def test_every_rank_leaves_the_process_group_and_waits_only_when_all_will_arrive
     hang. A one-member gloo group stands in for the launcher's."""
     import torch.distributed as dist
 
-    from qlora_cli import distributed
+    from qlora_cli.train import distributed
     from qlora_cli.errors import StoppedRun
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # what a launcher sets; the group below has one member

@@ -11,8 +11,8 @@ import json
 import pytest
 from transformers import TrainerState
 
-from qlora_cli import checkpoints
-from qlora_cli.trainer import BAD_LOGS_TO_STOP, Diverged, DivergenceGuard
+from qlora_cli.train import checkpoints
+from qlora_cli.train.trainer import BAD_LOGS_TO_STOP, Diverged, DivergenceGuard
 
 # The run (logging_steps 10): 6.60, 6.57, a spike to 6951, then exactly 6.238 (the loss of
 # a uniform guess over the tiny model's 512 tokens) with grad_norm 0.0 for the rest of the run.

@@ -16,7 +16,7 @@ def test_readme_recipe_reference_matches_schema():
 
 def test_reference_documents_every_field():
     ref = recipe_reference.reference()
-    from qlora_cli.config import TrainSection, LoraSection
+    from qlora_cli.recipe.schema import TrainSection, LoraSection
 
     for name in TrainSection.model_fields:
         assert f"`train.{name}`" in ref
@@ -37,7 +37,7 @@ def test_json_schema_accepts_every_shipped_recipe_and_rejects_a_misspelled_key()
     import jsonschema
     import yaml
 
-    from qlora_cli.config import load_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     schema = json.loads((ROOT / "docs" / "recipe.schema.json").read_text())
     recipes = sorted((ROOT / "configs").glob("*.yaml"))

@@ -9,13 +9,13 @@ import pytest
 import yaml
 
 from conftest import tiny_recipe
-from qlora_cli.footprint import measured_4bit_bytes, quant_state_bytes
+from qlora_cli.model.footprint import measured_4bit_bytes, quant_state_bytes
 
 
 def test_weights_and_trainable_count_match_a_real_load(tiny, tmp_path):
-    from qlora_cli.config import validate_recipe
+    from qlora_cli.recipe.load import validate_recipe
     from qlora_cli.estimate import estimate
-    from qlora_cli.modeling import attach_lora, load_base_model
+    from qlora_cli.model.load import attach_lora, load_base_model
 
     recipe = validate_recipe(tiny_recipe(tiny, tmp_path / "run"))  # modules_to_save: embed_tokens, lm_head
     est = estimate(recipe, gpu=False)
@@ -59,7 +59,7 @@ def test_verdict_and_suggestions(tiny, tmp_path, qlora_main):
 
 
 def _recipe(tiny, tmp_path, **distributed):
-    from qlora_cli.config import validate_recipe
+    from qlora_cli.recipe.load import validate_recipe
 
     raw = tiny_recipe(tiny, tmp_path / "run")
     raw["distributed"] = distributed
@@ -79,7 +79,7 @@ def test_sharded_storage_weights_match_a_real_load_without_the_fp32_upcast(tiny,
     # FSDP/DeepSpeed keep the unquantized layers in the storage dtype (bf16 here), and the 4-bit
     # payload in a bf16 container: one process of that, loaded for real, against the estimate.
     from qlora_cli.estimate import estimate
-    from qlora_cli.modeling import attach_lora, load_base_model
+    from qlora_cli.model.load import attach_lora, load_base_model
 
     recipe = _recipe(tiny, tmp_path, strategy="fsdp")
     assert recipe.quant.storage_dtype == "bfloat16"

@@ -62,8 +62,8 @@ def test_table_output_on_the_validation_split(run_copy):
 def test_loss_equals_transformers_own_loss_row_by_row(tiny_run):
     """Token-weighted mean of the model's own per-row loss (labels=, shifted inside transformers);
     batching with padding must not change it."""
-    from qlora_cli.evaluation import eval_rows, score_tokens
-    from qlora_cli.targets import load_target
+    from qlora_cli.infer.evaluate import eval_rows, score_tokens
+    from qlora_cli.infer.target import load_target
 
     target = load_target(str(tiny_run))
     rows = eval_rows(target, split="validation").rows
@@ -87,8 +87,8 @@ def test_loss_equals_transformers_own_loss_row_by_row(tiny_run):
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(tiny_run):
-    from qlora_cli.evaluation import eval_rows, score_generations
-    from qlora_cli.targets import load_target
+    from qlora_cli.infer.evaluate import eval_rows, score_generations
+    from qlora_cli.infer.target import load_target
 
     target = load_target(str(tiny_run))
     rows = eval_rows(target, split="validation", max_samples=12).rows
@@ -101,12 +101,12 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_run):
 def test_last_reply_prompt_is_what_generate_would_send(tiny):
     """For multi-turn data, eval generates the last assistant turn from the training tokenization of
     everything before it, which must equal the ids `qlora generate` renders for that conversation."""
-    from qlora_cli.config import DataSection, DataSource
+    from qlora_cli.recipe.schema import DataSection, DataSource
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.data.templates import apply_template, resolve_template
-    from qlora_cli.evaluation import last_reply
-    from qlora_cli.modeling import load_tokenizer
-    from qlora_cli.targets import Target, _ModelRef
+    from qlora_cli.infer.evaluate import last_reply
+    from qlora_cli.model.load import load_tokenizer
+    from qlora_cli.infer.target import Target, _ModelRef
 
     tok = load_tokenizer(_ModelRef(str(tiny / "model")))
     template = resolve_template("chatml", tok)
@@ -146,8 +146,8 @@ def test_merged_model_scores_like_the_run(tiny_run, tmp_path):
     assert a.returncode == 0, a.stderr[-2000:]
     merged_results = json.loads(a.stdout)
     assert merged_results["kind"] == "merged" and merged_results["base"]["label"] == "base (original weights)"
-    from qlora_cli.evaluation import eval_rows, score_tokens
-    from qlora_cli.targets import load_target
+    from qlora_cli.infer.evaluate import eval_rows, score_tokens
+    from qlora_cli.infer.target import load_target
 
     target = load_target(str(tiny_run))
     run_loss = score_tokens(target, eval_rows(target, max_samples=16).rows, 8)["loss"]

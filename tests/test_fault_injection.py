@@ -19,8 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from qlora_cli import checkpoints
-
+from qlora_cli.train import checkpoints
 # Logs at steps 1 (the first step is always logged), 4, 8 and 12; checkpoints at 3, 6, 9 and 12:
 # every checkpoint but the last is taken between two logging steps.
 CHANGES = {
@@ -71,7 +70,7 @@ def _checkpoint_dirs(run_dir: Path) -> list[str]:
 
 def test_graceful_stop_between_logs_then_resume_logs_what_the_uninterrupted_run_logs(
         recipe, reference, tmp_path, qlora_main, monkeypatch):
-    from qlora_cli.trainer import GracefulStop
+    from qlora_cli.train.trainer import GracefulStop
 
     run_dir = tmp_path / "run"
     on_step_end = GracefulStop.on_step_end

@@ -1,4 +1,4 @@
-"""qlora_cli.footprint: the bytes a 4-bit model really holds against the NF4 + double-quant theory.
+"""qlora_cli.model.footprint: the bytes a 4-bit model really holds against the NF4 + double-quant theory.
 
 Models are loaded in 4 bits on the CPU exactly as training loads them (transformers +
 bitsandbytes); the tiny session model and a small Llama with 256-wide layers (big enough for
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from qlora_cli.footprint import (
+from qlora_cli.model.footprint import (
     bits_per_quantized_param,
     footprint,
     measured_4bit_bytes,
@@ -118,7 +118,7 @@ def test_a_peft_model_counts_its_adapters_at_their_dtype(tiny_models):
 
 
 def test_importing_the_module_loads_no_heavy_library():
-    code = ("import sys, qlora_cli.footprint; "
+    code = ("import sys, qlora_cli.model.footprint; "
             "print(sorted(m for m in ('transformers', 'bitsandbytes', 'peft', 'trl', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

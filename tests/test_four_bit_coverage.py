@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import FalconConfig, LlamaConfig, MixtralConfig
 
-from qlora_cli.architectures import MIN_FRACTION, check_vocab_fits, quantized_fraction, require_4bit
-from qlora_cli.config import ModelSection, QuantSection
+from qlora_cli.model.architectures import MIN_FRACTION, check_vocab_fits, quantized_fraction, require_4bit
+from qlora_cli.recipe.schema import ModelSection, QuantSection
 from qlora_cli.errors import UserError
-from qlora_cli.merge_weights import quantized_meta_model
+from qlora_cli.model.meta import quantized_meta_model
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
 
@@ -31,7 +31,7 @@ def save(config, folder):
 def test_falcon_linear_layers_are_quantized(tmp_path, tiny):
     from shutil import copy
 
-    from qlora_cli.modeling import load_base_model
+    from qlora_cli.model.load import load_base_model
 
     config = FalconConfig(**SMALL, new_decoder_architecture=False, multi_query=True, bias=False)
     meta = quantized_fraction(quantized_meta_model(config, QuantSection(), torch.float32))
@@ -91,7 +91,7 @@ def test_the_run_reports_the_share_of_weights_in_4_bits(tiny_run):
 
 
 def test_a_tokenizer_with_ids_beyond_the_embeddings_is_refused_naming_them(tiny):
-    from qlora_cli.modeling import load_tokenizer
+    from qlora_cli.model.load import load_tokenizer
 
     tok = load_tokenizer(ModelSection(name_or_path=str(tiny / "model")))
     rows = len(tok)

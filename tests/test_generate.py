@@ -52,7 +52,7 @@ def test_greedy_generate_equals_plain_transformers_and_peft(run_dir):
     assert proc.stdout.strip() == tok.decode(new, skip_special_tokens=True).strip()
 
     # ...and our rendering is the one training used: the same ids as the saved template gives.
-    from qlora_cli.targets import load_target
+    from qlora_cli.infer.target import load_target
 
     assert load_target(str(run_dir)).prompt_ids(PROMPT) == ids["input_ids"][0].tolist()
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from conftest import run_cli
 
@@ -79,10 +78,10 @@ def test_lone_surrogate_in_a_json_array_is_a_bad_row_not_silently_dropped(tiny, 
 
 def test_lone_surrogates_in_every_format_are_bad_rows(tiny, tmp_path):
     """Conversations, tool definitions and plain text reach the tokenizer by other paths."""
-    from qlora_cli.config import DataSection, ModelSection
+    from qlora_cli.recipe.schema import DataSection, ModelSection
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.data.templates import apply_template, resolve_template
-    from qlora_cli.modeling import load_tokenizer
+    from qlora_cli.model.load import load_tokenizer
 
     tok = load_tokenizer(ModelSection(name_or_path=str(tiny / "model")))
     template = resolve_template("chatml", tok)
@@ -220,10 +219,10 @@ def test_deeply_nested_json_array_is_refused_with_its_line(tiny, tmp_path, write
 
 
 def test_deeply_nested_tools_text_is_a_bad_row(tiny, tmp_path):
-    from qlora_cli.config import DataSection, ModelSection
+    from qlora_cli.recipe.schema import DataSection, ModelSection
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.data.templates import apply_template, resolve_template
-    from qlora_cli.modeling import load_tokenizer
+    from qlora_cli.model.load import load_tokenizer
 
     tok = load_tokenizer(ModelSection(name_or_path=str(tiny / "model")))
     template = resolve_template("chatml", tok)
@@ -255,7 +254,7 @@ def linked_data(tiny, tmp_path):
 
 
 def _files(path) -> list[str]:
-    from qlora_cli.config import DataSource
+    from qlora_cli.recipe.schema import DataSource
     from qlora_cli.data.sources import resolve_files
 
     return [os.path.realpath(f) for f in resolve_files(DataSource(path=str(path), format="alpaca"), "data.sources[0]")]
@@ -283,7 +282,7 @@ def test_a_link_back_up_the_tree_is_not_followed(tiny, tmp_path):
 def test_a_glob_does_not_walk_into_symlink_loops(tmp_path):
     # /proc/self/root is a link to /, so following links in ** walked the whole machine (and loops in it).
     code = (
-        "from qlora_cli.config import DataSource\n"
+        "from qlora_cli.recipe.schema import DataSource\n"
         "from qlora_cli.data.sources import resolve_files\n"
         "from qlora_cli.errors import UserError\n"
         "try:\n"

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_cli import config
-from qlora_cli.config import LoraSection, ModelSection, QuantSection, Recipe, _section_type, load_recipe
+from qlora_cli.recipe.load import MAX_ALIAS_EXPANSION
+from qlora_cli.recipe.schema import LoraSection, ModelSection, QuantSection, Recipe
+from qlora_cli.recipe.load import _section_type, load_recipe
 from qlora_cli.errors import UserError
 
 from test_config import BASE  # the smallest valid recipe: text appended to it starts at line 7
@@ -63,7 +64,7 @@ def test_alias_bomb_in_a_recipe_is_refused_at_its_line_before_it_expands(tmp_pat
     problem = only_problem(err.value)
     where, _, line = problem.where.rpartition(":")
     assert where == str(path) and int(line) in bomb_lines, problem.where
-    assert f"more than {config.MAX_ALIAS_EXPANSION:,}" in problem.message and "alias" in problem.message
+    assert f"more than {MAX_ALIAS_EXPANSION:,}" in problem.message and "alias" in problem.message
 
     result = qlora_main("validate", str(path))
     assert_user_error(result, f"{path}:{line}", "alias")
@@ -85,7 +86,7 @@ def test_alias_bomb_in_a_set_value_is_refused_naming_the_item(tmp_path, qlora_ma
 
 def test_aliases_may_expand_up_to_the_bound_and_no_further(tmp_path, monkeypatch):
     # Each use of *cols adds 3 values (the mapping, one key, one value).
-    monkeypatch.setattr(config, "MAX_ALIAS_EXPANSION", 6)
+    monkeypatch.setattr("qlora_cli.recipe.load.MAX_ALIAS_EXPANSION", 6)
     text = BASE.replace("      format: alpaca\n", "      format: alpaca\n      columns: &cols {instruction: q}\n") + (
         "  val_sources:\n"
         "    - {path: v1.jsonl, format: alpaca, columns: *cols}\n"  # line 9
@@ -271,7 +272,7 @@ def test_train_refuses_them_before_writing_anything(write_recipe, tmp_path, qlor
 
 @pytest.fixture()
 def tiny_base(tiny):
-    from qlora_cli.modeling import load_base_model
+    from qlora_cli.model.load import load_base_model
 
     return load_base_model(ModelSection(name_or_path=str(tiny / "model"), dtype="float32"),
                            QuantSection(compute_dtype="float32"))
@@ -285,7 +286,7 @@ def test_a_rank_above_every_targeted_layer_is_refused_naming_the_largest(write_r
 
 
 def test_the_rank_is_checked_against_the_listed_modules_only(tiny_base):
-    from qlora_cli.modeling import attach_lora
+    from qlora_cli.model.load import attach_lora
 
     # k_proj and v_proj map 64 features to 32 (2 key/value heads of 16): rank 32 at most.
     with pytest.raises(UserError) as err:
@@ -296,7 +297,7 @@ def test_the_rank_is_checked_against_the_listed_modules_only(tiny_base):
 
 
 def test_a_rank_equal_to_the_widest_layer_is_attached(tiny_base):
-    from qlora_cli.modeling import attach_lora
+    from qlora_cli.model.load import attach_lora
 
     model = attach_lora(tiny_base, LoraSection(r=64), gradient_checkpointing=False)
     assert model.peft_config["default"].r == 64
@@ -314,7 +315,7 @@ def _gpu_allocation_failure(*args, **kwargs):
 def test_running_out_of_memory_while_attaching_names_lora_r(tiny_base, monkeypatch, fail):
     import peft
 
-    from qlora_cli.modeling import attach_lora
+    from qlora_cli.model.load import attach_lora
 
     monkeypatch.setattr(peft, "get_peft_model", fail)
     with pytest.raises(UserError) as err:
@@ -327,7 +328,7 @@ def test_running_out_of_memory_while_attaching_names_lora_r(tiny_base, monkeypat
 def test_other_runtime_errors_while_attaching_are_not_disguised(tiny_base, monkeypatch):
     import peft
 
-    from qlora_cli.modeling import attach_lora
+    from qlora_cli.model.load import attach_lora
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in this tool or a library")

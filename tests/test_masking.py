@@ -11,11 +11,11 @@ import json
 import pytest
 import torch
 
-from qlora_cli.config import ModelSection
+from qlora_cli.recipe.schema import ModelSection
 from qlora_cli.data.formats import ALPACA_SYSTEM_NO_INPUT, ALPACA_SYSTEM_WITH_INPUT, to_canonical
 from qlora_cli.data.templates import BUILTINS, Renderer, Template, apply_template, resolve_template
 from qlora_cli.data.tokenize import IGNORE_INDEX, encode, encode_text
-from qlora_cli.modeling import load_tokenizer
+from qlora_cli.model.load import load_tokenizer
 
 
 def tokenize_example(example: dict, tok, train_on_inputs: bool, template: Template | None = None) -> dict:

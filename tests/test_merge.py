@@ -21,11 +21,11 @@ import yaml
 from transformers import AutoTokenizer
 
 from conftest import run_cli, tiny_recipe
-from qlora_cli.config import validate_recipe
+from qlora_cli.recipe.load import validate_recipe
 from qlora_cli.errors import UserError
-from qlora_cli.merge import merge
-from qlora_cli.rundir import RunDir
-from qlora_cli.serving import portable_jinja
+from qlora_cli.merge.run import merge
+from qlora_cli.outputs.run_dir import RunDir
+from qlora_cli.outputs.served_files import portable_jinja
 
 MERGED_FILES = {
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -38,8 +38,8 @@ def fabricate_run(tiny, run_dir, model_dir=None, **lora):
 
     Returns (run_dir, the live PeftModel on the 4-bit base): the reference the merge must match.
     """
-    from qlora_cli.modeling import attach_lora, load_base_model
-    from qlora_cli.train import prepare_tokenizer
+    from qlora_cli.model.load import attach_lora, load_base_model
+    from qlora_cli.model.tokenizer import prepare_tokenizer
 
     raw = tiny_recipe(tiny, run_dir)
     raw["lora"].update({"r": 8, "alpha": 16, "modules_to_save": [], **lora})
@@ -228,7 +228,7 @@ def test_full_precision_conv1d_with_fan_in_fan_out_merges_like_peft(tiny, tmp_pa
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    import qlora_cli.merge_weights as mw
+    import qlora_cli.merge.weights as mw
 
     model_dir = gpt2_base(tiny, tmp_path / "gpt2")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -257,7 +257,7 @@ def test_full_precision_conv1d_with_fan_in_fan_out_merges_like_peft(tiny, tmp_pa
 def test_conv1d_adapter_for_another_shape_is_refused_in_the_adapters_layout(tiny, tmp_path):
     """A GPT-2 adapter on a wider GPT-2: refused before anything is written, each shape named the
     adapter's way round, with the base's stored (transposed) layout said."""
-    import qlora_cli.merge_weights as mw
+    import qlora_cli.merge.weights as mw
     from transformers import AutoConfig
 
     run_dir, _ = fabricate_run(tiny, tmp_path / "run", model_dir=gpt2_base(tiny, tmp_path / "gpt2"))
@@ -293,7 +293,7 @@ def _index(folder):
 def test_multi_shard_base_is_merged_shard_by_shard(tiny, tmp_path, sharded_base, monkeypatch):
     from safetensors import safe_open
 
-    import qlora_cli.merge_weights as mw
+    import qlora_cli.merge.weights as mw
 
     run_dir, adapter_model = fabricate_run(tiny, tmp_path / "run", model_dir=sharded_base)
     base_index = _index(sharded_base)["weight_map"]
@@ -500,7 +500,7 @@ def test_a_real_disk_full_error_from_safetensors_is_a_user_error(run_dir, tmp_pa
 
 
 def test_an_output_that_appears_during_the_merge_is_left_alone(run_dir, tmp_path, monkeypatch):
-    import qlora_cli.merge as merge_module
+    import qlora_cli.merge.run as merge_module
 
     out = tmp_path / "out"
     real = merge_module.write_companions
@@ -558,7 +558,7 @@ def test_pre_quantized_base_and_output_inside_the_base_are_refused(tiny, tmp_pat
 def test_not_enough_free_space_is_refused_before_writing(run_dir, tmp_path, monkeypatch):
     import shutil
 
-    import qlora_cli.merge as merge_module
+    import qlora_cli.merge.run as merge_module
 
     monkeypatch.setattr(merge_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(UserError, match="not enough space"):
@@ -567,7 +567,7 @@ def test_not_enough_free_space_is_refused_before_writing(run_dir, tmp_path, monk
 
 
 def test_interrupted_merge_leaves_no_directory_that_looks_complete(run_dir, tmp_path, monkeypatch):
-    import qlora_cli.merge as merge_module
+    import qlora_cli.merge.run as merge_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -18,12 +18,12 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from conftest import tiny_recipe
-from qlora_cli.config import validate_recipe
+from qlora_cli.recipe.load import validate_recipe
 from qlora_cli.data.templates import BUILTINS
-from qlora_cli.fidelity import arithmetic_dtype, judge
-from qlora_cli.merge import merge
-from qlora_cli.rundir import RunDir
-from qlora_cli.serving import portable_jinja
+from qlora_cli.merge.fidelity import arithmetic_dtype, judge
+from qlora_cli.merge.run import merge
+from qlora_cli.outputs.run_dir import RunDir
+from qlora_cli.outputs.served_files import portable_jinja
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def bf16_recipe(tiny, base, run_dir):
 @pytest.fixture(scope="module")
 def bf16_run(tiny, bf16_base, tmp_path_factory):
     """(run directory, the training tokenizer): a ChatML run on the bf16 base, B random but fixed."""
-    from qlora_cli.modeling import attach_lora, load_base_model
-    from qlora_cli.train import prepare_tokenizer
+    from qlora_cli.model.load import attach_lora, load_base_model
+    from qlora_cli.model.tokenizer import prepare_tokenizer
 
     run_dir = tmp_path_factory.mktemp("bf16_run") / "run"
     recipe = bf16_recipe(tiny, bf16_base, run_dir)
@@ -127,7 +127,7 @@ def test_a_correct_bf16_merge_is_judged_against_the_floor_and_does_not_warn(corr
 
 
 def test_a_wrong_merge_still_warns(bf16_run, tmp_path, monkeypatch):
-    import qlora_cli.merge_weights as mw
+    import qlora_cli.merge.weights as mw
 
     real = mw.LoraUpdate.delta
     monkeypatch.setattr(mw.LoraUpdate, "delta", lambda self: real(self).mul_(1.5))  # scale * 1.5: a bug
@@ -163,8 +163,8 @@ def test_4bit_layers_compute_in_compute_dtype_and_return_their_inputs_dtype(bf16
 
     import bitsandbytes as bnb
 
-    from qlora_cli.config import ModelSection, QuantSection
-    from qlora_cli.modeling import load_base_model
+    from qlora_cli.recipe.schema import ModelSection, QuantSection
+    from qlora_cli.model.load import load_base_model
 
     model = load_base_model(ModelSection(name_or_path=str(bf16_base), dtype="bfloat16"), QuantSection(compute_dtype="float32"))
     layer = model.model.layers[0].mlp.down_proj

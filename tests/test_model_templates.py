@@ -14,12 +14,12 @@ import json
 
 import pytest
 
-from qlora_cli.config import ModelSection
+from qlora_cli.recipe.schema import ModelSection
 from qlora_cli.data.formats import to_canonical
 from qlora_cli.data.report import example_segments
-from qlora_cli.data.templates import BadRow, Renderer, Template, TemplateMismatch, resolve_template
+from qlora_cli.data.templates import BadRow, Renderer, TemplateMismatch, resolve_template
 from qlora_cli.data.tokenize import IGNORE_INDEX, encode
-from qlora_cli.modeling import load_tokenizer
+from qlora_cli.model.load import load_tokenizer
 
 # Newlines are written as Jinja strings ({{ '\n' }}), as the real templates do: transformers renders
 # with trim_blocks, which drops a newline written right after a {% tag %}.
@@ -188,7 +188,7 @@ def test_a_template_that_drops_past_reasoning_trains_each_turn_in_its_inference_
 
 
 def test_split_conversations_are_counted_and_said(bpe, tmp_path):
-    from qlora_cli.config import DataSection
+    from qlora_cli.recipe.schema import DataSection
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.data.report import data_warnings
 

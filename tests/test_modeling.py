@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_cli.config import LoraSection, ModelSection, QuantSection
+from qlora_cli.recipe.schema import LoraSection, ModelSection, QuantSection
 from qlora_cli.errors import UserError
-from qlora_cli.modeling import attach_lora, build_bnb_config, build_lora_config, load_base_model
+from qlora_cli.model.load import attach_lora, build_bnb_config, build_lora_config, load_base_model
 
 
 def test_bnb_config_follows_quant_section():

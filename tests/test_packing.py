@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_recipe
-from qlora_cli.config import validate_recipe
-from qlora_cli.rundir import RunDir
-from qlora_cli.train import build_trainer
+from qlora_cli.recipe.load import validate_recipe
+from qlora_cli.outputs.run_dir import RunDir
+from qlora_cli.train.run import build_trainer
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])

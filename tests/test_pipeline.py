@@ -8,11 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from qlora_cli.config import DataSection, ModelSection
+from qlora_cli.recipe.schema import DataSection, ModelSection
 from qlora_cli.data.pipeline import IGNORE_INDEX, _column, batching_efficiency, build_datasets
 from qlora_cli.data.templates import apply_template, resolve_template
 from qlora_cli.errors import UserError
-from qlora_cli.modeling import load_tokenizer
+from qlora_cli.model.load import load_tokenizer
 
 ROWS = [
     {"instruction": "Count from 1 to 3.", "input": "", "output": "1 2 3"},

@@ -177,8 +177,8 @@ def test_damaged_checkpoints_are_skipped_or_refused(recipe, reference, tmp_path)
 def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoints(recipe, tmp_path, qlora_main, monkeypatch):
     # train.learning_rate is bounded (config.py) below what overflows this model, so the NaN is
     # injected instead: step 8's loss (after checkpoint-6) comes out NaN, as from an overflow.
-    from qlora_cli.checkpoints import checkpoints_in
-    from qlora_cli.trainer import CheckpointingTrainer
+    from qlora_cli.train.checkpoints import checkpoints_in
+    from qlora_cli.train.trainer import CheckpointingTrainer
 
     compute_loss = CheckpointingTrainer.compute_loss
 

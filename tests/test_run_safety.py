@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT
 from test_cli_errors import assert_user_error
 
 # A model whose own code (auto_map) would run on load. Importing it leaves a marker file, so a test
@@ -160,7 +160,7 @@ def test_overwrite_replaces_what_an_earlier_run_wrote(tiny_run, write_recipe, tm
     old = json.loads((run / ".qlora-run.json").read_text())["wrote"]
     assert {"adapter_model.safetensors", "tokenizer.json", "summary.json", "checkpoints"} <= set(old)
     (run / "merged").mkdir()  # as if `qlora merge` had written it: recorded in the marker
-    from qlora_cli.rundir import RunDir
+    from qlora_cli.outputs.run_dir import RunDir
 
     RunDir(run).record("merged")
     recipe = write_recipe({"train": {"max_steps": 2, "save_steps": 2, "eval_steps": None, "eval_on_start": False}})
@@ -184,7 +184,7 @@ def _train_proc(recipe, run_dir, *extra):
 
 
 def test_a_second_writer_is_refused_and_a_killed_run_leaves_no_stale_lock(write_recipe, tmp_path, qlora_main):
-    from qlora_cli.rundir import RunDir
+    from qlora_cli.outputs.run_dir import RunDir
 
     run = tmp_path / "run"
     recipe = write_recipe({"lora": {"r": 4, "alpha": 8},

@@ -21,16 +21,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from conftest import tiny_recipe
-from qlora_cli.config import validate_recipe
-from qlora_cli.merge import merge
-from qlora_cli.rundir import RunDir
-from qlora_cli.serving import portable_jinja
+from qlora_cli.recipe.load import validate_recipe
+from qlora_cli.merge.run import merge
+from qlora_cli.outputs.run_dir import RunDir
+from qlora_cli.outputs.served_files import portable_jinja
 
 
 def chatml_run(tiny, run_dir, model_dir=None):
     """A run directory trained with the ChatML template (its adapter untouched: B starts at zero)."""
-    from qlora_cli.modeling import attach_lora, load_base_model
-    from qlora_cli.train import prepare_tokenizer
+    from qlora_cli.model.load import attach_lora, load_base_model
+    from qlora_cli.model.tokenizer import prepare_tokenizer
 
     raw = tiny_recipe(tiny, run_dir)
     raw["data"]["template"] = "chatml"
@@ -123,7 +123,7 @@ def test_the_bases_sentencepiece_file_and_a_portable_tokenizer_class_are_kept(ti
 def test_the_model_cards_snippet_runs_as_written_and_gives_the_runs_logits(tiny_run, tmp_path):
     """The card's Python, run as a user would paste it (item 8: it crashed on AVX512-BF16 CPUs, this
     machine's kind, at the first forward without gradients), gives the logits qlora's own loading does."""
-    from qlora_cli.targets import load_target
+    from qlora_cli.infer.target import load_target
 
     card = (tiny_run / "README.md").read_text()
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]

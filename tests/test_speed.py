@@ -12,7 +12,7 @@ from qlora_cli.errors import UserError
 
 
 def _recipe(tiny, tmp_path, *overrides):
-    from qlora_cli.config import load_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(tiny, tmp_path / "run")))
@@ -20,8 +20,8 @@ def _recipe(tiny, tmp_path, *overrides):
 
 
 def _args(recipe, tmp_path):
-    from qlora_cli.rundir import RunDir
-    from qlora_cli.train import build_sft_config
+    from qlora_cli.outputs.run_dir import RunDir
+    from qlora_cli.train.run import build_sft_config
 
     return build_sft_config(recipe, RunDir(tmp_path / "run"), has_eval=True, template=None)
 
@@ -34,8 +34,8 @@ def test_speed_defaults_are_the_safe_ones(tiny, tmp_path):
 
 
 def test_packing_is_padding_free_best_fit(tiny, tmp_path):
-    from qlora_cli.rundir import RunDir
-    from qlora_cli.train import build_trainer
+    from qlora_cli.outputs.run_dir import RunDir
+    from qlora_cli.train.run import build_trainer
 
     recipe = _recipe(tiny, tmp_path, "data.packing=true")
     trainer = build_trainer(recipe, RunDir(tmp_path / "run"), display="quiet").trainer
@@ -56,7 +56,7 @@ def test_torch_compile_reaches_the_trainer(tiny, tmp_path):
 def test_liger_reaches_the_trainer_and_is_refused_without_a_gpu(tiny, tmp_path, monkeypatch):
     import torch
 
-    from qlora_cli.preflight import check_speed_options
+    from qlora_cli.train.preflight import check_speed_options
 
     recipe = _recipe(tiny, tmp_path, "train.liger_kernel=true")
     assert _args(recipe, tmp_path).use_liger_kernel is True
@@ -70,7 +70,7 @@ def test_liger_reaches_the_trainer_and_is_refused_without_a_gpu(tiny, tmp_path, 
 
 
 def test_attention_choice_reaches_the_model_config(tiny, tmp_path):
-    from qlora_cli.modeling import load_base_model
+    from qlora_cli.model.load import load_base_model
 
     for choice in ("eager", "sdpa"):
         recipe = _recipe(tiny, tmp_path, f"model.attn_implementation={choice}")
@@ -80,8 +80,8 @@ def test_attention_choice_reaches_the_model_config(tiny, tmp_path):
 
 def test_flops_per_token_counts_qlora_arithmetic(tiny, tmp_path):
     """4 FLOPs per frozen base weight, 6 per trained weight, plus attention scores: by hand."""
-    from qlora_cli.modeling import attach_lora, load_base_model
-    from qlora_cli.throughput import achieved_tflops, flops_per_token
+    from qlora_cli.model.load import attach_lora, load_base_model
+    from qlora_cli.train.throughput import achieved_tflops, flops_per_token
 
     recipe = _recipe(tiny, tmp_path)  # r=16 on all linear layers; embed_tokens and lm_head trained in full
     model = attach_lora(load_base_model(recipe.model, recipe.quant), recipe.lora, gradient_checkpointing=False)

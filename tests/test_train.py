@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conftest import tiny_recipe
-from qlora_cli.config import load_recipe
+from qlora_cli.recipe.load import load_recipe
 
 RUN_FILES = {
     "README.md",  # the model card (ours, in place of PEFT's template)
@@ -91,7 +91,7 @@ def test_progress_display_shows_step_loss_lr_and_throughput(cli_run):
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory):
     """A short run through train(), keeping the live trainer to compare against."""
-    from qlora_cli.train import train
+    from qlora_cli.train.run import train
 
     tmp = tmp_path_factory.mktemp("inproc")
     recipe = tiny_recipe(tiny, tmp / "run")
@@ -116,7 +116,7 @@ def _fresh_base(recipe):
     import bitsandbytes
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_cli.modeling import device_map
+    from qlora_cli.model.load import device_map
 
     bnb = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -24,7 +24,8 @@ def _png_ok(path) -> None:
 
 @pytest.mark.parametrize("fmt", ["alpaca", "messages", "prompt_completion", "text"])
 def test_init_writes_a_recipe_that_validates(fmt, tmp_path, qlora_main):
-    from qlora_cli.config import default_template, load_recipe
+    from qlora_cli.recipe.schema import default_template
+    from qlora_cli.recipe.load import load_recipe
 
     out = tmp_path / "recipe.yaml"
     result = qlora_main("init", "--model", "my/model", "--format", fmt, "--output", out)
@@ -105,7 +106,7 @@ def test_a_model_id_while_offline_says_what_to_do(write_recipe, tmp_path, qlora_
                          "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"),
 ], ids=["cuda", "cpu"])
 def test_out_of_memory_is_explained(error, write_recipe, tmp_path, qlora_main, monkeypatch):
-    from qlora_cli.trainer import CheckpointingTrainer
+    from qlora_cli.train.trainer import CheckpointingTrainer
 
     def oom(self, *args, **kwargs):
         raise error()
@@ -119,8 +120,7 @@ def test_out_of_memory_is_explained(error, write_recipe, tmp_path, qlora_main, m
 
 
 def test_a_full_disk_while_saving_leaves_no_half_checkpoint(write_recipe, tmp_path, qlora_main, monkeypatch):
-    from qlora_cli import checkpoints
-
+    from qlora_cli.train import checkpoints
     real, calls = checkpoints.write_manifest, []
 
     def fill_up(checkpoint):

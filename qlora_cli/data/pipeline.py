@@ -32,12 +32,31 @@ import numpy as np
 import pyarrow as pa
 
 from qlora_cli.data import cache as data_cache
-from qlora_cli.data.formats import FIELDS, OPTIONAL_FIELDS, BadRow, UnmappedRole, to_canonical
+from qlora_cli.data.formats import (
+    FIELDS,
+    OPTIONAL_FIELDS,
+    BadRow,
+    UnmappedRole,
+    to_canonical,
+)
 from qlora_cli.data.sources import (
-    BAD_COLUMN, JSON_COLUMN, ROW_COLUMN, check_data_files, load_file, load_hub, resolve_files, row_label,
+    BAD_COLUMN,
+    JSON_COLUMN,
+    ROW_COLUMN,
+    check_data_files,
+    load_file,
+    load_hub,
+    resolve_files,
+    row_label,
 )
 from qlora_cli.data.templates import Renderer, TemplateMismatch, system_notice
-from qlora_cli.data.tokenize import IGNORE_INDEX, Encoded, encode, encode_text, lone_surrogate
+from qlora_cli.data.tokenize import (
+    IGNORE_INDEX,
+    Encoded,
+    encode,
+    encode_text,
+    lone_surrogate,
+)
 from qlora_cli.errors import Problem, UserError
 
 MAX_REPORTED = 5  # bad rows shown in a message

@@ -28,8 +28,9 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import nested_gather
 from trl import SFTTrainer
 
-from qlora_cli import checkpoints, distributed
 from qlora_cli.errors import StoppedRun
+from qlora_cli.train import checkpoints, distributed
+
 
 class NonFiniteLoss(RuntimeError):
     def __init__(self, step: int, loss: float):

@@ -1,4 +1,4 @@
-"""Trainer callbacks: the live progress display and metrics.jsonl.
+"""Trainer callbacks that show a run as it goes: the live display, and --log-format json lines.
 
 Both hook into transformers' callback system rather than wrapping the loop, so the loop itself
 stays TRL's. They only act on the main process, so a multi-process run prints and writes once.
@@ -11,40 +11,17 @@ import math
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from transformers import TrainerCallback
 
-# The trainer's final aggregate log carries "train_loss" (step logs carry "loss"); it belongs in
-# summary.json, not in the step log.
-_END_OF_TRAINING_KEYS = {"train_loss"}
+from qlora_cli.train.metrics_log import END_OF_TRAINING_KEYS
 
-
-class MetricsLog(TrainerCallback):
-    """Append one JSON object per logging/evaluation step to RUN/metrics.jsonl, with throughput."""
-
-    def __init__(self, run_dir):
-        self.run_dir = run_dir
-        self._t0 = None
-        self._last = (None, 0)  # (time, tokens) at the previous train log
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._t0 = time.perf_counter()
-        self._last = (self._t0, state.num_input_tokens_seen)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or _END_OF_TRAINING_KEYS & logs.keys():
-            return
-        now = time.perf_counter()
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
-        record.update({k: v for k, v in logs.items() if k != "epoch"})
-        if "loss" in logs:
-            then, tokens = self._last
-            seen = state.num_input_tokens_seen
-            if now > then:
-                record["tokens_per_second"] = round((seen - tokens) / (now - then), 1)
-            self._last = (now, seen)
-        record["elapsed_s"] = round(now - self._t0, 3)
-        self.run_dir.append_metrics(record)
 
 
 class RichProgress(TrainerCallback):
@@ -98,7 +75,7 @@ class RichProgress(TrainerCallback):
         )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs or _END_OF_TRAINING_KEYS & logs.keys():
+        if self.progress is None or not logs or END_OF_TRAINING_KEYS & logs.keys():
             return
         if "loss" in logs:
             loss = logs["loss"]
@@ -134,7 +111,7 @@ class JsonLines(TrainerCallback):
         self.stream = stream or sys.stdout
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or _END_OF_TRAINING_KEYS & logs.keys():
+        if not state.is_world_process_zero or not logs or END_OF_TRAINING_KEYS & logs.keys():
             return
         record = {"event": "log", "step": state.global_step, "max_steps": state.max_steps,
                   "epoch": round(state.epoch or 0.0, 4), **{k: v for k, v in logs.items() if k != "epoch"}}

@@ -25,18 +25,18 @@ from pathlib import Path
 import torch
 
 from qlora_cli.errors import UserError
-from qlora_cli.merge_weights import (
+from qlora_cli.merge.weights import (
     BaseCheckpoint,
     ShardWriter,
+    inspect_model,
     merged_shard,
     merged_tensors,
     parse_size,
     plan_merge,
-    inspect_model,
     read_adapter,
 )
-from qlora_cli.model_card import render_merge_card
-from qlora_cli.rundir import MODEL_CARD, RECIPE, SUMMARY, RunDir
+from qlora_cli.outputs.model_card import render_merge_card
+from qlora_cli.outputs.run_dir import MODEL_CARD, RECIPE, SUMMARY, RunDir
 
 REPORT = "merge_report.json"
 BASE_MODES = ("dequantized", "original")
@@ -65,10 +65,10 @@ def merge(
     console=None,
     trust_remote_code: bool = False,
 ) -> MergeResult:
-    from qlora_cli.config import load_recipe
-    from qlora_cli.modeling import TORCH_DTYPES
-    from qlora_cli.preflight import check_model_path
-    from qlora_cli.remote_code import require_consent
+    from qlora_cli.model.load import TORCH_DTYPES
+    from qlora_cli.model.remote_code import require_consent
+    from qlora_cli.model.location import check_model_path
+    from qlora_cli.recipe.load import load_recipe
 
     say = console.print if console is not None else (lambda *a, **k: None)
     run = RunDir(run_dir)
@@ -247,7 +247,11 @@ def write_model(plan, folder: Path, base_mode: str, max_bytes: int | None) -> li
 def write_companions(config, plan, base_folder: Path, tokenizer, folder: Path) -> None:
     """config.json (with the new dtype), generation_config.json (the base's, stopping on the run's
     stop token too: serving.py) and the run's tokenizer + template."""
-    from qlora_cli.serving import keep_base_tokenizer_files, save_tokenizer, write_generation_config
+    from qlora_cli.outputs.served_files import (
+        keep_base_tokenizer_files,
+        save_tokenizer,
+        write_generation_config,
+    )
 
     config.dtype = plan.out_dtype
     if plan.untie:  # the adapter changed one side of a tied pair: both are written, untied
@@ -306,7 +310,7 @@ def _alive(pid: int) -> bool:
 
 
 def build_report(run: RunDir, base_folder: Path, plan, base_mode: str, dtype: str, shards, seconds: float) -> dict:
-    from qlora_cli.train import library_versions
+    from qlora_cli.util.libraries import library_versions
 
     try:
         summary = json.loads((run / SUMMARY).read_text(encoding="utf-8"))
@@ -347,7 +351,7 @@ def build_report(run: RunDir, base_folder: Path, plan, base_mode: str, dtype: st
 def warn_if_unfaithful(report: dict, say) -> None:
     """Judge every merged base against the precision floor (fidelity.judge); warn about the written
     one when it is measurably worse than precision alone explains."""
-    from qlora_cli.fidelity import judge
+    from qlora_cli.merge.fidelity import judge
 
     fid = report["fidelity"]
     for r in fid["results"].values():
@@ -371,9 +375,13 @@ def verify_merge(recipe, run: RunDir, merged_dir: Path, plan, base_mode: str, co
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_cli.fidelity import compare as compare_logits
-    from qlora_cli.fidelity import next_token_logits, precision_floor, probe_sequences
-    from qlora_cli.modeling import TORCH_DTYPES, device_map, load_base_model
+    from qlora_cli.merge.fidelity import compare as compare_logits
+    from qlora_cli.merge.fidelity import (
+        next_token_logits,
+        precision_floor,
+        probe_sequences,
+    )
+    from qlora_cli.model.load import TORCH_DTYPES, device_map, load_base_model
 
     sequences, source = probe_sequences(recipe)
     reference_model = PeftModel.from_pretrained(load_base_model(recipe.model, recipe.quant), str(run.path))
@@ -399,7 +407,7 @@ def in_memory_model(plan, base_mode: str):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from qlora_cli.modeling import device_map
+    from qlora_cli.model.load import device_map
 
     config = AutoConfig.from_pretrained(plan.base.folder)
     state = dict(merged_tensors(plan, base_mode))

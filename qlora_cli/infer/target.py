@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_cli.errors import UserError
-from qlora_cli.rundir import RECIPE
+from qlora_cli.model.location import looks_local
+from qlora_cli.outputs.run_dir import RECIPE
 
 MERGE_REPORT = "merge_report.json"
 
@@ -85,7 +86,7 @@ def load_target(target: str, adapters: dict[str, str] | None = None, where: str 
         loaded = _load_run(path, trust_remote_code)
     elif path.is_dir() and (path / "config.json").is_file():
         loaded = _load_merged(path, trust_remote_code)
-    elif path.exists() or target.startswith((".", "/", "~")):
+    elif looks_local(target):
         raise UserError.single(
             where,
             f"{target} holds no model and no adapter: give a run directory (with {RECIPE} and "
@@ -103,11 +104,11 @@ def load_target(target: str, adapters: dict[str, str] | None = None, where: str 
 def _load_run(path: Path, trust_remote_code: bool) -> Target:
     from peft import PeftModel
 
-    from qlora_cli.config import load_recipe
-    from qlora_cli.modeling import load_base_model
-    from qlora_cli.preflight import check_model_path
-    from qlora_cli.remote_code import require_consent
-    from qlora_cli.train import prepare_tokenizer
+    from qlora_cli.model.load import load_base_model
+    from qlora_cli.model.remote_code import require_consent
+    from qlora_cli.model.tokenizer import prepare_tokenizer
+    from qlora_cli.model.location import check_model_path
+    from qlora_cli.recipe.load import load_recipe
 
     recipe = load_recipe(path / RECIPE)
     # The run's recipe.yaml may say trust_remote_code: true; only the command line can allow it.
@@ -122,10 +123,11 @@ def _load_run(path: Path, trust_remote_code: bool) -> Target:
 def _load_merged(path: Path, trust_remote_code: bool) -> Target:
     """A merged model (or any saved model). Its run's recipe, when merge_report.json names one,
     gives the template; otherwise the tokenizer's own chat template, if it has one."""
-    from qlora_cli.config import default_template, load_recipe
     from qlora_cli.data.templates import BUILTINS, resolve_template
-    from qlora_cli.modeling import load_tokenizer
-    from qlora_cli.remote_code import require_consent_for_directory
+    from qlora_cli.model.load import load_tokenizer
+    from qlora_cli.model.remote_code import require_consent_for_directory
+    from qlora_cli.recipe.schema import default_template
+    from qlora_cli.recipe.load import load_recipe
 
     require_consent_for_directory(str(path), trust_remote_code)
     recipe = None
@@ -150,8 +152,8 @@ def _load_merged(path: Path, trust_remote_code: bool) -> Target:
 
 def _load_base(model_id: str, trust_remote_code: bool) -> Target:
     from qlora_cli.data.templates import resolve_template
-    from qlora_cli.modeling import load_tokenizer
-    from qlora_cli.remote_code import require_consent_for_directory
+    from qlora_cli.model.load import load_tokenizer
+    from qlora_cli.model.remote_code import require_consent_for_directory
 
     require_consent_for_directory(model_id, trust_remote_code)
     ref = _ModelRef(model_id, trust_remote_code=trust_remote_code)
@@ -162,8 +164,8 @@ def _load_base(model_id: str, trust_remote_code: bool) -> Target:
 
 def original_base(target: Target) -> Target:
     """The unquantized base model a merged TARGET came from, rendered with TARGET's tokenizer and template."""
-    from qlora_cli.preflight import check_model_path
-    from qlora_cli.remote_code import require_consent
+    from qlora_cli.model.remote_code import require_consent
+    from qlora_cli.model.location import check_model_path
 
     model_cfg = target.recipe.model
     require_consent(model_cfg, target.remote_code_allowed, where="--compare-base: the run's model.trust_remote_code")
@@ -176,7 +178,7 @@ def _load_model(ref, where: str):
     """A full-precision model in its saved dtype, on this process's device; a load failure names `where`."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_cli.modeling import device_map
+    from qlora_cli.model.load import device_map
 
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -188,7 +190,7 @@ def _load_model(ref, where: str):
 
 
 def _add_adapter(target: Target, name: str, run_dir: Path) -> None:
-    from qlora_cli.config import load_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     if target.kind != "run":
         raise UserError.single("--adapter", "extra adapters go on a run directory's base: give a run as TARGET")

@@ -15,10 +15,9 @@ costs nothing before torch and transformers load.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from qlora_cli.errors import UserError
-from qlora_cli.serving import model_file
+from qlora_cli.outputs.served_files import model_file
 
 FLAG = "--trust-remote-code"
 FLAG_HELP = ("Allow the model's own Python code (its config's auto_map) to run on this machine. Needed, on "

@@ -8,7 +8,7 @@ anyone editing them.
 
 from __future__ import annotations
 
-from qlora_cli.rundir import MODEL_CARD
+from qlora_cli.outputs.run_dir import MODEL_CARD
 
 
 def render_model_card(recipe, summary: dict, run_name: str) -> str:
@@ -68,7 +68,7 @@ def load_snippet(recipe, run_name: str) -> str:
     """Python that loads the run as training held it: the same 4-bit settings (built by
     modeling.build_bnb_config, so the two cannot drift), dtype and adapter. Runs as written on
     any machine, CPUs with AVX512-BF16 included (see the comment it carries)."""
-    from qlora_cli.modeling import build_bnb_config
+    from qlora_cli.model.load import build_bnb_config
 
     bnb = build_bnb_config(recipe.quant)
     name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731

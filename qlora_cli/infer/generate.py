@@ -245,7 +245,7 @@ def run_generate(target_path: str, *, prompt, input_file, output_file, interacti
                  batch_size, sampling: dict, console, trust_remote_code: bool = False) -> None:
     import sys
 
-    from qlora_cli.targets import load_target
+    from qlora_cli.infer.target import load_target
 
     modes = [m for m, on in (("--prompt", prompt is not None), ("--input", input_file), ("--interactive", interactive)) if on]
     if len(modes) != 1:

@@ -157,7 +157,7 @@ class RunDir:
 
         Processes of the run that holds it (LOCK_ENV) and non-zero ranks of a launch (rank 0 holds
         it for them) do not count it as someone else's."""
-        from qlora_cli.distributed import is_main_process
+        from qlora_cli.train.distributed import is_main_process
 
         if fcntl is None or not is_main_process() or os.environ.get(LOCK_ENV) == str(self.path.resolve()):
             return None
@@ -214,7 +214,7 @@ class RunDir:
     def prepare_resume(self, step: int) -> None:
         """Before continuing from checkpoint-STEP: forget what the interrupted run logged after it
         (the resumed run logs those steps again), and mark the run unfinished until it is."""
-        from qlora_cli.checkpoints import remove_staging
+        from qlora_cli.train.checkpoints import remove_staging
 
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         tmp = self.path / (METRICS + ".tmp")
@@ -234,8 +234,11 @@ class RunDir:
         in the run directory is ever half written. With the trained `model`, also what serving
         tools read: its generation_config.json with the run's stop token, and the base's path
         made absolute in adapter_config.json (serving.py)."""
-        from qlora_cli.serving import (
-            keep_base_tokenizer_files, make_base_path_absolute, save_tokenizer, write_generation_config,
+        from qlora_cli.outputs.served_files import (
+            keep_base_tokenizer_files,
+            make_base_path_absolute,
+            save_tokenizer,
+            write_generation_config,
         )
 
         staging = self.final_staging
@@ -297,7 +300,7 @@ class RunLock:
         self._env_before: str | None = None
 
     def __enter__(self) -> "RunLock":
-        from qlora_cli.distributed import is_main_process
+        from qlora_cli.train.distributed import is_main_process
 
         path = self.run.path
         key = str(path.resolve())

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_cli import distributed
-from qlora_cli.config import Recipe
 from qlora_cli.data.sources import check_data_files
 from qlora_cli.errors import UserError
-from qlora_cli.rundir import RunDir
+from qlora_cli.model.location import check_model_path
+from qlora_cli.outputs.run_dir import RunDir
+from qlora_cli.recipe.schema import Recipe
+from qlora_cli.train import distributed
 
 
 def with_output_dir(recipe: Recipe, output_dir: str | None) -> Recipe:
@@ -80,9 +81,9 @@ FREE_ON_RESUME = {"data.cache", "data.num_proc"}  # how the rows are prepared, n
 
 def resume_point(run: RunDir, recipe: Recipe, resume: str, warn, hashes: bool = True) -> Path:
     """Check that RUN can be resumed with this recipe, and return the checkpoint to resume from."""
-    from qlora_cli.checkpoints import STATE, find_resume_point
-    from qlora_cli.config import load_recipe
-    from qlora_cli.rundir import RECIPE
+    from qlora_cli.outputs.run_dir import RECIPE
+    from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.train.checkpoints import STATE, find_resume_point
 
     if not (run / RECIPE).is_file():
         raise UserError.single(
@@ -122,42 +123,6 @@ def _changed_keys(a, b, prefix: str = "") -> list[str]:
             out += _changed_keys(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
         return out
     return [] if a == b else [prefix]
-
-
-def check_model_path(model, where: str = "model.name_or_path") -> None:
-    """A local-looking model path must be a directory with config.json (checked before any work)."""
-    path = Path(model.name_or_path).expanduser()
-    looks_local = path.exists() or model.name_or_path.startswith((".", "/", "~")) or model.name_or_path.count("/") > 1
-    if not looks_local:
-        check_hub_model(model, where)
-        return
-    if not path.is_dir():
-        raise UserError.single(where, f"model directory not found: {path}")
-    if not (path / "config.json").is_file():
-        raise UserError.single(where, f"{path} has no config.json: point at a saved transformers model directory")
-
-
-def check_hub_model(model, where: str = "model.name_or_path") -> None:
-    """A hub id must be in the local cache, or the hub must be reachable: say which, at once,
-    instead of a library's retries and a connection traceback."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(model.name_or_path, "config.json", revision=model.revision), str):
-        return  # cached: works offline
-    fix = "pass a local model directory, or set HF_HOME to a cache that holds it"
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise UserError.single(where, f"{model.name_or_path} is not in the local cache and the hub is switched off "
-                               f"(HF_HUB_OFFLINE): {fix}, or unset HF_HUB_OFFLINE")
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError:
-        raise UserError.single(where, f"{model.name_or_path} is not in the local cache and the hub ({host}) is "
-                               f"unreachable: {fix}") from None
 
 
 def check_bitsandbytes() -> None:
@@ -270,7 +235,7 @@ def remote_code_warning(model) -> str | None:
     allowed it: remote_code.require_consent has refused it otherwise)."""
     if not model.trust_remote_code:
         return None
-    from qlora_cli.remote_code import what_would_run
+    from qlora_cli.model.remote_code import what_would_run
 
     return (f"--trust-remote-code: {what_would_run(model.name_or_path, model.revision)} will run on this machine "
             "with your permissions")

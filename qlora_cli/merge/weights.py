@@ -230,6 +230,8 @@ def inspect_model(config, quant, model_dtype: torch.dtype) -> tuple[QuantizedWei
     import bitsandbytes as bnb
     from transformers.pytorch_utils import Conv1D
 
+    from qlora_cli.model.meta import quantized_meta_model
+
     model = quantized_meta_model(config, quant, model_dtype)
     quantized, transposed = set(), set()
     for name, m in model.named_modules():
@@ -239,24 +241,6 @@ def inspect_model(config, quant, model_dtype: torch.dtype) -> tuple[QuantizedWei
             transposed.add(f"{name}.weight")
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     return QuantizedWeights(quantized, transposed), tied
-
-
-def quantized_meta_model(config, quant, model_dtype: torch.dtype):
-    """The model on the meta device, its layers swapped for 4-bit ones exactly as a training load
-    would (no memory used; parameters keep their full shapes)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-    from transformers.quantizers import AutoHfQuantizer
-
-    from qlora_cli.modeling import build_bnb_config
-
-    from qlora_cli.architectures import plain_linears
-
-    with init_empty_weights(), plain_linears(config.model_type):
-        model = AutoModelForCausalLM.from_config(config)
-    quantizer = AutoHfQuantizer.from_config(build_bnb_config(quant), pre_quantized=False)
-    quantizer.preprocess_model(model, dtype=model_dtype, device_map={"": "cpu"})
-    return model
 
 
 # --- The plan -------------------------------------------------------------------------------------
@@ -340,7 +324,7 @@ def nf4_roundtrip(weight: torch.Tensor, quant, model_dtype: torch.dtype, device:
     transformers does at load time (a Params4bit moved to the device), and dequantized."""
     import bitsandbytes as bnb
 
-    from qlora_cli.modeling import storage_dtype
+    from qlora_cli.model.load import storage_dtype
 
     param = bnb.nn.Params4bit(
         weight.to(model_dtype), requires_grad=False, quant_type=quant.quant_type,

@@ -13,23 +13,28 @@ from __future__ import annotations
 
 import errno
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from qlora_cli import distributed
-from qlora_cli.config import Recipe, default_template
 from qlora_cli.data.pipeline import build_datasets
-from qlora_cli.data.templates import apply_template, resolve_template
-from qlora_cli.architectures import check_vocab_fits
-from qlora_cli.modeling import attach_lora, is_out_of_memory, keep_adapter_fp32, load_base_model, load_tokenizer
-from qlora_cli.preflight import preflight, with_output_dir
 from qlora_cli.errors import EXIT_USER_ERROR, StoppedRun
-from qlora_cli.progress import peak_memory
-from qlora_cli.rundir import LOSS_PLOT, RunDir
+from qlora_cli.model.architectures import check_vocab_fits
+from qlora_cli.model.load import (
+    attach_lora,
+    is_out_of_memory,
+    keep_adapter_fp32,
+    load_base_model,
+)
+from qlora_cli.model.tokenizer import prepare_tokenizer
+from qlora_cli.outputs.run_dir import LOSS_PLOT, RunDir
+from qlora_cli.train.preflight import preflight, with_output_dir
+from qlora_cli.recipe.schema import Recipe
+from qlora_cli.train import distributed
+from qlora_cli.train.progress import peak_memory
+from qlora_cli.util.libraries import library_versions
 
 
 @dataclass
@@ -37,17 +42,6 @@ class TrainResult:
     run_dir: RunDir
     summary: dict
     trainer: object  # the SFTTrainer, for callers (tests, notebooks) that want the live model
-
-
-def prepare_tokenizer(recipe: Recipe):
-    """Load the tokenizer and install the run's template on it. Returns (tokenizer, template or None)."""
-    tokenizer = load_tokenizer(recipe.model)
-    name = default_template(recipe)
-    if name is None:  # text only: no template
-        return tokenizer, None
-    template = resolve_template(name, tokenizer)
-    apply_template(template, tokenizer)
-    return tokenizer, template
 
 
 def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template, resuming: bool = False):
@@ -128,8 +122,9 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
     """
     from transformers import PrinterCallback, set_seed
 
-    from qlora_cli.progress import JsonLines, MetricsLog, RichProgress
-    from qlora_cli.trainer import CheckpointingTrainer
+    from qlora_cli.train.progress import JsonLines, RichProgress
+    from qlora_cli.train.metrics_log import MetricsLog
+    from qlora_cli.train.trainer import CheckpointingTrainer
 
     set_seed(recipe.train.seed)
     group = distributed.init_process_group(cuda=torch.cuda.is_available())
@@ -201,7 +196,7 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
 
 
 def _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command) -> TrainResult:
-    from qlora_cli.trainer import Diverged, GracefulStop, NonFiniteLoss
+    from qlora_cli.train.trainer import Diverged, GracefulStop, NonFiniteLoss
 
     recipe = with_output_dir(recipe, output_dir)
     run = RunDir(recipe.output.dir)
@@ -233,7 +228,9 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     except OSError as exc:
-        from qlora_cli.checkpoints import WriteFailed  # a checkpoint's torch.save/safetensors write failed
+        from qlora_cli.train.checkpoints import (
+            WriteFailed,  # a checkpoint's torch.save/safetensors write failed
+        )
 
         if exc.errno not in DISK_ERRNOS and not isinstance(exc, WriteFailed):
             raise
@@ -265,7 +262,7 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
         )) from None
     finally:
         stop.uninstall()
-        from qlora_cli.progress import RichProgress
+        from qlora_cli.train.progress import RichProgress
 
         for callback in trainer.callback_handler.callbacks:  # leave the terminal clean on any exit
             if isinstance(callback, RichProgress):
@@ -289,8 +286,8 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
 
     # 4. Artifacts: adapter and tokenizer in the standard layout, then summary.json last.
     if trainer.is_world_process_zero():
-        from qlora_cli.model_card import write_model_card
-        from qlora_cli.plots import plot_runs
+        from qlora_cli.outputs.model_card import write_model_card
+        from qlora_cli.outputs.plots import plot_runs
 
         try:
             run.save_final(save_adapter, setup.tokenizer, setup.model)
@@ -308,7 +305,7 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
             plot_runs([run.path], run / LOSS_PLOT)
             run.write_summary(summary)
         except Exception as exc:
-            from qlora_cli.checkpoints import WriteFailed, write_failure
+            from qlora_cli.train.checkpoints import WriteFailed, write_failure
 
             # safetensors reports a full disk while saving the adapter as SafetensorError, not OSError.
             failure = exc if isinstance(exc, OSError) else write_failure(exc, run.path)
@@ -334,7 +331,7 @@ def _disk_error(exc: OSError, run: RunDir, resume_command: str) -> StoppedRun:
 
 
 def peak_memory_text() -> str:
-    from qlora_cli.progress import format_memory, peak_memory_gib
+    from qlora_cli.train.progress import format_memory, peak_memory_gib
 
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
@@ -349,7 +346,7 @@ def signal_name(signum: int) -> str:
 
 
 def _last_checkpoint_text(run: RunDir) -> str:
-    from qlora_cli.checkpoints import checkpoints_in, problem
+    from qlora_cli.train.checkpoints import checkpoints_in, problem
 
     whole = [c for c in checkpoints_in(run.checkpoints) if problem(c, hashes=False) is None]
     return f"The last checkpoint is {whole[0]}." if whole else "No checkpoint was written yet."
@@ -453,7 +450,7 @@ def model_memory(model) -> dict | None:
     """The loaded 4-bit model's bytes, measured (every tensor, quantization constants included)
     against theory (NF4 with double quantization at 4.127 bits per weight plus lookup tables, the
     rest at its dtype): footprint.py. None for FSDP/DeepSpeed, which hold the model in shards."""
-    from qlora_cli.footprint import footprint
+    from qlora_cli.model.footprint import footprint
 
     if model is None or distributed.sharded_model(model):
         return None
@@ -463,7 +460,7 @@ def model_memory(model) -> dict | None:
 def throughput_figures(trainer, data_stats, runtime: float, model) -> dict:
     """Trained (non-padding) tokens per second over the whole training loop, all processes together,
     and the model TFLOP/s that makes (throughput.py; shown on GPUs, where it compares with a peak)."""
-    from qlora_cli.throughput import achieved_tflops, flops_per_token
+    from qlora_cli.train.throughput import achieved_tflops, flops_per_token
 
     tokens = trainer.state.num_input_tokens_seen
     out = {"tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None}
@@ -493,13 +490,3 @@ def trained_batching(trainer) -> dict:
     }
 
 
-def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("qlora-cli", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out

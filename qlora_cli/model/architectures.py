@@ -163,8 +163,8 @@ def check_model(recipe, tokenizer=None):
     embeddings). Returns (the empty model, its Coverage)."""
     from transformers import AutoConfig
 
-    from qlora_cli.merge_weights import quantized_meta_model
-    from qlora_cli.modeling import TORCH_DTYPES
+    from qlora_cli.model.meta import quantized_meta_model
+    from qlora_cli.model.load import TORCH_DTYPES
 
     m = recipe.model
     try:

@@ -39,7 +39,7 @@ def probe_sequences(recipe, n: int = 32) -> tuple[list[torch.Tensor], str]:
     the data is gone."""
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.errors import UserError
-    from qlora_cli.train import prepare_tokenizer
+    from qlora_cli.model.tokenizer import prepare_tokenizer
 
     tokenizer, template = prepare_tokenizer(recipe)
     max_len = recipe.data.max_seq_len

@@ -29,7 +29,6 @@ from pathlib import Path
 
 from qlora_cli.errors import StoppedRun, UserError
 
-
 # Set by `qlora train --nproc` for the processes it launches: the file it writes to ask them to stop.
 STOP_FILE_ENV = "QLORA_STOP_FILE"
 

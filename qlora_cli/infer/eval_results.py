@@ -67,10 +67,9 @@ def describe(results: dict) -> str:
 def write_results(directory: str, results: dict, predictions: list[dict]) -> list[str]:
     """Write both files next to the model, each atomically. An unwritable directory is a warning, not a
     failure: the numbers were still computed and are printed."""
-    from qlora_cli.generate import write_jsonl_atomically
     from qlora_cli.errors import UserError
-
-    from qlora_cli.rundir import RunDir
+    from qlora_cli.infer.generate import write_jsonl_atomically
+    from qlora_cli.outputs.run_dir import RunDir
 
     written = []
     path = Path(directory) / RESULTS

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from qlora_cli.errors import Problem, UserError
-from qlora_cli.generate import BASE, Sampling, complete_batch, using_adapter
+from qlora_cli.infer.generate import BASE, Sampling, complete_batch, using_adapter
 
 SPLITS = ("validation", "train")
 GENERATION_MARGIN = 32  # default max_new_tokens = the longest reference + this many tokens
@@ -105,7 +105,7 @@ def _flag_name(where: str) -> str:
 
 def _data_section_for(target, data_path: str, split: str | None):
     """A data section reading DATA_PATH the way the run read its first source (format, columns, roles)."""
-    from qlora_cli.config import DataSection, DataSource
+    from qlora_cli.recipe.schema import DataSection, DataSource
 
     if target.recipe is not None:
         first = target.recipe.data.sources[0]
@@ -297,8 +297,8 @@ def run_eval(target_path: str, data_path: str | None = None, split: str | None =
              max_samples: int | None = None, batch_size: int | None = None, max_new_tokens: int | None = None,
              generate: bool = True, console=None, trust_remote_code: bool = False) -> dict:
     """Evaluate TARGET (and its bare base with compare_base), write eval_results.json, return the results."""
-    from qlora_cli.eval_report import write_results
-    from qlora_cli.targets import load_target, original_base
+    from qlora_cli.infer.eval_results import write_results
+    from qlora_cli.infer.target import load_target, original_base
 
     if split is not None and data_path is None:
         check_split(split)  # before loading any model

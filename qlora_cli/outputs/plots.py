@@ -7,28 +7,19 @@ Drawn with matplotlib's Agg backend (no display needed over SSH), from each run'
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from qlora_cli.errors import UserError
-from qlora_cli.rundir import METRICS
+from qlora_cli.outputs.run_dir import METRICS, RunDir
+
 
 def read_curves(run: Path) -> dict:
     """{"train": [(step, loss)], "eval": [(step, eval_loss)]} from RUN/metrics.jsonl."""
-    path = Path(run) / METRICS
-    if not path.is_file():
+    if not (Path(run) / METRICS).is_file():
         raise UserError.single("RUN", f"{run} has no {METRICS}: give a run directory written by `qlora train`")
-    train, evals = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a run killed mid-write
-        if "loss" in record:
-            train.append((record["step"], record["loss"]))
-        if "eval_loss" in record:
-            evals.append((record["step"], record["eval_loss"]))
-    return {"train": train, "eval": evals}
+    records = RunDir(run).read_metrics()
+    return {"train": [(r["step"], r["loss"]) for r in records if "loss" in r],
+            "eval": [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]}
 
 
 def smooth(values: list[float]) -> list[float]:

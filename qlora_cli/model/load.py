@@ -98,7 +98,11 @@ def load_base_model(model, quant, place: bool = True):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora_cli.architectures import plain_linears, quantized_fraction, require_4bit
+    from qlora_cli.model.architectures import (
+        plain_linears,
+        quantized_fraction,
+        require_4bit,
+    )
 
     try:
         config = AutoConfig.from_pretrained(

@@ -1,6 +1,6 @@
 """Memory footprint of a loaded 4-bit model: what its tensors hold, against what theory says.
 
-    from qlora_cli.footprint import footprint
+    from qlora_cli.model.footprint import footprint
     footprint(model)   # {"measured_bytes", "theoretical_bytes", "ratio", "bits_per_quantized_param", ...}
 
 Works on any torch module holding bitsandbytes 4-bit weights (a transformers model loaded with
@@ -148,7 +148,7 @@ def footprint(model) -> dict:
     Also: quantized_params, bits_per_quantized_param (measured), quant_state_bytes (what
     get_memory_footprint() leaves out) and double_quant (whether the model was loaded with it).
     """
-    from qlora_cli.architectures import quantized_fraction
+    from qlora_cli.model.architectures import quantized_fraction
 
     measured, theoretical = measured_4bit_bytes(model), theoretical_4bit_bytes(model)
     quantized = _quantized(model)
