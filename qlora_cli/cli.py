@@ -498,18 +498,15 @@ def main() -> None:
     Typer's standalone mode handles usage errors (unknown flag, missing argument: exit 2) and
     --help itself; what reaches us is either a UserError (exit 2) or a bug (exit 1).
     """
-    from qlora_cli.train.distributed import STOP_FILE_ENV, is_main_process
+    from qlora_cli.train.distributed import is_main_process
+    from qlora_cli.train.stopping import worker_exit_code
 
     try:
         app(args=_bare_resume_to_latest(sys.argv[1:]), prog_name="qlora")
     except StoppedRun as exc:
         if is_main_process():  # under a launcher every rank stops the same way; one says so
             err.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
-        if exc.graceful and os.environ.get(STOP_FILE_ENV):
-            # Launched by `qlora train --nproc`, which exits with the signal's code itself; a worker
-            # exiting non-zero would make the launcher print a failure report over the message.
-            sys.exit(0)
-        sys.exit(exc.exit_code)
+        sys.exit(worker_exit_code(exc))
     except UserError as exc:
         if not is_main_process():  # every rank runs the same checks; rank 0 reports
             sys.exit(EXIT_USER_ERROR)

@@ -61,3 +61,10 @@ class StoppedRun(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         self.graceful = graceful  # stopped on a signal after saving a checkpoint
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception message (or its class name): what a user-facing
+    message quotes, without the library's multi-line explanations and stack context."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -46,7 +46,6 @@ OPTIMIZER_BYTES = {  # per trainable parameter
     "adafactor": 4,  # factored second moment: a rough upper bound for adapter-sized matrices
     "sgd": 0,
 }
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass
@@ -105,14 +104,14 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
     from qlora_cli.errors import UserError
     from qlora_cli.model.meta import quantized_meta_model
     from qlora_cli.model.architectures import quantized_fraction, require_4bit
-    from qlora_cli.model.load import TORCH_DTYPES
+    from qlora_cli.util.dtypes import torch_dtype
 
     m, q = recipe.model, recipe.quant
     config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    model = quantized_meta_model(config, q, TORCH_DTYPES[m.dtype])
+    model = quantized_meta_model(config, q, torch_dtype(m.dtype))
     coverage = quantized_fraction(model)
     try:
-        require_4bit(coverage, "model.name_or_path", TORCH_DTYPES[m.dtype].itemsize)
+        require_4bit(coverage, "model.name_or_path", torch_dtype(m.dtype).itemsize)
     except UserError as exc:  # the figures below are still the truth of what loading it would take
         refused = exc.problems[0].message
     else:
@@ -177,10 +176,12 @@ def activation_parts(recipe, config, linears: dict, quantized_names: set[str]) -
     The loss keeps fp32 log-probabilities over the vocabulary and, when lm_head is fp32 and c is
     narrower, the copy of lm_head autocast made for the matmul; backward adds the fp32 gradients.
     """
+    from qlora_cli.util.dtypes import bytes_per
+
     t, d, q = recipe.train, recipe.data, recipe.quant
     tokens = t.batch_size * d.max_seq_len
-    r = DTYPE_BYTES[recipe.model.dtype] if recipe.distributed.sharded else 4
-    c = DTYPE_BYTES[q.compute_dtype]
+    r = bytes_per(recipe.model.dtype) if recipe.distributed.sharded else 4
+    c = bytes_per(q.compute_dtype)
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     inter = getattr(config, "intermediate_size", 4 * hidden)
     heads = config.num_attention_heads
@@ -229,8 +230,10 @@ def _sharded(est: Estimate, inv: _Inventory, recipe, n: int) -> None:
     (stage3_param_persistence_threshold; LoRA factors among them), and gathers the embeddings and
     lm_head only while they compute.
     """
+    from qlora_cli.util.dtypes import bytes_per
+
     q, t, dist = recipe.quant, recipe.train, recipe.distributed
-    storage = DTYPE_BYTES[recipe.model.dtype]
+    storage = bytes_per(recipe.model.dtype)
     trainable = est.trainable_params
     if dist.strategy == "fsdp":
         shard_params = shard_grads = shard_optimizer = True

@@ -20,6 +20,7 @@ directory and renamed, so a crash never leaves a half-written entry that a later
 """
 
 from __future__ import annotations
+from qlora_cli.util.files import sha256_file
 
 import hashlib
 import json
@@ -52,7 +53,7 @@ def key(data, seed: int, tokenizer, template) -> str:
             if is_hub_id(source.path):
                 files.append([source.path, _hub_fingerprint(source, f"data.{group}[{i}]")])
             else:
-                files.extend([str(f), _file_digest(f)] for f in resolve_files(source, f"data.{group}[{i}]"))
+                files.extend([str(f), sha256_file(f)] for f in resolve_files(source, f"data.{group}[{i}]"))
     parts = {
         "version": FORMAT_VERSION,
         "data": settings,
@@ -108,16 +109,9 @@ def store(k: str, train, val, stats: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _hub_fingerprint(source, where: str) -> str:
     # `datasets` fingerprints a loaded split from its cached files, so a new revision changes it.
     from qlora_cli.data.sources import load_hub
+    from qlora_cli.util.libraries import dataset_fingerprint
 
-    return load_hub(source, where)._fingerprint
+    return dataset_fingerprint(load_hub(source, where))

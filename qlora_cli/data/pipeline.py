@@ -58,6 +58,7 @@ from qlora_cli.data.tokenize import (
     lone_surrogate,
 )
 from qlora_cli.errors import Problem, UserError
+from qlora_cli.util.libraries import dataset_row_order
 
 MAX_REPORTED = 5  # bad rows shown in a message
 ROWS_PER_PROCESS = 2000  # below this, worker processes cost more than they save
@@ -472,8 +473,9 @@ def _column(ds, name: str):
     at a time; one Arrow `take` over the underlying table does the same in a single vectorized call.)
     """
     values = ds.data.column(name)
-    if ds._indices is not None:  # the row order `select`/`shuffle` set; no public accessor exists
-        values = values.take(ds._indices.column(0))
+    order = dataset_row_order(ds)  # the row order `select`/`shuffle` set; no public accessor exists
+    if order is not None:
+        values = values.take(order.column(0))
     values = values.combine_chunks()
     return values.to_pylist() if values.type == "string" else values.to_numpy(zero_copy_only=False)
 

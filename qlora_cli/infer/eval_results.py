@@ -7,7 +7,6 @@ so a low exact-match rate can be read row by row instead of guessed at.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 RESULTS = "eval_results.json"
@@ -70,14 +69,13 @@ def write_results(directory: str, results: dict, predictions: list[dict]) -> lis
     from qlora_cli.errors import UserError
     from qlora_cli.infer.generate import write_jsonl_atomically
     from qlora_cli.outputs.run_dir import RunDir
+    from qlora_cli.util.files import write_json_atomically
 
     written = []
     path = Path(directory) / RESULTS
-    tmp = path.with_name(f".{RESULTS}.partial")
     try:
         RunDir(directory).record(RESULTS, PREDICTIONS)  # in a run directory: qlora wrote them
-        tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_json_atomically(path, results, ensure_ascii=False)
         written.append(str(path))
         if predictions:
             write_jsonl_atomically(Path(directory) / PREDICTIONS, predictions)
@@ -85,9 +83,5 @@ def write_results(directory: str, results: dict, predictions: list[dict]) -> lis
         else:  # an earlier eval's answers would not match these results
             (Path(directory) / PREDICTIONS).unlink(missing_ok=True)
     except (OSError, UserError) as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         results["write_error"] = f"could not write into {directory}: {getattr(exc, 'strerror', None) or exc}"
     return written

@@ -11,7 +11,6 @@ second formatting path: `Target.prompt_ids` renders with the run's own template.
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from qlora_cli.errors import UserError
+from qlora_cli.util.files import write_atomically
 
 BASE = "base"  # the name --compare gives the bare base model (adapters disabled)
 
@@ -206,18 +206,10 @@ def _prompt_of(row: dict):
 
 def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
     """Write next to the target and rename, so an interrupted run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError.single("--output", f"cannot write {path}: {exc.strerror}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def check_output_path(path: Path) -> None:

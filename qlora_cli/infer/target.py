@@ -17,9 +17,8 @@ from pathlib import Path
 
 from qlora_cli.errors import UserError
 from qlora_cli.model.location import looks_local
-from qlora_cli.outputs.run_dir import RECIPE
+from qlora_cli.outputs.run_dir import MERGE_REPORT, RECIPE
 
-MERGE_REPORT = "merge_report.json"
 
 
 @dataclass

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from qlora_cli.util.dtypes import short_name
+
 BUILT_IN_PROMPTS = [
     "Give three tips for staying healthy.",
     "What is the capital of France?",
@@ -113,7 +115,6 @@ def set_arithmetic(model, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-FLOOR_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def precision_floor(model, reference: list[torch.Tensor], sequences: list[torch.Tensor], model_dtype: torch.dtype,
@@ -129,7 +130,7 @@ def precision_floor(model, reference: list[torch.Tensor], sequences: list[torch.
                 "but the merge can make them differ"}
     set_arithmetic(model, dtype)
     floor = compare(reference, next_token_logits(model, sequences))
-    name = FLOOR_DTYPE_NAMES[dtype]
+    name = short_name(dtype)
     floor.update(dtype=name, means=f"the adapter model as loaded against itself in {name} throughout: what "
                  "precision alone changes on these rows")
     return floor

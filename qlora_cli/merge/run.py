@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, first_line
 from qlora_cli.merge.weights import (
     BaseCheckpoint,
     ShardWriter,
@@ -36,12 +36,10 @@ from qlora_cli.merge.weights import (
     read_adapter,
 )
 from qlora_cli.outputs.model_card import render_merge_card
-from qlora_cli.outputs.run_dir import MODEL_CARD, RECIPE, SUMMARY, RunDir
+from qlora_cli.outputs.run_dir import MERGE_REPORT, MODEL_CARD, RECIPE, SUMMARY, RunDir
+from qlora_cli.util.dtypes import SHORT, short_name
 
-REPORT = "merge_report.json"
 BASE_MODES = ("dequantized", "original")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # Errors of the output location that the user can fix: full disk, quota, file size limit,
 # permissions, read-only.
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
@@ -65,7 +63,7 @@ def merge(
     console=None,
     trust_remote_code: bool = False,
 ) -> MergeResult:
-    from qlora_cli.model.load import TORCH_DTYPES
+    from qlora_cli.util.dtypes import torch_dtype
     from qlora_cli.model.remote_code import require_consent
     from qlora_cli.model.location import check_model_path
     from qlora_cli.recipe.load import load_recipe
@@ -81,9 +79,9 @@ def merge(
     recipe = load_recipe(run / RECIPE)
     # The run's recipe.yaml may say trust_remote_code: true; only the command line can allow it.
     require_consent(recipe.model, trust_remote_code, where=f"{run / RECIPE}: model.trust_remote_code")
-    out_dtype_name = dtype or DTYPE_NAMES[recipe.model.dtype]
-    if out_dtype_name not in DTYPES:
-        raise UserError.single("--dtype", f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    out_dtype_name = dtype or short_name(recipe.model.dtype)
+    if out_dtype_name not in SHORT:
+        raise UserError.single("--dtype", f"unknown dtype {dtype!r}: use one of {', '.join(SHORT)}")
     max_bytes = parse_size(max_shard_size) if max_shard_size else None
     adapter = read_adapter(run.path)
     out = Path(output) if output else run.path / "merged"
@@ -94,12 +92,12 @@ def merge(
     tokenizer = load_run_tokenizer(run)
     base = BaseCheckpoint.open(base_folder)
     config = load_base_config(base_folder, recipe.model)
-    model_dtype = TORCH_DTYPES[recipe.model.dtype]
+    model_dtype = torch_dtype(recipe.model.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where training quantized, normally
     quantized, tied = inspect_model(config, recipe.quant, model_dtype)
     plan = plan_merge(
         adapter, base, tied=tied, quantized=quantized, quant=recipe.quant,
-        model_dtype=model_dtype, out_dtype=DTYPES[out_dtype_name], device=device,
+        model_dtype=model_dtype, out_dtype=SHORT[out_dtype_name], device=device,
     )
     check_free_space(out, plan.output_bytes())
 
@@ -119,8 +117,8 @@ def merge(
             warn_if_unfaithful(report, say)
         (tmp / MODEL_CARD).write_text(render_merge_card(report, str(out)), encoding="utf-8")
         # What this merge wrote, so a later --overwrite deletes nothing else (check_output).
-        report["files"] = sorted([p.name for p in tmp.iterdir()] + [REPORT])
-        (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        report["files"] = sorted([p.name for p in tmp.iterdir()] + [MERGE_REPORT])
+        (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if out.resolve().parent == run.path.resolve():
             run.record(out.name)  # the run's marker: a later `qlora train --overwrite` may replace it
         swap_into_place(tmp, out, overwrite)
@@ -179,11 +177,6 @@ def load_base_config(folder: Path, model):
     return config
 
 
-def first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def check_output(out: Path, overwrite: bool, base_folder: Path, extra_protected: tuple[Path, ...] = ()) -> None:
     """Refuse an output that exists (unless --overwrite), or whose writing would touch the inputs."""
     if out.exists() and not out.is_dir():
@@ -200,12 +193,12 @@ def check_output(out: Path, overwrite: bool, base_folder: Path, extra_protected:
             raise UserError.single("--output", f"{out} already exists: choose another --output, or pass --overwrite to replace it")
         # Only what `qlora merge` wrote (it always writes merge_report.json) may be replaced, so
         # --overwrite cannot delete a downloaded model or a project folder that has a config.json.
-        if not (out / REPORT).is_file():
+        if not (out / MERGE_REPORT).is_file():
             raise UserError.single(
-                "--output", f"--overwrite only replaces an earlier `qlora merge` output (with {REPORT}), and {out} has none"
+                "--output", f"--overwrite only replaces an earlier `qlora merge` output (with {MERGE_REPORT}), and {out} has none"
             )
         try:
-            wrote = set(json.loads((out / REPORT).read_text(encoding="utf-8")).get("files") or [])
+            wrote = set(json.loads((out / MERGE_REPORT).read_text(encoding="utf-8")).get("files") or [])
         except (OSError, ValueError, AttributeError):
             wrote = set()
         # Reports from before the list was kept name no files: those outputs are replaced whole, as then.
@@ -381,14 +374,15 @@ def verify_merge(recipe, run: RunDir, merged_dir: Path, plan, base_mode: str, co
         precision_floor,
         probe_sequences,
     )
-    from qlora_cli.model.load import TORCH_DTYPES, device_map, load_base_model
+    from qlora_cli.model.load import device_map, load_base_model
+    from qlora_cli.util.dtypes import torch_dtype
 
     sequences, source = probe_sequences(recipe)
     reference_model = PeftModel.from_pretrained(load_base_model(recipe.model, recipe.quant), str(run.path))
     reference = next_token_logits(reference_model, sequences)
     # What precision alone costs on the same rows: the same model in another precision (in place).
-    floor = precision_floor(reference_model, reference, sequences, TORCH_DTYPES[recipe.model.dtype],
-                            TORCH_DTYPES[recipe.quant.compute_dtype], plan.out_dtype)
+    floor = precision_floor(reference_model, reference, sequences, torch_dtype(recipe.model.dtype),
+                            torch_dtype(recipe.quant.compute_dtype), plan.out_dtype)
     del reference_model
     gc.collect()
 

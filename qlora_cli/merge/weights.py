@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from qlora_cli.errors import Problem, UserError
+from qlora_cli.util.dtypes import SAFETENSORS_BYTES, SAFETENSORS_FLOAT
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -264,12 +265,10 @@ class MergePlan:
         total = 0
         for key, shape in [*self.base.shapes.items(), *((t, self.base.shapes[s]) for t, s in self.untie.items())]:
             dtype = self.base.dtypes[self.untie.get(key, key)]
-            total += math.prod(shape) * (size if dtype in FLOAT_DTYPES else _DTYPE_BYTES.get(dtype, 8))
+            total += math.prod(shape) * (size if dtype in SAFETENSORS_FLOAT else SAFETENSORS_BYTES.get(dtype, 8))
         return total
 
 
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_DTYPE_BYTES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def plan_merge(adapter: Adapter, base: BaseCheckpoint, tied: dict[str, str], transposed=None, **kw) -> MergePlan:

@@ -164,7 +164,7 @@ def check_model(recipe, tokenizer=None):
     from transformers import AutoConfig
 
     from qlora_cli.model.meta import quantized_meta_model
-    from qlora_cli.model.load import TORCH_DTYPES
+    from qlora_cli.util.dtypes import torch_dtype
 
     m = recipe.model
     try:
@@ -173,7 +173,7 @@ def check_model(recipe, tokenizer=None):
         raise UserError.single(
             "model.name_or_path", f"could not read the model's config.json: {str(exc).splitlines()[0]}"
         ) from None
-    dtype = TORCH_DTYPES[m.dtype]
+    dtype = torch_dtype(m.dtype)
     model = quantized_meta_model(config, recipe.quant, dtype)
     coverage = quantized_fraction(model)
     require_4bit(coverage, "model.name_or_path", dtype.itemsize)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from qlora_cli.errors import UserError
+from qlora_cli.util.dtypes import torch_dtype
+from qlora_cli.errors import UserError, first_line
 
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 
 
 def device_map() -> dict:
@@ -40,7 +40,7 @@ def build_bnb_config(quant):
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=TORCH_DTYPES[quant.compute_dtype],
+        bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
         bnb_4bit_quant_storage=storage_dtype(quant),
     )
 
@@ -48,7 +48,7 @@ def build_bnb_config(quant):
 def storage_dtype(quant) -> torch.dtype:
     """The container dtype for packed 4-bit weights. A Recipe resolves "auto" (config.py); a bare
     QuantSection has no strategy to go by, so "auto" is bitsandbytes' default, uint8."""
-    return TORCH_DTYPES["uint8" if quant.storage_dtype == "auto" else quant.storage_dtype]
+    return torch_dtype("uint8" if quant.storage_dtype == "auto" else quant.storage_dtype)
 
 
 def build_lora_config(lora):
@@ -81,7 +81,7 @@ def load_tokenizer(model):
             model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise UserError.single("model.name_or_path", f"could not load the tokenizer: {_first_line(exc)}") from None
+        raise UserError.single("model.name_or_path", f"could not load the tokenizer: {first_line(exc)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError.single(
             "model.name_or_path", "needs a fast (Rust) tokenizer to compute loss masks; this model has only a slow one"
@@ -114,19 +114,19 @@ def load_base_model(model, quant, place: bool = True):
                 revision=model.revision,
                 config=config,
                 quantization_config=build_bnb_config(quant),
-                dtype=TORCH_DTYPES[model.dtype],
+                dtype=torch_dtype(model.dtype),
                 device_map=device_map() if place else None,
                 trust_remote_code=model.trust_remote_code,
                 attn_implementation=model.attn_implementation,
             )
     except (OSError, ValueError) as exc:
-        raise UserError.single("model.name_or_path", f"could not load the model: {_first_line(exc)}") from None
+        raise UserError.single("model.name_or_path", f"could not load the model: {first_line(exc)}") from None
     except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
         where = "model.attn_implementation" if model.attn_implementation else "model.name_or_path"
-        raise UserError.single(where, f"a package the model needs is missing: {_first_line(exc)}") from None
+        raise UserError.single(where, f"a package the model needs is missing: {first_line(exc)}") from None
     # Checked after loading too (validate and estimate check the same on an empty model first): what
     # is in 4 bits is what transformers did, whatever the architecture.
-    require_4bit(quantized_fraction(loaded), "model.name_or_path", TORCH_DTYPES[model.dtype].itemsize)
+    require_4bit(quantized_fraction(loaded), "model.name_or_path", torch_dtype(model.dtype).itemsize)
     disable_cpu_weight_repacking(loaded)
     return loaded
 
@@ -174,12 +174,12 @@ def attach_lora(model, lora, gradient_checkpointing: bool, upcast: bool = True):
     try:
         peft_model = get_peft_model(model, build_lora_config(lora))
     except ValueError as exc:  # e.g. a target module name that matches nothing
-        raise UserError.single("lora.target_modules", _first_line(exc)) from None
+        raise UserError.single("lora.target_modules", first_line(exc)) from None
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError too
         if not is_out_of_memory(exc):
             raise  # anything else is a bug, with its traceback
         raise UserError.single("lora.r", (
-            f"out of memory while creating the adapters ({_first_line(exc)}). Each targeted layer gets "
+            f"out of memory while creating the adapters ({first_line(exc)}). Each targeted layer gets "
             f"{lora.r} x (its inputs + its outputs) trainable weights: lower lora.r, or list fewer "
             "lora.target_modules; `qlora estimate RECIPE` shows where the memory goes"
         )) from None
@@ -254,8 +254,3 @@ def keep_adapter_fp32(model) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

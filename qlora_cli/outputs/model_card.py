@@ -9,6 +9,7 @@ anyone editing them.
 from __future__ import annotations
 
 from qlora_cli.outputs.run_dir import MODEL_CARD
+from qlora_cli.util.files import write_atomically
 
 
 def render_model_card(recipe, summary: dict, run_name: str) -> str:
@@ -99,10 +100,7 @@ model = PeftModel.from_pretrained(base, "{run_name}")
 
 
 def write_model_card(run, recipe, summary: dict) -> None:
-    path = run / MODEL_CARD
-    tmp = path.with_name(f".{MODEL_CARD}.partial")
-    tmp.write_text(render_model_card(recipe, summary, str(run.path)), encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(run / MODEL_CARD, render_model_card(recipe, summary, str(run.path)))
 
 
 def render_merge_card(report: dict, output: str) -> str:

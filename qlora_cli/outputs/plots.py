@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qlora_cli.errors import UserError
 from qlora_cli.outputs.run_dir import METRICS, RunDir
+from qlora_cli.util.files import write_atomically
 
 
 def read_curves(run: Path) -> dict:
@@ -60,12 +61,9 @@ def plot_runs(runs: list[Path], output: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     output = Path(output)
-    tmp = output.with_name(f".{output.name}.partial.png")
     try:
-        fig.savefig(tmp, format="png")
-        tmp.replace(output)
+        write_atomically(output, lambda tmp: fig.savefig(tmp, format="png"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError.single("--output", f"cannot write {output}: {exc.strerror}") from None
     finally:
         plt.close(fig)

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from qlora_cli.errors import UserError
+from qlora_cli.util.files import write_atomically, write_json_atomically
 
 try:
     import fcntl
@@ -53,6 +54,9 @@ TRAIN_WRITES = (MARKER, LOCK, RECIPE, METRICS, SUMMARY, CHECKPOINTS, LOSS_PLOT, 
 # Set for the processes of a run by the one that holds its lock (`qlora train --nproc` launches
 # its workers with it), so they do not take the lock as someone else's.
 LOCK_ENV = "QLORA_RUN_LOCK"
+# What `qlora merge` writes beside the merged weights (RUN/merged/ by default): what was merged, and
+# how faithfully. Its presence marks a directory as a merge output.
+MERGE_REPORT = "merge_report.json"
 
 
 class RunDir:
@@ -145,10 +149,8 @@ class RunDir:
     def _write_marker(self, names: set[str]) -> None:
         from qlora_cli import __version__
 
-        tmp = self.path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"tool": "qlora", "version": __version__, "wrote": sorted(names)}, indent=1) + "\n",
-                       encoding="utf-8")
-        tmp.replace(self.path / MARKER)
+        write_json_atomically(self.path / MARKER, {"tool": "qlora", "version": __version__, "wrote": sorted(names)},
+                              indent=1)
 
     # --- The lock: one writer per run --------------------------------------------------------------
 
@@ -217,9 +219,7 @@ class RunDir:
         from qlora_cli.train.checkpoints import remove_staging
 
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
-        tmp = self.path / (METRICS + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        tmp.replace(self.path / METRICS)
+        write_atomically(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
         (self.path / SUMMARY).unlink(missing_ok=True)
         remove_staging(self.checkpoints)
 
@@ -261,9 +261,7 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         """Write summary.json last, via a temporary name, so a partial file never looks like a finished run."""
-        tmp = self.path / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(self.path / SUMMARY)
+        write_json_atomically(self.path / SUMMARY, summary)
 
 
 def _is_ours(name: str, written: set[str]) -> bool:

@@ -16,7 +16,6 @@ previous one.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from qlora_cli.errors import UserError
+from qlora_cli.util.files import sha256_file, write_json_atomically
 
 MANIFEST = "qlora_manifest.json"
 STAGING = ".staging"  # checkpoints are written here, then renamed into place
@@ -38,10 +38,8 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 def write_manifest(checkpoint: Path) -> None:
     files = {}
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
-        files[str(path.relative_to(checkpoint))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    tmp = checkpoint / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(checkpoint / MANIFEST)
+        files[str(path.relative_to(checkpoint))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    write_json_atomically(checkpoint / MANIFEST, {"files": files}, indent=1)
 
 
 def problem(checkpoint: Path, hashes: bool = True) -> str | None:
@@ -63,7 +61,7 @@ def problem(checkpoint: Path, hashes: bool = True) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{name} has {path.stat().st_size:,} bytes, not {expected['bytes']:,} (truncated?)"
-        if hashes and _sha256(path) != expected["sha256"]:
+        if hashes and sha256_file(path) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
@@ -203,9 +201,3 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -30,7 +30,6 @@ from pathlib import Path
 from qlora_cli.errors import StoppedRun, UserError
 
 # Set by `qlora train --nproc` for the processes it launches: the file it writes to ask them to stop.
-STOP_FILE_ENV = "QLORA_STOP_FILE"
 
 
 def world_size() -> int:
@@ -338,23 +337,6 @@ def gather_fingerprints(model) -> list[str]:
     return out
 
 
-def agreed_signal(signum: int | None, device) -> int | None:
-    """The stop signal any rank has seen, on every rank (all ranks must call this at the same step).
-
-    A Ctrl-C reaches each process on its own, and not always within the same step. A rank that
-    stopped alone would wait forever for the others in the checkpoint barrier, while they wait
-    for it in the next gradient all-reduce.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if world_size() == 1 or not dist.is_initialized():
-        return signum
-    tensor = torch.tensor([signum or 0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item()) or None
-
-
 def launch(nproc: int, train_args: list[str]) -> int:
     """`qlora train ... --nproc N`: run `qlora train` in N processes through `accelerate launch`
     (torchrun underneath) on this machine, and return the exit code of the launch.
@@ -362,13 +344,13 @@ def launch(nproc: int, train_args: list[str]) -> int:
     One process per GPU when there are GPUs; N CPU processes (DDP over gloo) when there are none.
     Multi-machine runs take an accelerate config instead: see configs/accelerate/.
     """
-    import signal
     import socket
     import subprocess
     import sys
-    import tempfile
 
     import torch
+
+    from qlora_cli.train.stopping import relayed_stops
 
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise UserError.single(
@@ -388,28 +370,8 @@ def launch(nproc: int, train_args: list[str]) -> int:
         "--multi_gpu",
         "-m", "qlora_cli", "train", *train_args,
     ]
-    # The launch runs in its own session, out of reach of the terminal's Ctrl-C: torchrun would
-    # otherwise take the signal too, kill the workers 30 s later whatever they were writing, and
-    # print its own traceback. Instead the first Ctrl-C (or SIGTERM) here writes the stop file,
-    # which every rank checks after each step (GracefulStop): they save a checkpoint, stop together
-    # and exit 0; the second kills the launch at once. Checkpoints are atomic either way.
-    stop_file = Path(tempfile.mkdtemp(prefix="qlora-stop-")) / "stop"
-    process = subprocess.Popen(command, env={**os.environ, STOP_FILE_ENV: str(stop_file)}, start_new_session=True)
-    asked: list[int] = []
-
-    def on_signal(signum, frame):
-        asked.append(signum)
-        if len(asked) == 1:
-            stop_file.write_text(str(signum))
-        else:
-            os.killpg(process.pid, signal.SIGKILL)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    # Ctrl-C and SIGTERM reach the workers through a stop file, not the terminal: stopping.py.
+    start = lambda env: subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True)  # noqa: E731
+    with relayed_stops(start) as (process, asked):
         code = process.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        stop_file.unlink(missing_ok=True)
-        stop_file.parent.rmdir()
     return 128 + asked[0] if asked else code

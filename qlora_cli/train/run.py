@@ -196,7 +196,8 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
 
 
 def _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command) -> TrainResult:
-    from qlora_cli.train.trainer import Diverged, GracefulStop, NonFiniteLoss
+    from qlora_cli.train.trainer import Diverged, NonFiniteLoss
+    from qlora_cli.train.stopping import GracefulStop, signal_name
 
     recipe = with_output_dir(recipe, output_dir)
     run = RunDir(recipe.output.dir)
@@ -337,12 +338,6 @@ def peak_memory_text() -> str:
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
         return f"{format_memory(peak_memory_gib())} of {total:.1f} GiB"
     return format_memory(peak_memory_gib())
-
-
-def signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
 
 
 def _last_checkpoint_text(run: RunDir) -> str:

@@ -1,10 +1,11 @@
-"""TRL's SFTTrainer, with the three guarantees `qlora train` makes about a run that stops early.
+"""TRL's SFTTrainer, with the guarantees `qlora train` makes about a run that stops early.
 
 1. Checkpoints are whole or absent: each is written to RUN/checkpoints/.staging/checkpoint-N,
    given a manifest (checkpoints.py), and renamed into place. Old ones are rotated away only
    after the new one is in place.
 2. The first SIGINT/SIGTERM finishes the current optimizer step, saves a checkpoint and stops;
-   `train` then exits 130/143 saying how to resume. A second signal exits at once.
+   `train` then exits 130/143 saying how to resume. A second signal exits at once (the protocol,
+   across processes too, is stopping.py's GracefulStop).
 3. A NaN or inf loss stops the run before the optimizer applies that step, so the last
    checkpoint stays good. A run that has diverged without a NaN (the adapter gets no gradient any
    more, or the loss sits orders of magnitude above where it started) stops too (DivergenceGuard).
@@ -18,18 +19,14 @@ transformers' own; only these edges are ours.
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import nested_gather
 from trl import SFTTrainer
 
-from qlora_cli.errors import StoppedRun
-from qlora_cli.train import checkpoints, distributed
+from qlora_cli.train import checkpoints
 
 
 class NonFiniteLoss(RuntimeError):
@@ -61,7 +58,11 @@ class Diverged(RuntimeError):
 
 
 class CheckpointingTrainer(SFTTrainer):
-    """SFTTrainer whose checkpoints appear atomically and whose loss is checked every micro-step."""
+    """SFTTrainer whose checkpoints appear atomically and whose loss is checked every micro-step.
+
+    It overrides and reads private parts of transformers' Trainer and TRL's SFTTrainer; each is
+    listed in util/libraries.py's PRIVATE_APIS and pinned by tests/test_library_contracts.py.
+    """
 
     def __init__(self, *args, keep_checkpoints: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
@@ -159,59 +160,6 @@ class CheckpointingTrainer(SFTTrainer):
             # Raised before the optimizer step that would apply these gradients.
             raise NonFiniteLoss(self.state.global_step + 1, value)
         return loss
-
-
-class GracefulStop(TrainerCallback):
-    """First SIGINT/SIGTERM: save and stop after the current optimizer step. Second: stop now."""
-
-    def __init__(self, say=None, where_to_continue=lambda: ""):
-        self.signum: int | None = None
-        self.say = say or (lambda text: None)
-        self.where_to_continue = where_to_continue  # "The last checkpoint is ... To continue: ..."
-        self._previous = {}
-        self._first = 0.0
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and distributed.world_size() > 1 and time.monotonic() - self._first < 1.0:
-            # torchrun and accelerate launch forward the terminal's Ctrl-C to workers that already
-            # got it from the terminal: the same press, not a second one. (A single process has no
-            # such echo, so there a second press counts however fast it comes.)
-            return
-        if self.signum is not None:
-            self.uninstall()
-            raise StoppedRun(128 + signum, f"{signal.Signals(signum).name} again: stopped at once, without saving. "
-                             + self.where_to_continue())
-        self.signum, self._first = signum, time.monotonic()
-        self._announce()
-
-    def _announce(self) -> None:
-        if distributed.is_main_process():
-            self.say(f"{signal.Signals(self.signum).name}: finishing this step and saving a checkpoint "
-                     "(press Ctrl-C again to stop at once, without one)")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # `qlora train --nproc` keeps its processes out of the terminal's signals (distributed.launch)
-        # and asks them to stop through a file instead.
-        stop_file = os.environ.get(distributed.STOP_FILE_ENV)
-        if self.signum is None and stop_file and os.path.exists(stop_file):
-            self.signum = int(Path(stop_file).read_text() or signal.SIGINT)
-            self._announce()
-        # Under a launcher the ranks agree first (one tiny all-reduce per step), so they all stop
-        # and save at the same step.
-        self.signum = distributed.agreed_signal(self.signum, args.device)
-        if self.signum is not None:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
 
 
 class _RestoreLogWindow(TrainerCallback):

@@ -1,0 +1,46 @@
+"""Writing files so that nothing on disk is ever half-written, and hashing them.
+
+    write_atomically(path, text)                     # or a callable that writes to the path it is given
+    write_json_atomically(path, obj, indent=2)
+    sha256_file(path)
+
+A file is written under a hidden temporary name beside its target (same directory, so the same
+file system) and renamed over it: a reader, a crash or a Ctrl-C sees the old file or the new one,
+never a mixture. The temporary is removed when writing fails (a full disk, an interrupt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def write_atomically(path: str | Path, content: str | Callable[[Path], None]) -> None:
+    """Replace PATH in one rename. CONTENT is the text (UTF-8), or a function that writes the file
+    at the temporary path it is given (for writers that want a path: matplotlib, JSONL streams)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_text(content, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomically(path: str | Path, obj, indent: int | None = 2, ensure_ascii: bool = True) -> None:
+    write_atomically(path, json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii) + "\n")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
