@@ -1,6 +1,6 @@
 """Padding efficiency: the fraction of real tokens in the batches the trainer sees, packing off and on.
 
-    .venv/bin/python scripts/bench_padding.py [../shared/data/alpaca_en_demo.json] [--max-seq-len 2048]
+    .venv/bin/python benchmarks/bench_padding.py [../shared/data/alpaca_en_demo.json] [--max-seq-len 2048]
         [--batch-size 4] [--json OUT]
 
 configs/tiny.yaml pointed at the data file (alpaca format, all rows trained: data.val_size=0,

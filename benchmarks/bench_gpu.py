@@ -1,7 +1,7 @@
 """GPU benchmark: a Mistral-7B-shaped QLoRA step, `qlora train` against the plain baseline script.
 
-    python scripts/bench_gpu.py --data ../shared/data/alpaca_en_demo.json --json $OUT/bench_gpu.json
-    python scripts/bench_gpu.py --shape tiny --steps 4 --seq-len 256     # the same plumbing on a CPU
+    python benchmarks/bench_gpu.py --data ../shared/data/alpaca_en_demo.json --json $OUT/bench_gpu.json
+    python benchmarks/bench_gpu.py --shape tiny --steps 4 --seq-len 256     # the same plumbing on a CPU
 
 The model has Mistral-7B's dimensions (hidden 4096, 32 layers, 32 heads with 8 KV heads, MLP 14336,
 vocabulary 32,000) and random weights, built from a config and saved once: nothing is downloaded.
@@ -11,7 +11,7 @@ checkpointing, for --steps optimizer steps (the timed loop includes its first, s
 
   - qlora: `qlora train` with its speed features: packing (best-fit, padding-free), SDPA, non-reentrant
     checkpointing, Liger's kernels when liger-kernel is installed;
-  - baseline: scripts/baseline_sft.py, what a user writes with the same libraries: padded batches,
+  - baseline: benchmarks/baseline_sft.py, what a user writes with the same libraries: padded batches,
     the libraries' defaults.
 
 Reported per side (medians of --repeats fresh processes): trained (non-padding) tokens/s over the
@@ -106,7 +106,7 @@ def run_tool(recipe: Path, out: Path) -> dict:
 
 def run_baseline(recipe: Path, out: Path) -> dict:
     result_file = out.parent / f"{out.name}.json"
-    command = [sys.executable, str(ROOT / "scripts" / "baseline_sft.py"), str(recipe), "--output-dir", str(out),
+    command = [sys.executable, str(ROOT / "benchmarks" / "baseline_sft.py"), str(recipe), "--output-dir", str(out),
                "--json", str(result_file)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     r = json.loads(result_file.read_text())

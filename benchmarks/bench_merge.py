@@ -1,7 +1,7 @@
 """Benchmark the peak memory of `qlora merge` against a naive whole-model PEFT merge_and_unload.
 
-    .venv/bin/python scripts/bench_merge.py [--work DIR] [--repeats N] [--json PATH]
-    .venv/bin/python scripts/bench_merge.py --variants streamed --repeats 1     # quick look
+    .venv/bin/python benchmarks/bench_merge.py [--work DIR] [--repeats N] [--json PATH]
+    .venv/bin/python benchmarks/bench_merge.py --variants streamed --repeats 1     # quick look
 
 The requirement: `qlora merge` streams shard by shard, so its peak resident memory stays bounded by
 about one input shard plus one output shard plus the adapter, not the whole model. Target: the peak
@@ -50,7 +50,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))  # build_tiny, for the tokenizer and its corpus
+sys.path.insert(0, str(ROOT / "scripts"))  # build_tiny, for the tokenizer and its corpus
 
 TARGET = 0.40  # peak above baseline, as a fraction of the model's size on disk
 MIB = 2**20

@@ -1,6 +1,6 @@
 """Check `qlora estimate` on the CPU: the saved activations, and the whole training step's peak.
 
-    .venv/bin/python scripts/bench_activations.py [--batch 2] [--seq 256] [--dtype bfloat16] [--json out.json]
+    .venv/bin/python benchmarks/bench_activations.py [--batch 2] [--seq 256] [--dtype bfloat16] [--json out.json]
 
 Peak training memory on a GPU is weights + optimizer state + what the forward pass keeps for the
 backward pass + transients + the CUDA runtime and the allocator's slack. Everything but the last
@@ -20,7 +20,7 @@ layers, bf16 autocast), it measures:
 No LoRA dropout: on the CPU its masks are float (4 bytes an element), on a GPU bool (1 byte, which
 is what the estimate adds when dropout > 0). What stays unchecked: GPU-only transients (attention
 kernels' workspace, cuBLAS), the runtime and the allocator's slack: the whole GPU peak needs a GPU
-(scripts/bench_gpu.py).
+(benchmarks/bench_gpu.py).
 """
 
 from __future__ import annotations

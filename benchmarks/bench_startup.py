@@ -1,7 +1,7 @@
 """CLI start-up: `qlora --help` wall time against `python -c pass`, in the same run; and how soon
 a mistake in the recipe or a path is reported, against importing the training stack.
 
-    .venv/bin/python scripts/bench_startup.py [--repeats 15]
+    .venv/bin/python benchmarks/bench_startup.py [--repeats 15]
 
 All are started as fresh processes with the same interpreter; the figures are medians, and the
 difference from `python -c pass` is what the tool itself costs before doing anything (the target

@@ -1,9 +1,9 @@
 """Tool overhead: `qlora train RECIPE` against a hand-written SFTTrainer script (baseline_sft.py).
 
-    .venv/bin/python scripts/bench_overhead.py [--recipe configs/tiny.yaml] [--repeats 5] [--json OUT]
-    .venv/bin/python scripts/bench_overhead.py --no-data-cache   # the tool tokenizes on every run
+    .venv/bin/python benchmarks/bench_overhead.py [--recipe configs/tiny.yaml] [--repeats 5] [--json OUT]
+    .venv/bin/python benchmarks/bench_overhead.py --no-data-cache   # the tool tokenizes on every run
 
-Both train the same recipe with the same libraries: scripts/baseline_sft.py reads the same resolved
+Both train the same recipe with the same libraries: benchmarks/baseline_sft.py reads the same resolved
 settings (load_recipe) but uses transformers/bitsandbytes/peft/TRL directly, with none of qlora's
 own code. Each is a fresh process, and runs are interleaved (python -c pass, qlora, baseline,
 then baseline first the next time) so changes in machine load hit both alike. One warm-up run of each comes first and is not counted
@@ -50,7 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QLORA = Path(sys.executable).with_name("qlora")
-BASELINE = ROOT / "scripts" / "baseline_sft.py"
+BASELINE = ROOT / "benchmarks" / "baseline_sft.py"
 TARGET = 1.05
 HZ = os.sysconf("SC_CLK_TCK")
 

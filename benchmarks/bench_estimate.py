@@ -1,6 +1,6 @@
 """Check `qlora estimate`'s weight part against real 4-bit loads on this machine.
 
-    .venv/bin/python scripts/bench_estimate.py
+    .venv/bin/python benchmarks/bench_estimate.py
 
 For the tiny model and a medium random Llama (about 0.5 B parameters, built locally from a
 config), it loads the base exactly as training does (4-bit NF4 + double quantization, then

@@ -2,7 +2,7 @@
 and resumed with --resume, then report the largest difference between the two adapters and whether
 every logged loss matches.
 
-    .venv/bin/python scripts/check_resume.py [--steps 40] [--kill-after 10] [--runs N]
+    .venv/bin/python benchmarks/check_resume.py [--steps 40] [--kill-after 10] [--runs N]
 
 Uses the tiny offline model (built into a temporary directory). Prints one JSON object.
 """

@@ -1,7 +1,7 @@
 """Benchmark the data pipeline: render, tokenize and mask (build_datasets), cold and cached.
 
-    .venv/bin/python scripts/bench_data.py ../shared/data/alpaca_en_demo.json
-    .venv/bin/python scripts/bench_data.py DATA.json --rows 5000 --repeats 1 --procs 1 2 --json out.json
+    .venv/bin/python benchmarks/bench_data.py ../shared/data/alpaca_en_demo.json
+    .venv/bin/python benchmarks/bench_data.py DATA.json --rows 5000 --repeats 1 --procs 1 2 --json out.json
 
 The Alpaca rows are repeated to --rows (default 50,000) and written to a temporary .jsonl file, and
 the tiny tokenizer (scripts/build_tiny.py) is used, so the numbers measure our pipeline rather than
@@ -179,7 +179,7 @@ def main() -> None:
         if args.tiny:
             model_dir = str(Path(args.tiny) / "model")
         else:
-            sys.path.insert(0, str(HERE))
+            sys.path.insert(0, str(HERE.parent / "scripts"))
             import build_tiny
 
             model_dir = str(build_tiny.build(tmp / "tiny") / "model")

@@ -1,11 +1,11 @@
 """4-bit memory footprint: the bytes a loaded model holds against the NF4 + double-quant theory.
 
-    .venv/bin/python scripts/bench_footprint.py [--work DIR] [--json OUT]
+    .venv/bin/python benchmarks/bench_footprint.py [--work DIR] [--json OUT]
 
 Loads two models in 4 bits on the CPU with qlora's own loader (NF4, as `qlora train` does), with
 and without double quantization: the tiny model (scripts/build_tiny.py) and a random medium Llama
 built locally from a config (hidden 1536, 12 layers, 32k vocabulary, bf16: about 0.5 B parameters,
-as scripts/bench_estimate.py). For each, qlora_cli.model.footprint gives:
+as benchmarks/bench_estimate.py). For each, qlora_cli.model.footprint gives:
   - measured: bytes held by parameters, buffers and bitsandbytes' quant states (absmax, nested
     absmax, lookup tables, offset);
   - theoretical: 4 bits per quantized weight plus block scales (4.127 bits with double quant, 4.5

@@ -1,14 +1,14 @@
 """The architecture matrix: every supported family, tiny and random, through qlora end to end.
 
-    python scripts/architecture_matrix.py                 # all families, prints the markdown table
-    python scripts/architecture_matrix.py --family GPT-2 --family Falcon
-    python scripts/architecture_matrix.py --json out.json # the measured figures as well
+    python benchmarks/architecture_matrix.py                 # all families, prints the markdown table
+    python benchmarks/architecture_matrix.py --family GPT-2 --family Falcon
+    python benchmarks/architecture_matrix.py --json out.json # the measured figures as well
 
 For each family a random 2-layer model is built from its transformers config class (no download;
 hidden size 64, so every matrix quantizes into whole 64-value NF4 blocks) with the tiny tokenizer of
 scripts/build_tiny.py, and then, as tests/test_architectures.py does it:
-  1. load: through qlora's own loading path (modeling.load_base_model), the share of the transformer
-     blocks' matrix weights held in 4 bits measured (architectures.quantized_fraction); a
+  1. load: through qlora's own loading path (qlora_cli.model.load.load_base_model), the share of
+     the transformer blocks' matrix weights held in 4 bits measured (architectures.quantized_fraction); a
      Mixture-of-Experts model is refused there (its experts cannot be quantized);
   2. train: `qlora train` on the tiny Alpaca data, a few steps (structure, not learning);
   3. reload: the saved adapter on a freshly loaded 4-bit base gives the trained model's logits;

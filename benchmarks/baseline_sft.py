@@ -1,6 +1,6 @@
 """A hand-written QLoRA fine-tune with the same libraries `qlora train` uses, for bench_overhead.py.
 
-    .venv/bin/python scripts/baseline_sft.py configs/tiny.yaml --output-dir /tmp/baseline [--json OUT]
+    .venv/bin/python benchmarks/baseline_sft.py configs/tiny.yaml --output-dir /tmp/baseline [--json OUT]
 
 This is what a user would write without the tool: transformers + bitsandbytes (NF4, double quant),
 peft (prepare_model_for_kbit_training + LoRA) and TRL's SFTTrainer on prompt/completion pairs (so
