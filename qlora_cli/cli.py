@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 import traceback
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -25,6 +25,7 @@ from qlora_cli.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, StoppedRun, U
 from qlora_cli.model.remote_code import (
     FLAG_HELP as REMOTE_CODE_HELP_TEXT,  # a light module: --help stays instant
 )
+from qlora_cli.recipe.starter import FORMATS as STARTER_FORMATS
 
 app = typer.Typer(
     name="qlora",
@@ -36,6 +37,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 RESUME_LATEST = "latest"  # what a bare --resume means (see main)
+StarterFormat = Literal[STARTER_FORMATS]  # `qlora init --format`: one per starter recipe
 SET_HELP = "Override a recipe key, e.g. --set lora.r=8 --set data.sources[0].path=x.jsonl (repeatable)."
 
 
@@ -51,7 +53,7 @@ def train(
         "(a checkpoint-N directory, or the run directory).",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display: print only the final summary."),
-    log_format: str = typer.Option(
+    log_format: Literal["rich", "json"] = typer.Option(
         "rich", "--log-format", help="rich (live display) or json (one JSON object per log line on stdout, for scripts)."
     ),
     nproc: Optional[int] = typer.Option(
@@ -66,11 +68,9 @@ def train(
 
     from qlora_cli.model.remote_code import require_consent
     from qlora_cli.outputs.run_dir import RECIPE, RunDir
-    from qlora_cli.train.preflight import check_inputs, preflight, with_output_dir
     from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.train.preflight import check_inputs, preflight, with_output_dir
 
-    if log_format not in ("rich", "json"):
-        raise UserError.single("--log-format", f"{log_format!r} is not a log format: use rich or json")
     if resume is not None and overwrite:
         raise UserError.single("--resume", "--resume continues a run and --overwrite replaces it: give one of them")
     if resume not in (None, RESUME_LATEST) and (Path(resume).expanduser() / RECIPE).is_file():
@@ -129,8 +129,8 @@ def validate(
 ):
     """Check a recipe without training: schema, paths, tokenizer, template and every data row; print it resolved."""
     from qlora_cli.data.sources import check_data_files
-    from qlora_cli.model.remote_code import require_consent
     from qlora_cli.model.location import check_model_path
+    from qlora_cli.model.remote_code import require_consent
     from qlora_cli.recipe.load import load_recipe
 
     r = load_recipe(recipe, set_ or [])
@@ -176,8 +176,8 @@ def data(
 ):
     """Preview the training data: rendered examples with trained tokens highlighted, and statistics."""
     from qlora_cli.data.sources import check_data_files
-    from qlora_cli.model.remote_code import require_consent
     from qlora_cli.model.location import check_model_path
+    from qlora_cli.model.remote_code import require_consent
     from qlora_cli.recipe.load import load_recipe
 
     r = load_recipe(recipe, set_ or [])
@@ -230,12 +230,14 @@ def data(
 def merge(
     run_dir: str = typer.Argument(..., help="The run directory `qlora train` wrote."),
     output: Optional[str] = typer.Option(None, "--output", help="Where to write the model (default: RUN_DIR/merged)."),
-    base: str = typer.Option(
+    base: Literal["dequantized", "original"] = typer.Option(
         "dequantized", "--base",
         help="Add the update to the NF4-dequantized weights the adapter was trained against (dequantized), "
         "or to the original checkpoint weights (original).",
     ),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: the recipe's model.dtype)."),
+    dtype: Optional[Literal["bf16", "fp16", "fp32"]] = typer.Option(
+        None, "--dtype", help="The merged weights' dtype (default: the recipe's model.dtype)."
+    ),
     max_shard_size: Optional[str] = typer.Option(
         None, "--max-shard-size", help="e.g. 2GB; default: the output's shards mirror the base model's."
     ),
@@ -337,16 +339,16 @@ def eval_(
 @app.command()
 def init(
     model: str = typer.Option("mistralai/Mistral-7B-v0.1", "--model", help="Base model: hub id or local directory."),
-    fmt: str = typer.Option("alpaca", "--format", help="Data format: alpaca, messages, prompt_completion or text."),
+    fmt: StarterFormat = typer.Option(
+        "alpaca", "--format", help="Data format of the recipe's source."
+    ),
     output: str = typer.Option("recipe.yaml", "--output", "-o", help="Where to write the recipe (never overwritten)."),
 ):
     """Write a commented starter recipe for a model and data format."""
     from pathlib import Path
 
-    from qlora_cli.recipe.starter import FORMATS, starter_recipe
+    from qlora_cli.recipe.starter import starter_recipe
 
-    if fmt not in FORMATS:
-        raise UserError.single("--format", f"{fmt!r} is not a starter format: use one of {', '.join(FORMATS)}")
     path = Path(output)
     if path.exists():
         raise UserError.single("--output", f"{path} already exists: choose another --output (it is never overwritten)")
@@ -369,8 +371,8 @@ def estimate(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Predict peak training memory per GPU from the recipe and the model's config.json (no weights downloaded)."""
-    from qlora_cli.model.remote_code import require_consent
     from qlora_cli.model.location import check_model_path
+    from qlora_cli.model.remote_code import require_consent
     from qlora_cli.recipe.load import load_recipe
 
     if nproc < 1:

@@ -28,9 +28,9 @@ also the weights, held in the storage dtype without the fp32 upcast), all of the
 constants, and the weights it gathers while computing; offload moves the partitioned parts to CPU RAM
 (or NVMe).
 
-The weight part is checked against every byte real loads hold (scripts/bench_estimate.py); the
+The weight part is checked against every byte real loads hold (benchmarks/bench_estimate.py); the
 activations against what autograd saves for backward, and the total against a training step's peak
-of live tensor bytes, on the CPU (scripts/bench_activations.py). Not checked: GPU-only transients,
+of live tensor bytes, on the CPU (benchmarks/bench_activations.py). Not checked: GPU-only transients,
 the CUDA runtime and the allocator's slack, which need a GPU.
 """
 
@@ -163,7 +163,7 @@ def activation_parts(recipe, config, linears: dict, quantized_names: set[str]) -
     """What one micro-batch of batch_size x max_seq_len tokens adds, the same on every GPU.
 
     The tensors a Llama-style decoder layer keeps for the backward pass, per token (checked against
-    autograd's saved tensors on the CPU by scripts/bench_activations.py and tests/test_estimate.py):
+    autograd's saved tensors on the CPU by benchmarks/bench_activations.py and tests/test_estimate.py):
       - the residual stream in its dtype r: peft's prepare_model_for_kbit_training upcasts the
         embeddings to fp32, so the hidden states are fp32 (and bitsandbytes returns each 4-bit
         layer's output in its input's dtype); under fsdp/deepspeed there is no upcast. Two sums

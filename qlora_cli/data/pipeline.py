@@ -275,7 +275,7 @@ def _tokenize_file(raw, source, where: str, name: str, data, renderer, tokenizer
             "renderer": renderer,
             "tokenizer": tokenizer,
             "train_on_inputs": data.train_on_inputs,
-            "max_len": data.max_seq_len,
+            "max_seq_len": data.max_seq_len,
             "on_too_long": data.on_too_long,
         },
         load_from_cache_file=False,  # our own cache (cache.py) knows what invalidates a result
@@ -297,7 +297,7 @@ def _tokenize_batch(batch, **kwargs):
             gc.enable()
 
 
-def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inputs, max_len, on_too_long):
+def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inputs, max_seq_len, on_too_long):
     # One output per example: a row is usually one example, a failed row one (with its status), and a
     # conversation may become several: one per turn its template rewrites (Renderer.examples), or one
     # per reply where a token straddles an earlier reply's start (tokenize.encode).
@@ -339,10 +339,10 @@ def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inpu
     reason = [""] * len(source) + [why for _, _, why in failed]
     per_row = Counter(row_of)
     lengths = np.concatenate([encoded.lengths, np.zeros(len(failed), np.int64)])
-    for i in np.flatnonzero(lengths > max_len):
+    for i in np.flatnonzero(lengths > max_seq_len):
         if status[i] == OK and on_too_long != "truncate":
-            status[i], reason[i] = TOO_LONG, f"{lengths[i]} tokens, more than max_seq_len={max_len}"
-    columns = _token_columns(encoded.ids, encoded.trained, lengths, max_len)
+            status[i], reason[i] = TOO_LONG, f"{lengths[i]} tokens, more than max_seq_len={max_seq_len}"
+    columns = _token_columns(encoded.ids, encoded.trained, lengths, max_seq_len)
     for i in np.flatnonzero(columns["trained"].to_numpy() == 0):
         if status[i] == OK:
             status[i] = NO_RESPONSE
@@ -371,21 +371,21 @@ def _check_encodable(text: str) -> None:
         )
 
 
-def _token_columns(ids, trained, lengths, max_len: int) -> dict:
-    """input_ids, labels and trained-token counts of a flat batch, each row cut to max_len.
+def _token_columns(ids, trained, lengths, max_seq_len: int) -> dict:
+    """input_ids, labels and trained-token counts of a flat batch, each row cut to max_seq_len.
 
-    Rows longer than max_len are cut whatever the policy: under `drop` or `error` they are removed
+    Rows longer than max_seq_len are cut whatever the policy: under `drop` or `error` they are removed
     afterwards anyway. Built as Arrow arrays straight from numpy: converting Python lists of ids to
     Arrow was a tenth of the whole pipeline's time.
     """
     rows = np.repeat(np.arange(len(lengths)), lengths)  # the row of each token
     position = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # its place in that row
-    keep = position < max_len
+    keep = position < max_seq_len
     ids, trained, rows, position = ids[keep], trained[keep], rows[keep], position[keep]
     labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
     # position 0 is never a target (each label is predicted from the tokens before it)
     counts = np.bincount(rows, weights=trained & (position > 0), minlength=len(lengths)).astype(np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(np.minimum(lengths, max_len))]).astype(np.int32))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(np.minimum(lengths, max_seq_len))]).astype(np.int32))
     return {
         "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
         "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
@@ -547,15 +547,15 @@ def length_percentiles(lengths) -> dict:
     }
 
 
-def length_histogram(lengths, max_len: int, bins: int = 8) -> list[list[int]]:
+def length_histogram(lengths, max_seq_len: int, bins: int = 8) -> list[list[int]]:
     """[[lowest, highest, count], ...]: equal-width bins of lengths over 1..max_seq_len, inclusive bounds."""
-    edges = np.linspace(0, max_len, bins + 1).round().astype(int) + 1  # bins [edge_i, edge_i+1)
-    edges[-1] = max_len + 1
+    edges = np.linspace(0, max_seq_len, bins + 1).round().astype(int) + 1  # bins [edge_i, edge_i+1)
+    edges[-1] = max_seq_len + 1
     counts, _ = np.histogram(lengths, bins=edges)
     return [[int(lo), int(hi) - 1, int(c)] for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
 
 
-def batching_efficiency(lengths, max_len: int, batch_size: int, seed: int) -> dict:
+def batching_efficiency(lengths, max_seq_len: int, batch_size: int, seed: int) -> dict:
     """Fraction of real tokens in the padded batch tensors, with and without packing.
 
     Without packing, each batch is padded to its longest example (batches drawn in a seeded random
@@ -576,12 +576,12 @@ def batching_efficiency(lengths, max_len: int, batch_size: int, seed: int) -> di
     # same order and map batches as the trainer will pack, for a fraction of the time.
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     shapes = pa.LargeListArray.from_arrays(pa.array(offsets), pa.nulls(int(offsets[-1])))
-    packed = pack_dataset(Dataset(pa.table({"input_ids": shapes})), max_len, "bfd")
+    packed = pack_dataset(Dataset(pa.table({"input_ids": shapes})), max_seq_len, "bfd")
     return {
         "batch_size": batch_size,
         "padding_efficiency": round(float(lengths.sum()) / padded, 4),
         "batches_per_epoch": int(np.ceil(len(lengths) / batch_size)),
         "packed_rows": len(packed),
-        "packing_efficiency": round(float(lengths.sum()) / (len(packed) * max_len), 4),
+        "packing_efficiency": round(float(lengths.sum()) / (len(packed) * max_seq_len), 4),
         "packed_batches_per_epoch": int(np.ceil(len(packed) / batch_size)),
     }

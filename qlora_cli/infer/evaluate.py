@@ -201,20 +201,21 @@ def last_reply(row: dict) -> tuple[list[int], list[int]]:
 def score_tokens(target, rows: list[dict], batch_size: int, adapter: str | None = None) -> dict:
     """Token-weighted loss, perplexity and argmax accuracy over the response tokens."""
     import torch.nn.functional as F
+    from torch.nn.utils.rnn import pad_sequence
 
     model, device = target.model, next(target.model.parameters()).device
-    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else target.tokenizer.eos_token_id
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))  # similar lengths batch together
     nll, correct, tokens = 0.0, 0, 0
     start = time.perf_counter()
     with using_adapter(target, adapter):
         for b in range(0, len(order), batch_size):
             batch = [rows[i] for i in order[b : b + batch_size]]
-            width = max(len(r["input_ids"]) for r in batch)
-            ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in batch], device=device)
-            labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in batch], device=device)
-            mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch], device=device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            # Right-padded, as training batches are (left padding would shift the positions).
+            padded = target.tokenizer.pad([{"input_ids": r["input_ids"]} for r in batch], padding_side="right",
+                                          return_tensors="pt").to(device)
+            labels = pad_sequence([torch.tensor(r["labels"]) for r in batch], batch_first=True,
+                                  padding_value=-100).to(device)
+            logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[:, :-1]
             targets = labels[:, 1:]
             scored = targets != -100
             picked, wanted = logits[scored].float(), targets[scored]

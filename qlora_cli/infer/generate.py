@@ -71,17 +71,15 @@ def using_adapter(target, adapter: str | None):
 def complete_batch(target, prompts: list[list[int]], sampling: Sampling, adapter: str | None = None,
                    streamer=None) -> list[Completion]:
     """Generate for several prompts at once (left-padded, so every reply starts at the same column)."""
-    tok = target.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    tok = target.tokenizer  # loaded by load_tokenizer, so it has a pad token (the EOS where the model has none)
+    padded = tok.pad([{"input_ids": p} for p in prompts], padding_side="left", return_tensors="pt")
+    ids, mask, width = padded["input_ids"], padded["attention_mask"], padded["input_ids"].shape[1]
     device = next(target.model.parameters()).device
     torch.manual_seed(sampling.seed)
     with using_adapter(target, adapter):
         out = target.model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=target.stop_ids, pad_token_id=pad, streamer=streamer, **sampling.generate_kwargs(),
+            eos_token_id=target.stop_ids, pad_token_id=tok.pad_token_id, streamer=streamer, **sampling.generate_kwargs(),
         )
     completions = []
     stops = set(target.stop_ids)

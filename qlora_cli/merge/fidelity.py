@@ -44,7 +44,6 @@ def probe_sequences(recipe, n: int = 32) -> tuple[list[torch.Tensor], str]:
     from qlora_cli.model.tokenizer import prepare_tokenizer
 
     tokenizer, template = prepare_tokenizer(recipe)
-    max_len = recipe.data.max_seq_len
     try:
         prepared = build_datasets(recipe.data, tokenizer, template, seed=recipe.train.seed)
     except UserError as exc:
@@ -53,7 +52,7 @@ def probe_sequences(recipe, n: int = 32) -> tuple[list[torch.Tensor], str]:
         ds = prepared.val if prepared.val is not None and len(prepared.val) else prepared.train
         rows = ds.select(range(min(n, len(ds))))["input_ids"]
         which = "validation" if ds is prepared.val else "training"
-        return [torch.tensor(r[:max_len]) for r in rows], f"{len(rows)} {which} rows of the run's data"
+        return [torch.tensor(r) for r in rows], f"{len(rows)} {which} rows of the run's data"  # cut as in training
     seqs = []
     for prompt in BUILT_IN_PROMPTS[:n]:
         if template is not None:  # the run's template, as `qlora train` installed it
@@ -61,7 +60,7 @@ def probe_sequences(recipe, n: int = 32) -> tuple[list[torch.Tensor], str]:
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         else:
             ids = tokenizer(prompt)["input_ids"]
-        seqs.append(torch.tensor(ids[:max_len]))
+        seqs.append(torch.tensor(ids[: recipe.data.max_seq_len]))
     return seqs, f"{len(seqs)} built-in prompts (the run's data could not be loaded: {why})"
 
 
@@ -79,7 +78,8 @@ def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> dic
     for ref, cand in zip(reference, candidate, strict=True):
         max_diff = max(max_diff, (ref - cand).abs().max().item())
         log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
-        kl_sum += (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum().item()
+        kl = torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # KL(p || q) per position
+        kl_sum += kl.clamp_min(0).sum().item()
         agree += (ref.argmax(-1) == cand.argmax(-1)).sum().item()
         positions += ref.shape[0]
     return {

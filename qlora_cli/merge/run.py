@@ -27,10 +27,12 @@ import torch
 from qlora_cli.errors import UserError, first_line
 from qlora_cli.merge.weights import (
     BaseCheckpoint,
-    ShardWriter,
     inspect_model,
     merged_shard,
     merged_tensors,
+    output_shards,
+    save_shard,
+    write_index,
     parse_size,
     plan_merge,
     read_adapter,
@@ -228,13 +230,22 @@ def check_free_space(out: Path, needed: int) -> None:
 
 
 def write_model(plan, folder: Path, base_mode: str, max_bytes: int | None) -> list[str]:
-    """Stream the merged tensors into shards; output shards mirror the input's unless a size is given."""
-    writer = ShardWriter(folder, max_bytes)
+    """Stream the merged tensors into shards; output shards mirror the input's unless a size is given.
+    A file is written as soon as its last tensor is merged, so memory holds one file's worth."""
+    files = output_shards(plan, max_bytes)
+    file_of = {key: name for name, keys in files.items() for key in keys}
+    pending = {name: {} for name in files}
+    sizes = {}
     for shard in plan.base.shards:
-        for name, tensor in merged_shard(plan, shard, base_mode):
-            writer.add(name, tensor)
-        writer.end_input_shard()
-    return writer.close()
+        for key, tensor in merged_shard(plan, shard, base_mode):
+            name = file_of[key]
+            pending[name][key] = tensor.contiguous()
+            if len(pending[name]) == len(files[name]):
+                tensors = pending.pop(name)
+                save_shard(folder / name, tensors)
+                sizes[name] = sum(t.numel() * t.element_size() for t in tensors.values())
+    write_index(folder, files, sizes)
+    return list(files)
 
 
 def write_companions(config, plan, base_folder: Path, tokenizer, folder: Path) -> None:

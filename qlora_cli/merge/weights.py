@@ -24,7 +24,7 @@ Two ways to fold an update into a weight (the `--base` flag):
 Memory: tensors are read one at a time from a memory-mapped safetensors shard (whose pages count
 as resident while it is open), output tensors are fresh copies, and an output shard is flushed
 as soon as it is complete, so the peak is about one input shard, one output shard and the
-adapter (measured by scripts/bench_merge.py).
+adapter (measured by benchmarks/bench_merge.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from qlora_cli.errors import Problem, UserError
-from qlora_cli.util.dtypes import SAFETENSORS_BYTES, SAFETENSORS_FLOAT
+from qlora_cli.util.dtypes import SAFETENSORS, SAFETENSORS_FLOAT
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -265,7 +265,7 @@ class MergePlan:
         total = 0
         for key, shape in [*self.base.shapes.items(), *((t, self.base.shapes[s]) for t, s in self.untie.items())]:
             dtype = self.base.dtypes[self.untie.get(key, key)]
-            total += math.prod(shape) * (size if dtype in SAFETENSORS_FLOAT else SAFETENSORS_BYTES.get(dtype, 8))
+            total += math.prod(shape) * (size if dtype in SAFETENSORS_FLOAT else SAFETENSORS[dtype].itemsize)
         return total
 
 
@@ -396,7 +396,7 @@ def release_freed_memory() -> None:
 
     Tensors of a few MB come from glibc's heap, which keeps freed chunks resident: measured on a
     1 GB model, that alone added about 200 MB to the peak, and varied run to run. Trimming after
-    each tensor keeps the peak at what the merge holds (scripts/bench_merge.py).
+    each tensor keeps the peak at what the merge holds (benchmarks/bench_merge.py).
     """
     global _malloc_trim
     if _malloc_trim is None:
@@ -416,70 +416,59 @@ _malloc_trim = None
 # --- The writer -----------------------------------------------------------------------------------
 
 
-class ShardWriter:
-    """Collect tensors into safetensors shards and write an index, transformers-style.
+def output_shards(plan: MergePlan, max_shard_bytes: int | None) -> dict[str, list[str]]:
+    """{file name: the weight keys it holds}, in the order merged_shard yields them. Without a size
+    limit the output mirrors the input's shards (so merging holds one input shard's worth at a time);
+    with one, huggingface_hub splits the output the way `save_pretrained(max_shard_size=...)` does,
+    planned on meta tensors of the output's shapes and dtypes (nothing is read)."""
+    copies = {source: copy for copy, source in plan.untie.items()}
+    groups = [[k for key in plan.base.keys[shard] for k in ([key, copies[key]] if key in copies else [key])]
+              for shard in plan.base.shards]
+    groups = [group for group in groups if group]
+    keys = [k for group in groups for k in group]
+    if max_shard_bytes is None:
+        n = len(groups)
+        return {SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors": group
+                for i, group in enumerate(groups, start=1)}
+    from huggingface_hub import split_torch_state_dict_into_shards
 
-    With no size limit, output shards mirror the input shards; with one, a shard is flushed
-    before it would exceed it. Shards are written under temporary names and renamed to
-    model-0000i-of-0000N.safetensors once N is known.
-    """
+    meta = {}
+    for key in keys:
+        source = plan.untie.get(key, key)
+        dtype = plan.out_dtype if plan.base.dtypes[source] in SAFETENSORS_FLOAT else SAFETENSORS[plan.base.dtypes[source]]
+        meta[key] = torch.empty(plan.base.shapes[source], dtype=dtype, device="meta")
+    split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_bytes)
+    return {name: [k for k in keys if k in set(names)] for name, names in split.filename_to_tensors.items()}
 
-    def __init__(self, folder: Path, max_shard_bytes: int | None):
-        self.folder, self.max = folder, max_shard_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffered = 0
-        self.files: list[tuple[str, list[str], int]] = []  # temp name, keys, bytes
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.max is not None and self.buffer and self.buffered + size > self.max:
-            self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.buffered += size
+def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file, with the permissions of every other file here and I/O errors as OSError."""
+    from safetensors.torch import save_file
 
-    def end_input_shard(self) -> None:
-        if self.max is None:
-            self.flush()
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.buffer:
-            return
-        name = f"part-{len(self.files):05d}.safetensors"
-        path = self.folder / name
-        try:
-            save_file(self.buffer, str(path), metadata={"format": "pt"})
-        except OSError:
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except OSError:
+        raise
+    except Exception as exc:  # SafetensorError wraps I/O errors: "... (os error 28)"
+        m = re.search(r"os error (\d+)", str(exc))
+        if m is None:
             raise
-        except Exception as exc:  # SafetensorError wraps I/O errors: "... (os error 28)"
-            m = re.search(r"os error (\d+)", str(exc))
-            if m is None:
-                raise
-            raise OSError(int(m.group(1)), os.strerror(int(m.group(1)))) from exc
-        # safetensors creates the file private (0600); give it the permissions of every other
-        # file here, so a model merged by one account can be served by another.
-        umask = os.umask(0)
-        os.umask(umask)
-        path.chmod(0o666 & ~umask)
-        self.files.append((name, list(self.buffer), self.buffered))
-        self.buffer, self.buffered = {}, 0
+        raise OSError(int(m.group(1)), os.strerror(int(m.group(1)))) from exc
+    # safetensors creates the file private (0600); give it the permissions of every other
+    # file here, so a model merged by one account can be served by another.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
-    def close(self) -> list[str]:
-        """Name the shards and write the index. Returns the final file names."""
-        self.flush()
-        if len(self.files) == 1:
-            (self.folder / self.files[0][0]).rename(self.folder / SINGLE)
-            return [SINGLE]
-        n, weight_map, names = len(self.files), {}, []
-        for i, (tmp, keys, _) in enumerate(self.files, start=1):
-            final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            (self.folder / tmp).rename(self.folder / final)
-            weight_map.update({k: final for k in keys})
-            names.append(final)
-        index = {"metadata": {"total_size": sum(b for _, _, b in self.files)}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return names
+
+def write_index(folder: Path, files: dict[str, list[str]], sizes: dict[str, int]) -> None:
+    """model.safetensors.index.json, as transformers writes it, when there is more than one file."""
+    if len(files) == 1:
+        return
+    weight_map = {key: name for name, keys in files.items() for key in keys}
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def parse_size(text: str, flag: str = "--max-shard-size") -> int:

@@ -12,6 +12,13 @@ from qlora_cli.outputs.run_dir import MODEL_CARD
 from qlora_cli.util.files import write_atomically
 
 
+def front_matter(library: str, base_model: str, tags: list[str]) -> str:
+    """The card's YAML metadata block, as the hub reads it (huggingface_hub writes and quotes it)."""
+    from huggingface_hub import ModelCardData
+
+    return f"---\n{ModelCardData(library_name=library, base_model=base_model, tags=tags).to_yaml()}\n---"
+
+
 def render_model_card(recipe, summary: dict, run_name: str) -> str:
     # A local base by its absolute path, as in recipe.yaml: the snippet works from any directory.
     recipe = recipe.with_absolute_paths()
@@ -25,11 +32,7 @@ def render_model_card(recipe, summary: dict, run_name: str) -> str:
         return "n/a" if value is None else fmt.format(value)
 
     share = summary["trainable_params"] / summary["total_params"] if summary.get("total_params") else 0
-    return f"""---
-library_name: peft
-base_model: {m.name_or_path}
-tags: [qlora, lora, peft, trl, sft]
----
+    return f"""{front_matter("peft", m.name_or_path, ["qlora", "lora", "peft", "trl", "sft"])}
 
 # {run_name}
 
@@ -131,11 +134,7 @@ on {fid['prompts']}:
 {table}{means}
 
 {verdict}"""
-    return f"""---
-library_name: transformers
-base_model: {report['base_model']}
-tags: [qlora, lora, merged]
----
+    return f"""{front_matter("transformers", report['base_model'], ["qlora", "lora", "merged"])}
 
 # {output}
 

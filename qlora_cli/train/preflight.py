@@ -132,8 +132,10 @@ def check_bitsandbytes() -> None:
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError.single("bitsandbytes", "is not installed: pip install 'bitsandbytes>=0.50'")
+    from packaging.version import Version
+
     version = importlib.metadata.version("bitsandbytes")
-    if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (0, 50):
+    if Version(version) < Version("0.50"):
         raise UserError.single("bitsandbytes", f"{version} is too old (4-bit on this device needs >= 0.50): "
                                "pip install -U 'bitsandbytes>=0.50'")
 

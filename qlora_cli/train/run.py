@@ -473,7 +473,7 @@ def trained_batching(trainer) -> dict:
     each max_length row holding real tokens is the packing efficiency.
     """
     ds = trainer.train_dataset
-    max_len = trainer.args.max_length
+    max_seq_len = trainer.args.max_length  # TRL's name for data.max_seq_len
     if "seq_lengths" not in ds.column_names:
         return {"packed": False, "rows": len(ds)}
     tokens = sum(sum(s) for s in ds["seq_lengths"])
@@ -481,7 +481,7 @@ def trained_batching(trainer) -> dict:
         "packed": True,
         "rows": len(ds),
         "examples": sum(len(s) for s in ds["seq_lengths"]),
-        "packing_efficiency": round(tokens / (len(ds) * max_len), 4),
+        "packing_efficiency": round(tokens / (len(ds) * max_seq_len), 4),
     }
 
 

@@ -13,9 +13,11 @@ import torch
 TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 # The floating types by their short names, in the order `--dtype` lists them.
 SHORT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# safetensors' header names of the floating types, and the bytes per element of the others.
+# safetensors' header names (what a checkpoint's tensors are stored as, read without loading them).
+SAFETENSORS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+               "BOOL": torch.bool}
 SAFETENSORS_FLOAT = {"F64", "F32", "F16", "BF16"}
-SAFETENSORS_BYTES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def torch_dtype(name: str) -> torch.dtype:
