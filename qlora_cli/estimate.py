@@ -117,12 +117,15 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
     else:
         refused = None
     quantized_names = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
-    tied = getattr(model, "all_tied_weights_keys", None)
+    # Tied copy -> source (lm_head.weight -> model.embed_tokens.weight under tie_word_embeddings).
+    # A model built from its config is not tied yet (from_pretrained ties it), so both names still
+    # hold a parameter of their own here: count the source only, as the loaded model stores it.
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     est = Estimate()
     inv = _Inventory()
     seen = set()
     for name, p in model.named_parameters(remove_duplicate=True):
-        if id(p) in seen:
+        if id(p) in seen or name in tied:
             continue
         seen.add(id(p))
         quantized = name in quantized_names

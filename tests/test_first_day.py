@@ -1,0 +1,42 @@
+"""A new user's first day (issue 24): what `qlora init` writes for this machine, what a bare
+--gpu-memory means, messages that say what to do next, and `qlora estimate` counting tied
+embeddings once. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_cli_errors import assert_user_error
+
+
+# --- 13. estimate: tied embeddings counted once ---------------------------------------------
+
+
+def _config_only_model(tiny: Path, directory: Path, tie: bool) -> Path:
+    """The tiny model's config.json alone (estimate reads nothing else), with or without tying."""
+    config = json.loads((tiny / "model" / "config.json").read_text())
+    config["tie_word_embeddings"] = tie
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_estimate_counts_tied_embeddings_once(tiny, tmp_path, write_recipe):
+    from qlora_cli.estimate import estimate
+    from qlora_cli.recipe.load import load_recipe
+
+    config = json.loads((tiny / "model" / "config.json").read_text())
+    totals, notes = {}, {}
+    for tie in (True, False):
+        model = _config_only_model(tiny, tmp_path / f"tie_{tie}", tie)
+        recipe = load_recipe(write_recipe({"model": {"name_or_path": str(model)}}, name=f"tie_{tie}.yaml"))
+        est = estimate(recipe, gpu=False)
+        totals[tie] = est.quantized_params + est.other_params
+        notes[tie] = est.notes
+    # The untied model has its own lm_head: exactly one vocab x hidden matrix more.
+    assert totals[False] - totals[True] == config["vocab_size"] * config["hidden_size"], totals
+    assert "tied input/output embeddings are counted once" in notes[True] and not notes[False]
