@@ -239,7 +239,8 @@ def merge(
         None, "--dtype", help="The merged weights' dtype (default: the recipe's model.dtype)."
     ),
     max_shard_size: Optional[str] = typer.Option(
-        None, "--max-shard-size", help="e.g. 2GB; default: the output's shards mirror the base model's."
+        None, "--max-shard-size",
+        help="e.g. 2GB (a bare number is bytes, as in transformers); default: the output's shards mirror the base model's."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier merged model at --output."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the fidelity check against the adapter model."),
@@ -364,7 +365,10 @@ def init(
 @app.command()
 def estimate(
     recipe: str = typer.Argument(..., help="Path to the YAML recipe."),
-    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory to fit in, e.g. 24GB (default: this GPU's, if any)."),
+    gpu_memory: Optional[str] = typer.Option(
+        None, "--gpu-memory", help="Memory to fit in, e.g. 24GB, 80GB or 22.5GiB; a bare number is GB (24 = 24GB). "
+        "Default: this GPU's, if any."
+    ),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     nproc: int = typer.Option(1, "--nproc", help="GPUs (one process each) the run will use; the figures are per GPU, under distributed.strategy."),
     as_json: bool = typer.Option(False, "--json", help="Print the breakdown as JSON on stdout."),
@@ -389,15 +393,23 @@ def estimate(
     from qlora_cli.merge.weights import parse_size
     from qlora_cli.train.progress import format_memory
 
-    budget = parse_size(gpu_memory, "--gpu-memory") if gpu_memory else (
-        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
+    if gpu_memory:
+        budget = parse_size(gpu_memory, "--gpu-memory", bare="GB")
+        bare = not gpu_memory.strip()[-1:].isalpha()
+        budget_from = f"--gpu-memory {gpu_memory.strip()}" + (f", read as {budget / 1e9:g} GB" if bare else "")
+    elif torch.cuda.is_available():
+        budget = torch.cuda.get_device_properties(0).total_memory
+        budget_from = f"the memory of this GPU, {torch.cuda.get_device_name(0)} (--gpu-memory to set another)"
+    else:
+        budget, budget_from = None, None
     try:
         est = run_estimate(r, nproc=nproc)
     except (OSError, ValueError) as exc:
         raise UserError.single("model.name_or_path", f"could not read the model's config.json: {str(exc).splitlines()[0]}") from None
     fits = None if budget is None else est.total <= budget
     if as_json:
-        typer.echo(json.dumps({"parts_bytes": est.parts, "total_bytes": est.total, "budget_bytes": budget, "fits": fits,
+        typer.echo(json.dumps({"parts_bytes": est.parts, "total_bytes": est.total, "budget_bytes": budget,
+                               "budget_from": budget_from, "fits": fits,
                                "nproc": nproc, "strategy": r.distributed.strategy, "cpu_ram_bytes": est.offloaded,
                                "quantized_params": est.quantized_params, "other_params": est.other_params,
                                "trainable_params": est.trainable_params,
@@ -425,7 +437,9 @@ def estimate(
         out.print(f"[red]qlora train refuses this model:[/] {escape(est.refused)}", soft_wrap=True)
     if budget is None:
         out.print("no GPU here and no --gpu-memory: no verdict")
-    elif fits:
+        return
+    out.print(f"budget: {budget / GIB:.1f} GiB, from {escape(budget_from)}", soft_wrap=True)
+    if fits:
         out.print(f"[green]fits[/] in {budget / GIB:.1f} GiB ({est.total / budget:.0%} of it)")
     else:
         out.print(f"[red]does not fit[/] in {budget / GIB:.1f} GiB ({est.total / budget:.0%} of it). To lower it:")

@@ -40,3 +40,25 @@ def test_estimate_counts_tied_embeddings_once(tiny, tmp_path, write_recipe):
     # The untied model has its own lm_head: exactly one vocab x hidden matrix more.
     assert totals[False] - totals[True] == config["vocab_size"] * config["hidden_size"], totals
     assert "tied input/output embeddings are counted once" in notes[True] and not notes[False]
+
+
+# --- 10. a bare --gpu-memory is GB; --max-shard-size keeps bytes -----------------------------
+
+
+def test_bare_gpu_memory_is_gb_and_estimate_says_which_budget(write_recipe, qlora_main):
+    from qlora_cli.merge.weights import parse_size
+
+    assert parse_size("24", "--gpu-memory", bare="GB") == 24 * 10**9
+    assert parse_size("24GiB", "--gpu-memory", bare="GB") == 24 * 2**30
+    assert parse_size("500") == 500  # --max-shard-size: a bare number stays bytes, as in transformers
+    recipe = write_recipe()
+    bare = qlora_main("estimate", recipe, "--gpu-memory", "24")
+    assert bare.returncode == 0, bare.stderr
+    assert "budget: 22.4 GiB, from --gpu-memory 24, read as 24 GB" in bare.stdout, bare.stdout
+    assert "fits in 22.4 GiB" in bare.stdout and "does not fit" not in bare.stdout
+    unit = qlora_main("estimate", recipe, "--gpu-memory", "50MB")
+    assert "budget: 0.0 GiB, from --gpu-memory 50MB\n" in unit.stdout and "does not fit" in unit.stdout
+    data = json.loads(qlora_main("estimate", recipe, "--gpu-memory", "24", "--json").stdout)
+    assert data["budget_bytes"] == 24 * 10**9 and data["fits"] is True
+    for command in ("estimate", "merge"):
+        assert "a bare number is" in " ".join(qlora_main(command, "--help").stdout.split())

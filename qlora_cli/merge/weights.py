@@ -471,12 +471,14 @@ def write_index(folder: Path, files: dict[str, list[str]], sizes: dict[str, int]
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def parse_size(text: str, flag: str = "--max-shard-size") -> int:
-    """'500MB', '2GB', '1.5GiB' or a byte count -> bytes (decimal units, as transformers uses)."""
+def parse_size(text: str, flag: str = "--max-shard-size", bare: str = "B") -> int:
+    """'500MB', '2GB', '1.5GiB' -> bytes (decimal units, as transformers uses). A bare number is in
+    the unit `bare`: bytes for --max-shard-size (as transformers reads an int), GB for --gpu-memory
+    (nobody means 24 bytes of GPU memory)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m or m.group(2) in ("I", "IB") or (m.group(2) and not m.group(2).endswith("B")):
         raise UserError.single(flag, f"{text!r} is not a size: write e.g. 500MB, 2GB or 1.5GiB")
-    unit = m.group(2).removesuffix("B")
+    unit = (m.group(2) or bare.upper()).removesuffix("B")
     base = 1024 if unit.endswith("I") else 1000
     power = "KMGT".find(unit[:1]) + 1 if unit else 0
     size = int(float(m.group(1)) * base**power)
