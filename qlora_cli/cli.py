@@ -345,7 +345,7 @@ def init(
     ),
     output: str = typer.Option("recipe.yaml", "--output", "-o", help="Where to write the recipe (never overwritten)."),
 ):
-    """Write a commented starter recipe for a model and data format."""
+    """Write a commented starter recipe for a model and data format, suited to this machine (GPU or CPU)."""
     from pathlib import Path
 
     from qlora_cli.recipe.starter import starter_recipe

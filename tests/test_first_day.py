@@ -62,3 +62,32 @@ def test_bare_gpu_memory_is_gb_and_estimate_says_which_budget(write_recipe, qlor
     assert data["budget_bytes"] == 24 * 10**9 and data["fits"] is True
     for command in ("estimate", "merge"):
         assert "a bare number is" in " ".join(qlora_main(command, "--help").stdout.split())
+
+
+# --- 8. `qlora init` writes a recipe for this machine; a sharegpt starter --------------------
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_init_suits_the_machine_and_every_starter_validates(gpu, tmp_path, qlora_main, monkeypatch):
+    import torch
+
+    from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.recipe.starter import FORMATS
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert "sharegpt" in FORMATS
+    for fmt in FORMATS:
+        out = tmp_path / f"{fmt}.yaml"
+        result = qlora_main("init", "--model", "my/model", "--format", fmt, "--output", out)
+        assert result.returncode == 0, result.stderr
+        recipe = load_recipe(out)  # valid as written
+        assert recipe.data.sources[0].format == fmt
+        dtype, optimizer = ("bfloat16", "paged_adamw_8bit") if gpu else ("float32", "adamw_torch")
+        assert (recipe.model.dtype, recipe.quant.compute_dtype, recipe.train.optimizer) == (dtype, dtype, optimizer)
+        # A comment says what to write on the other kind of machine.
+        text = out.read_text()
+        other = "on a CPU-only machine use adamw_torch" if gpu else "on a GPU use paged_adamw_8bit"
+        assert other in text and ("float32 on a CPU-only machine" if gpu else "on a GPU use bfloat16") in text
+    assert ("this GPU" if gpu else "a machine without a GPU") in result.stderr
+    sharegpt = load_recipe(tmp_path / "sharegpt.yaml")
+    assert sharegpt.data.template == "chatml" and '"from": "human"' in (tmp_path / "sharegpt.yaml").read_text()
