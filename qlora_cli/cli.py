@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from qlora_cli.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, StoppedRun, UserError
+from qlora_cli.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, NothingToDo, StoppedRun, UserError
 from qlora_cli.model.remote_code import (
     FLAG_HELP as REMOTE_CODE_HELP_TEXT,  # a light module: --help stays instant
 )
@@ -353,12 +353,17 @@ def init(
     path = Path(output)
     if path.exists():
         raise UserError.single("--output", f"{path} already exists: choose another --output (it is never overwritten)")
+    import torch  # here, not at the top: --help stays instant
+
+    gpu = torch.cuda.is_available()
     try:
         with open(path, "x", encoding="utf-8") as f:  # "x": fails rather than replace a file made meanwhile
-            f.write(starter_recipe(model, fmt))
+            f.write(starter_recipe(model, fmt, gpu=gpu))
     except OSError as exc:
         raise UserError.single("--output", f"cannot write {path}: {exc.strerror}") from None
-    err.print(f"[green]wrote[/] {escape(str(path))}: edit data.sources[0].path, then `qlora validate {escape(str(path))}`")
+    machine = "this GPU (bfloat16, paged_adamw_8bit)" if gpu else "a machine without a GPU (float32, adamw_torch)"
+    err.print(f"[green]wrote[/] {escape(str(path))} for {machine}: edit data.sources[0].path, "
+              f"then `qlora validate {escape(str(path))}`", soft_wrap=True)
     typer.echo(str(path))
 
 
@@ -523,6 +528,10 @@ def main() -> None:
         if is_main_process():  # under a launcher every rank stops the same way; one says so
             err.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
         sys.exit(worker_exit_code(exc))
+    except NothingToDo as exc:
+        if is_main_process():
+            err.print(escape(str(exc)), soft_wrap=True, highlight=False)
+        sys.exit(0)
     except UserError as exc:
         if not is_main_process():  # every rank runs the same checks; rank 0 reports
             sys.exit(EXIT_USER_ERROR)

@@ -63,6 +63,11 @@ class StoppedRun(Exception):
         self.graceful = graceful  # stopped on a signal after saving a checkpoint
 
 
+class NothingToDo(Exception):
+    """A command that has nothing left to do (resuming a run that is already complete). The CLI
+    prints the message, which says how to ask for more, and exits 0."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of a library's exception message (or its class name): what a user-facing
     message quotes, without the library's multi-line explanations and stack context."""

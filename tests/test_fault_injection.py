@@ -53,7 +53,8 @@ def _logged(run_dir: Path) -> list[dict]:
     counts, entropy and accuracy, eval loss."""
     timing = ("runtime", "per_second", "elapsed_s")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in records]
+    # A resumed run also marks where it resumed ({"step", "resumed", "elapsed_s"}): not a logged step.
+    return [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in records if not r.get("resumed")]
 
 
 def _assert_same_run(run_dir: Path, reference: Path) -> None:
@@ -70,7 +71,7 @@ def _checkpoint_dirs(run_dir: Path) -> list[str]:
 
 def test_graceful_stop_between_logs_then_resume_logs_what_the_uninterrupted_run_logs(
         recipe, reference, tmp_path, qlora_main, monkeypatch):
-    from qlora_cli.train.trainer import GracefulStop
+    from qlora_cli.train.stopping import GracefulStop
 
     run_dir = tmp_path / "run"
     on_step_end = GracefulStop.on_step_end

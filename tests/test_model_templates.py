@@ -372,7 +372,7 @@ def test_a_straddled_seam_before_a_later_reply_gives_each_reply_its_own_example(
     table = _tokenize_rows(
         {ROW_COLUMN: [7], JSON_COLUMN: [json.dumps({"messages": conversation})], BAD_COLUMN: [None]},
         fmt="messages", rename={"messages": "messages", "tools": "tools"}, roles={}, renderer=renderer,
-        tokenizer=bpe, train_on_inputs=False, max_len=4096, on_too_long="truncate",
+        tokenizer=bpe, train_on_inputs=False, max_seq_len=4096, on_too_long="truncate",
     )
     assert table.column("row").to_pylist() == [7, 7] and table.column("examples").to_pylist() == [2, 2]
     for k, (ids, labels) in enumerate(zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist())):

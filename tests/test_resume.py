@@ -1,8 +1,10 @@
 """Runs that stop early: SIGKILL then --resume, SIGINT/SIGTERM, damaged checkpoints, a NaN loss.
 
-Every run here goes through the real CLI in a subprocess. The promise under test: an interrupted
-run, resumed, ends with the same adapter weights and the same per-step losses as a run that was
-never interrupted.
+The runs that are stopped go through the real CLI in a subprocess (the signal is sent to it), and so
+does the uninterrupted reference (with fake credentials in its environment from the start); the
+resumes and the runs that fail inside the trainer go through the CLI's entry point in this process
+(qlora_main). The promise under test: an interrupted run, resumed, ends with the same adapter
+weights and the same per-step losses as a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def _wait_for_checkpoint(proc, run_dir, step: int, timeout: float = 300):
 
 def _losses(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in records]
+    # A resumed run also marks where it resumed ({"step", "resumed", "elapsed_s"}): not a logged step.
+    return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in records if not r.get("resumed")]
 
 
 def _assert_same_run(run_dir, reference):
@@ -89,7 +92,7 @@ def test_credentials_never_reach_the_run_directory_or_the_console(reference):
         assert FAKE_TOKEN.encode() not in path.read_bytes(), path
 
 
-def test_sigkill_then_resume_equals_the_uninterrupted_run(recipe, reference, tmp_path):
+def test_sigkill_then_resume_equals_the_uninterrupted_run(recipe, reference, tmp_path, qlora_main):
     run_dir = tmp_path / "run"
     proc = _start(recipe, run_dir)
     _wait_for_checkpoint(proc, run_dir, 6)
@@ -98,7 +101,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(recipe, reference, tmp
     assert proc.returncode == -signal.SIGKILL
     assert not (run_dir / "summary.json").exists()  # killed mid-run, not after it
 
-    resumed = run_cli("train", str(recipe), "--output-dir", str(run_dir), "--resume")
+    resumed = qlora_main("train", str(recipe), "--output-dir", str(run_dir), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr
     _assert_same_run(run_dir, reference)
@@ -111,7 +114,8 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(recipe, reference, tmp
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_first_signal_saves_and_stops_then_resume_finishes_the_same_run(recipe, reference, tmp_path, sig, code):
+def test_first_signal_saves_and_stops_then_resume_finishes_the_same_run(recipe, reference, tmp_path, sig, code,
+                                                                       qlora_main):
     run_dir = tmp_path / "run"
     proc = _start(recipe, run_dir)
     _wait_for_checkpoint(proc, run_dir, 6)
@@ -125,7 +129,7 @@ def test_first_signal_saves_and_stops_then_resume_finishes_the_same_run(recipe, 
     assert 6 < saved[-1] < 24 and stopped_at["global_step"] == saved[-1]  # saved where it stopped, not at save_steps
     assert not (run_dir / "summary.json").exists()
 
-    resumed = run_cli("train", str(recipe), "--output-dir", str(run_dir), "--resume")
+    resumed = qlora_main("train", str(recipe), "--output-dir", str(run_dir), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_same_run(run_dir, reference)
 
@@ -151,7 +155,7 @@ def test_second_signal_exits_at_once(recipe, tmp_path):
     assert "The last checkpoint is" in stderr and "--resume" in stderr
 
 
-def test_damaged_checkpoints_are_skipped_or_refused(recipe, reference, tmp_path):
+def test_damaged_checkpoints_are_skipped_or_refused(recipe, reference, tmp_path, qlora_main):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     (run_dir / "summary.json").unlink()
@@ -159,7 +163,7 @@ def test_damaged_checkpoints_are_skipped_or_refused(recipe, reference, tmp_path)
     with open(newest, "r+b") as f:
         f.truncate(newest.stat().st_size // 2)
 
-    resumed = run_cli("train", str(recipe), "--output-dir", str(run_dir), "--resume")
+    resumed = qlora_main("train", str(recipe), "--output-dir", str(run_dir), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "skipping" in resumed.stderr and "checkpoint-24" in resumed.stderr and "truncated" in resumed.stderr
     assert "checkpoint-18" in resumed.stderr
@@ -168,7 +172,7 @@ def test_damaged_checkpoints_are_skipped_or_refused(recipe, reference, tmp_path)
     for optimizer in (run_dir / "checkpoints").glob("checkpoint-*/optimizer.pt"):
         optimizer.write_bytes(b"garbage")
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    refused = run_cli("train", str(recipe), "--output-dir", str(run_dir), "--resume")
+    refused = qlora_main("train", str(recipe), "--output-dir", str(run_dir), "--resume")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "no whole checkpoint to resume from" in refused.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing deleted

@@ -17,6 +17,7 @@ run, because skipping those rows would silently drop every tool call in the data
 
 from __future__ import annotations
 
+import difflib
 import json
 
 from qlora_cli.data.sources import MAX_JSON_DEPTH, deep_json_lines
@@ -159,7 +160,11 @@ def _turns(row: dict, field: str, role_key: str, content_key: str, roles: dict[s
         name, content = turn[role_key], turn.get(content_key)
         if name not in roles:
             known = ", ".join(sorted(roles))
-            raise BadRow(f"{field}[{i}] has unknown role {name!r}; expected one of {known} (or map it with roles:)")
+            near = difflib.get_close_matches(name, sorted(roles), n=1)
+            hint = f": did you mean {near[0]!r}?" if near else "."
+            meant = roles[near[0]] if near else "user"
+            raise BadRow(f"{field}[{i}] has unknown role {name!r}{hint} Expected one of {known}, or map it with "
+                         f"the source's roles:, e.g. roles: {{{name}: {meant}}}")
         message = _msg(roles[name], "")
         calls = turn.get("tool_calls")
         if calls not in (None, []):

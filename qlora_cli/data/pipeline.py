@@ -404,8 +404,24 @@ def _row(batch, i: int, rename: dict) -> dict:
             raise BadRow(f"malformed JSON: {exc.msg} at character {exc.pos + 1}") from None
         if not isinstance(record, dict):
             raise BadRow(f"expected a JSON object, got {type(record).__name__}")
-        return {f: record.get(col) for col, f in rename.items()}
-    return {f: batch[col][i] for col, f in rename.items() if col in batch}
+        row = {f: record.get(col) for col, f in rename.items()}
+    else:
+        record = None
+        row = {f: batch[col][i] for col, f in rename.items() if col in batch}
+    missing = [(col, f) for col, f in rename.items() if row.get(f) is None and f not in OPTIONAL_FIELDS]
+    if missing:
+        cells = record.items() if record is not None else ((c, batch[c][i]) for c in batch if c != ROW_COLUMN)
+        present = {c: value for c, value in cells if value is not None}
+        unread = [c for c in present if c not in rename]
+        if unread:  # the row has its own names for the fields: a mapping reads them
+            field = missing[0][1]
+            alike = [c for c in unread if isinstance(present[c], list) == (field in ("messages", "conversations"))]
+            raise BadRow(
+                f"has no column {', '.join(repr(c) for c, _ in missing)} (the row's columns: {', '.join(present)}). "
+                f"Map your column names with the source's columns:, e.g. columns: {{{field}: {(alike or unread)[0]}}}"
+            )
+        # else a row that lacks a field the others have: to_canonical says which
+    return row
 
 
 def _apply_policies(ds, name: str, source, where: str, data, stats: SourceStats):

@@ -85,7 +85,12 @@ def resolve_files(source, where: str) -> list[Path]:
         wanted = [s for s in BUILDERS if s != ".txt" or source.format == "text"]
         data_files = [p for p in files if p.suffix.lower() in wanted]
         if not data_files:
-            raise UserError.single(f"{where}.path", f"{kind} {path} holds no data files ({', '.join(wanted)})")
+            txt = "" if ".txt" in wanted else (
+                "; it holds .txt files, which only format: text reads" if any(p.suffix.lower() == ".txt" for p in files)
+                else "; .txt files are data only for format: text")
+            raise UserError.single(
+                f"{where}.path", f"{kind} {path} holds no data files for format {source.format} "
+                f"({', '.join(wanted)}{txt})")
         files = data_files
     for f in files:
         _check_file(f, source, where)

@@ -20,6 +20,7 @@ exact match after whitespace normalisation, and ROUGE-L F1 from Google's `rouge-
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -71,8 +72,10 @@ def eval_rows(target, data_path: str | None = None, split: str | None = None, ma
     except UserError as exc:
         if data_path is None:
             raise
-        # The pipeline names recipe keys; here the source is the --data flag.
-        raise UserError([Problem(_flag_name(p.where), p.message) for p in exc.problems]) from None
+        # The pipeline names recipe keys; here the source is the --data flag, and what eval cannot
+        # set (format, columns, roles) becomes what it can do.
+        raise UserError([Problem(_flag_name(p.where), _eval_advice(p, data, recipe is not None))
+                         for p in exc.problems]) from None
     if data_path is None and split == "validation":
         if prepared.val is None:
             raise UserError.single(
@@ -97,10 +100,35 @@ def check_split(split: str) -> None:
 
 
 def _flag_name(where: str) -> str:
-    for key in ("data.sources[0].path", "data.sources[0].format", "data.sources[0]"):
+    for key in ("data.sources[0].path", "data.sources[0].format", "data.sources[0].columns", "data.sources[0].roles",
+                "data.sources[0]"):
         if where.startswith(key):
             return "--data" + where[len(key):]
     return where
+
+
+# Where the data pipeline's messages turn from what is wrong to the recipe key that fixes it
+# (format:, columns:, roles:), none of which `qlora eval` can set.
+_RECIPE_ADVICE = re.compile(
+    r": use format: |\. Map your column names|\. Say what each becomes|(?:,| \(or) map it with (?:the source's )?roles:"
+)
+
+
+def _eval_advice(problem: Problem, data, from_run: bool) -> str:
+    """A data problem's message with eval's own way instead of a recipe key eval cannot set."""
+    keyed = problem.where.startswith(("data.sources[0].format", "data.sources[0].columns", "data.sources[0].roles"))
+    cut = _RECIPE_ADVICE.search(problem.message)
+    if not keyed and cut is None:
+        return problem.message
+    from qlora_cli.data.formats import FIELDS
+
+    source = data.sources[0]
+    fields = ", ".join(source.columns.get(f, f) for f in FIELDS[source.format])
+    roles = f" and roles {dict(source.roles)}" if source.roles else ""
+    how = "as the run read its first source" if from_run else "in the format its first row suggests"
+    fact = problem.message[:cut.start()] if cut else problem.message
+    return (f"{fact}. qlora eval reads --data {how}: {source.format} rows with {fields}{roles}. Give --data a file "
+            "in that format" + (", or leave out --data to score the run's validation split" if from_run else ""))
 
 
 def _data_section_for(target, data_path: str, split: str | None):

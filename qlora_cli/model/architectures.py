@@ -157,10 +157,42 @@ def check_vocab_fits(tokenizer, rows: int, where: str = "model.name_or_path") ->
     )
 
 
+def check_target_modules(model, lora, where: str = "lora.target_modules") -> None:
+    """Refuse a lora.target_modules name that matches no module of the model, by PEFT's rule for a
+    list (a module's whole name, or its last dotted parts), listing the names its linear layers have.
+    PEFT itself says only "Target modules {...} not found in the base model", and only once the
+    weights are loaded. A string ('all-linear') is left to PEFT."""
+    import difflib
+
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora.target_modules
+    if isinstance(targets, str):
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not missing:
+        return
+    head = model.get_output_embeddings()
+    linears = list(dict.fromkeys(
+        name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
+    ))
+    named = []
+    for t in missing:
+        near = difflib.get_close_matches(t, linears, n=1)
+        named.append(f"{t!r} (did you mean {near[0]!r}?)" if near else repr(t))
+    raise UserError.single(where, (
+        f"no module of this model is called {', '.join(named)}. Its linear layers are {', '.join(linears)}: "
+        "list some of them, or write all-linear for every one"
+    ))
+
+
 def check_model(recipe, tokenizer=None):
     """What `validate` and `estimate` can know before any weight is read: build the model empty, as a
-    training load would quantize it, and check its 4-bit coverage (and the tokenizer against its
-    embeddings). Returns (the empty model, its Coverage)."""
+    training load would quantize it, and check its 4-bit coverage, lora.target_modules (and the
+    tokenizer against its embeddings). Returns (the empty model, its Coverage)."""
     from transformers import AutoConfig
 
     from qlora_cli.model.meta import quantized_meta_model
@@ -177,6 +209,7 @@ def check_model(recipe, tokenizer=None):
     model = quantized_meta_model(config, recipe.quant, dtype)
     coverage = quantized_fraction(model)
     require_4bit(coverage, "model.name_or_path", dtype.itemsize)
+    check_target_modules(model, recipe.lora)
     if tokenizer is not None:
         check_vocab_fits(tokenizer, model.get_input_embeddings().num_embeddings)
     return model, coverage

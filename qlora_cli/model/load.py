@@ -161,6 +161,9 @@ def attach_lora(model, lora, gradient_checkpointing: bool, upcast: bool = True):
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    from qlora_cli.model.architectures import check_target_modules
+
+    check_target_modules(model, lora)  # PEFT's own message names no module the model has
     check_rank_fits(model, lora)  # before anything is allocated
     if upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

@@ -8,7 +8,7 @@ anyone editing them.
 
 from __future__ import annotations
 
-from qlora_cli.outputs.run_dir import MODEL_CARD
+from qlora_cli.outputs.run_dir import MODEL_CARD, segments_text
 from qlora_cli.util.files import write_atomically
 
 
@@ -55,7 +55,7 @@ held in 4-bit {q.quant_type.upper()}{' with double quantization' if q.double_qua
 |---|---|
 | train loss, first → last | {num('first_train_loss')} → {num('last_train_loss')} |
 | eval loss, before → after | {num('first_eval_loss')} → {num('eval_loss')} |
-| runtime | {num('runtime_s', '{:.1f}')} s on {summary.get('device')} |
+| runtime | {num('runtime_s', '{:.1f}')} s{segments_text(summary)} on {summary.get('device')} |
 
 The full recipe is in `recipe.yaml`, every logged step in `metrics.jsonl`, and the curves in `loss.png`.
 

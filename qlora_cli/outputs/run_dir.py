@@ -3,7 +3,7 @@
     RUN/adapter_model.safetensors, adapter_config.json, README.md   standard PEFT layout
     RUN/tokenizer.json, tokenizer_config.json, chat_template.jinja  tokenizer with the run's template
     RUN/recipe.yaml      the fully resolved recipe, defaults included
-    RUN/metrics.jsonl    one JSON object per logging or evaluation step
+    RUN/metrics.jsonl    one JSON object per logging or evaluation step (and one where a run resumed)
     RUN/README.md        model card: recipe essentials, results, how to load it with plain peft
     RUN/loss.png         train loss (raw and smoothed) and eval loss against step
     RUN/summary.json     written last: its presence means the run completed
@@ -355,3 +355,26 @@ class RunLock:
             self.run.path.rmdir()
         except OSError:
             pass
+
+
+def run_segments(records: list[dict], last_step: int, seconds_now: float) -> list[dict]:
+    """[{"from_step", "to_step", "seconds"}] for each stretch of training between resumes, from
+    metrics.jsonl's resume marks; SECONDS_NOW is the time of this call's segment, ending at LAST_STEP.
+    An earlier segment's time runs to its last log before the checkpoint the next one resumed from."""
+    marks = [r for r in records if r.get("resumed")]
+    segments, start, before = [], 0, 0.0
+    for mark in marks:
+        segments.append({"from_step": start, "to_step": mark["step"], "seconds": round(mark["elapsed_s"] - before, 2)})
+        start, before = mark["step"], mark["elapsed_s"]
+    segments.append({"from_step": start, "to_step": last_step, "seconds": round(seconds_now, 2)})
+    return segments
+
+
+def segments_text(summary: dict) -> str:
+    """' (2 segments: 140.2s to step 24, 266.9s from step 24)' for a resumed run; '' otherwise."""
+    parts = summary.get("segments") or []
+    if len(parts) < 2:
+        return ""
+    return f" ({len(parts)} segments: " + ", ".join(
+        f"{p['seconds']:.1f}s " + (f"to step {p['to_step']}" if i == 0 else f"from step {p['from_step']}")
+        for i, p in enumerate(parts)) + ")"

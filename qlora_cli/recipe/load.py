@@ -63,7 +63,7 @@ def validate_recipe(data: dict, lines: dict[tuple, int] | None = None, overridde
                 continue
             seen.add(loc)
             where, line = locate(loc)
-            problems.append(Problem(where, _message(err, loc), line))
+            problems.append(Problem(where, _message(err, loc, where.endswith("(from --set)")), line))
         problems.sort(key=lambda p: p.line if p.line is not None else float("inf"))  # file order
         raise UserError(problems, header="The recipe has problems:") from None
 
@@ -77,9 +77,11 @@ def validate_recipe(data: dict, lines: dict[tuple, int] | None = None, overridde
     return recipe
 
 
-def _message(err: dict, loc: tuple) -> str:
+def _message(err: dict, loc: tuple, from_set: bool = False) -> str:
     """Turn a pydantic error into a sentence that says what to do."""
     kind = err["type"]
+    if kind == "model_type" and _model_at(loc) is not None:  # a value where a section belongs (lora: 5)
+        return _section_not_value(_model_at(loc), _dotted(loc), err.get("input"), from_set)
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
         key = str(loc[-1])
@@ -109,6 +111,24 @@ def _message(err: dict, loc: tuple) -> str:
             return f"must be at most {_readable(err['ctx']['le'])}; got {err['input']!r}. {why}"
     # Type and range errors: "must be greater than 0; got -1".
     return f"{err['msg'].replace('Input should be', 'must be')}; got {err.get('input')!r}"
+
+
+def _section_not_value(section: type[BaseModel], dotted: str, given, from_set: bool) -> str:
+    """`lora: 5` or `--set lora=5`: say that it is a section, and how to set a key inside it."""
+    keys = list(section.model_fields)
+    fields = section.model_fields.items()
+    key, value = next(((k, "...") for k, f in fields if f.is_required()), None) or next(
+        ((k, f.default) for k, f in fields if isinstance(f.default, (bool, int, float, str)) and f.default != ""),
+        (keys[0], "..."))
+    value = str(value).lower() if isinstance(value, bool) else value
+    if from_set:
+        example = f"--set {dotted}.{key}={value}"
+    elif dotted.endswith("]"):  # an item of a list of sections
+        example = f"- {{{key}: {value}}}"
+    else:
+        example = f"{dotted.rsplit('.', 1)[-1]}: {{{key}: {value}}}"
+    return (f"is a section, not a value (got {given!r}): set one of its keys, e.g. {example} "
+            f"(its keys: {', '.join(keys)})")
 
 
 def _readable(number) -> str:

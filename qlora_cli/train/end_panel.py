@@ -8,6 +8,8 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from qlora_cli.outputs.run_dir import segments_text
+
 
 def next_commands(run_dir: str) -> list[str]:
     run = shlex.quote(str(run_dir))
@@ -49,7 +51,7 @@ def render_summary_panel(summary: dict, recipe, run_dir: str) -> Panel:
         rate += f", {speed['model_tflops']:.1f} model TFLOP/s"  # meaningful against a GPU's peak only
     rate += ")" if rate else ""
     table.add_row("results", escape(
-        f"{summary['steps']} steps in {summary['runtime_s']:.1f}s{rate}; train loss {_g(summary.get('first_train_loss'))} "
+        f"{summary['steps']} steps in {summary['runtime_s']:.1f}s{segments_text(summary)}{rate}; train loss {_g(summary.get('first_train_loss'))} "
         f"→ {_g(summary.get('last_train_loss'))}; eval loss {_g(summary.get('first_eval_loss'))} → "
         f"{_g(summary.get('eval_loss'))}; peak memory {_memory(summary.get('peak_memory', {}))}"
     ))
@@ -74,3 +76,4 @@ def _memory(peak: dict) -> str:
     if "gpu_allocated_gib" in peak:
         return f"{peak['gpu_allocated_gib']:.2f} GiB GPU"
     return f"{peak.get('cpu_rss_gib', 0):.2f} GiB RSS"
+

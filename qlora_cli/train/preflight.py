@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_cli.data.sources import check_data_files
-from qlora_cli.errors import UserError
+from qlora_cli.errors import NothingToDo, UserError
 from qlora_cli.model.location import check_model_path
 from qlora_cli.outputs.run_dir import RunDir
 from qlora_cli.recipe.schema import Recipe
@@ -111,9 +111,34 @@ def resume_point(run: RunDir, recipe: Recipe, resume: str, warn, hashes: bool = 
                 "(--output-dir RUN)",
             )
     checkpoint = find_resume_point(run.checkpoints, explicit, warn, hashes)
+    _check_steps_left(run, recipe, saved, checkpoint)
     if message := distributed.resume_world_size_warning(checkpoint, recipe):
         warn(message)
     return checkpoint
+
+
+def _check_steps_left(run: RunDir, recipe: Recipe, saved: dict, checkpoint: Path) -> None:
+    """Refuse to resume past the end: a checkpoint at or beyond the run's last step has nothing to
+    train (the trainer would otherwise run one step more than asked, and write it as a new step)."""
+    import json
+
+    from qlora_cli.outputs.run_dir import SUMMARY
+    from qlora_cli.train.checkpoints import STATE, step_of
+
+    step = step_of(checkpoint)
+    last = recipe.train.max_steps or None
+    if last is None and saved["train"].get("epochs") == recipe.train.epochs:  # epochs unchanged: the step count is
+        last = json.loads((checkpoint / STATE).read_text(encoding="utf-8")).get("max_steps") or None  # as planned
+    if last is None or step < last:
+        return
+    more = f"--set train.max_steps={max(2 * step, step + 1)}"
+    if step > last:
+        raise UserError.single("train.max_steps", f"is {last}, but {checkpoint.name} is already at step {step}: "
+                               f"there is nothing to train; to continue the run, resume with a larger value "
+                               f"({more})")
+    done = "is already complete" if (run / SUMMARY).is_file() else "reached its last step"
+    raise NothingToDo(f"{run.path} {done} at step {step} of {last}: nothing to train. To train it further, "
+                      f"resume with a larger train.max_steps ({more}).")
 
 
 def _changed_keys(a, b, prefix: str = "") -> list[str]:

@@ -23,7 +23,6 @@ from transformers import TrainerCallback
 from qlora_cli.train.metrics_log import END_OF_TRAINING_KEYS
 
 
-
 class RichProgress(TrainerCallback):
     """One live display: progress, steps/s, tokens/s, ETA, loss (current and smoothed), learning
     rate, grad norm, last eval loss and peak memory; plus one plain line per log for the scrollback

@@ -30,9 +30,9 @@ from qlora_cli.model.load import (
 )
 from qlora_cli.model.tokenizer import prepare_tokenizer
 from qlora_cli.outputs.run_dir import LOSS_PLOT, RunDir
-from qlora_cli.train.preflight import preflight, with_output_dir
 from qlora_cli.recipe.schema import Recipe
 from qlora_cli.train import distributed
+from qlora_cli.train.preflight import preflight, with_output_dir
 from qlora_cli.train.progress import peak_memory
 from qlora_cli.util.libraries import library_versions
 
@@ -122,8 +122,8 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
     """
     from transformers import PrinterCallback, set_seed
 
-    from qlora_cli.train.progress import JsonLines, RichProgress
     from qlora_cli.train.metrics_log import MetricsLog
+    from qlora_cli.train.progress import JsonLines, RichProgress
     from qlora_cli.train.trainer import CheckpointingTrainer
 
     set_seed(recipe.train.seed)
@@ -196,8 +196,8 @@ def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False
 
 
 def _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command) -> TrainResult:
-    from qlora_cli.train.trainer import Diverged, NonFiniteLoss
     from qlora_cli.train.stopping import GracefulStop, signal_name
+    from qlora_cli.train.trainer import Diverged, NonFiniteLoss
 
     recipe = with_output_dir(recipe, output_dir)
     run = RunDir(recipe.output.dir)
@@ -412,7 +412,11 @@ def final_evaluation(trainer) -> dict:
 def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float, data_stats, template,
                   parameters: tuple[int, int], flops_model=None) -> dict:
     """The facts a user wants after a run, from metrics.jsonl and the trainer state."""
+    from qlora_cli.outputs.run_dir import run_segments
+
     metrics = run.read_metrics()
+    segments = run_segments(metrics, trainer.state.global_step, runtime)
+    runtime = sum(s["seconds"] for s in segments[:-1]) + runtime  # the whole run's, across resumes
     losses = [m["loss"] for m in metrics if "loss" in m]
     before = [m["eval_loss"] for m in metrics if "eval_loss" in m and m["step"] == 0]
     return {
@@ -424,6 +428,7 @@ def build_summary(run: RunDir, trainer, output, final_eval: dict, runtime: float
         "first_eval_loss": before[0] if before else None,  # at step 0: the base model's loss to beat
         "eval_loss": final_eval.get("eval_loss"),
         "runtime_s": round(runtime, 2),
+        **({"segments": segments} if len(segments) > 1 else {}),  # a resumed run: each stretch's time
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "throughput": throughput_figures(trainer, data_stats, runtime, flops_model),
         "trainable_params": parameters[0],

@@ -78,6 +78,10 @@ class CheckpointingTrainer(SFTTrainer):
         self._resumed_from = Path(resume_from_checkpoint) if resume_from_checkpoint else None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Nothing: TRL writes a generic card ("fine-tuned version of [None]") into checkpoints/ at
+        every save; the run's card is RUN/README.md, written from the recipe (outputs/model_card.py)."""
+
     def _get_output_dir(self, trial) -> str:
         # transformers writes checkpoint-N under this directory; while saving, that is the staging area.
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
@@ -88,6 +92,9 @@ class CheckpointingTrainer(SFTTrainer):
         staged = self._staging / f"checkpoint-{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
+            # PEFT's save_pretrained leaves its template card ("More Information Needed") in each
+            # checkpoint: the run's card is RUN/README.md, so a checkpoint carries none.
+            (staged / "README.md").unlink(missing_ok=True)
             window = self._log_window()  # every process: it gathers the loss across processes
             if self.args.should_save:
                 checkpoints.write_log_window(staged, window)  # before publish: the manifest covers it

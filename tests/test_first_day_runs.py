@@ -1,0 +1,87 @@
+"""A new user's first day with runs that end and continue (issue 24, items 1, 2 and 7): resuming a
+finished run trains nothing and says so, a resume past the end is refused naming the key, a
+resumed run reports its whole training time and each segment's, and checkpoints/ holds no
+generic card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import recipe_file
+
+CHANGES = {"train": {"max_steps": 4, "save_steps": 2, "eval_steps": 4, "logging_steps": 2}}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    """A run trained to its last step (4), with checkpoints at 2 and 4."""
+    from conftest import run_cli
+
+    work = tmp_path_factory.mktemp("finished")
+    recipe = recipe_file(tiny, work, CHANGES)
+    proc = run_cli("train", str(recipe), "--output-dir", str(work / "run"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return recipe, work / "run"
+
+
+def _snapshot(run_dir):
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()
+            and p.name != ".qlora-run.lock"}
+
+
+def test_checkpoints_hold_no_generic_trl_card(finished):
+    _, run_dir = finished
+    assert (run_dir / "README.md").is_file()  # the run's own card
+    assert not (run_dir / "checkpoints" / "README.md").exists()
+    assert not list((run_dir / "checkpoints").rglob("README.md"))
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(finished, qlora_main):
+    recipe, run_dir = finished
+    before = _snapshot(run_dir)
+    done = qlora_main("train", str(recipe), "--output-dir", str(run_dir), "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "already complete at step 4 of 4" in done.stderr and "nothing to train" in done.stderr
+    assert "--set train.max_steps=8" in done.stderr
+    assert _snapshot(run_dir) == before  # no checkpoint-5, no rewritten summary or card
+
+
+def test_resuming_below_the_reached_step_is_refused(finished, qlora_main):
+    recipe, run_dir = finished
+    before = _snapshot(run_dir)
+    refused = qlora_main("train", str(recipe), "--output-dir", str(run_dir), "--resume", "--set", "train.max_steps=1")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "train.max_steps" in refused.stderr and "checkpoint-4 is already at step 4" in refused.stderr
+    assert _snapshot(run_dir) == before
+
+
+def test_a_resumed_run_reports_its_whole_time_and_each_segment(finished, tmp_path, qlora_main):
+    import shutil
+
+    recipe, original = finished
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    first = json.loads((run_dir / "summary.json").read_text())
+    assert "segments" not in first  # one stretch: nothing to split
+
+    more = qlora_main("train", str(recipe), "--output-dir", str(run_dir), "--resume", "--set", "train.max_steps=6")
+    assert more.returncode == 0, more.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 6
+    segments = summary["segments"]
+    assert [(s["from_step"], s["to_step"]) for s in segments] == [(0, 4), (4, 6)]
+    assert all(s["seconds"] > 0 for s in segments)
+    assert summary["runtime_s"] == pytest.approx(sum(s["seconds"] for s in segments), abs=0.02)
+    # The first segment's time is what the first run logged (its last elapsed_s, at step 4).
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    mark = next(r for r in records if r.get("resumed"))
+    assert mark["step"] == 4 and segments[0]["seconds"] == pytest.approx(mark["elapsed_s"], abs=0.01)
+    # elapsed_s keeps counting across the resume instead of restarting.
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > mark["elapsed_s"]
+    panel = " ".join(more.stderr.replace("│", " ").split())
+    assert "6 steps in" in panel and "(2 segments:" in panel and "to step 4" in panel and "from step 4" in panel
+    card = (run_dir / "README.md").read_text()
+    assert "2 segments:" in card
