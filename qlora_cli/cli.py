@@ -128,16 +128,7 @@ def validate(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Check a recipe without training: schema, paths, tokenizer, template and every data row; print it resolved."""
-    from qlora_cli.data.sources import check_data_files
-    from qlora_cli.model.location import check_model_path
-    from qlora_cli.model.remote_code import require_consent
-    from qlora_cli.recipe.load import load_recipe
-
-    r = load_recipe(recipe, set_ or [])
-    require_consent(r.model, trust_remote_code)  # the tokenizer may bring code too
-    check_model_path(r.model)  # these need no library: a typo or a wrong path is reported at once
-    check_data_files(r.data)
-    _quiet_libraries()
+    r = _checked_recipe(recipe, set_, trust_remote_code)
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.data.report import data_warnings
     from qlora_cli.model.architectures import check_model
@@ -175,16 +166,7 @@ def data(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
 ):
     """Preview the training data: rendered examples with trained tokens highlighted, and statistics."""
-    from qlora_cli.data.sources import check_data_files
-    from qlora_cli.model.location import check_model_path
-    from qlora_cli.model.remote_code import require_consent
-    from qlora_cli.recipe.load import load_recipe
-
-    r = load_recipe(recipe, set_ or [])
-    require_consent(r.model, trust_remote_code)  # the tokenizer may bring code too
-    check_model_path(r.model)  # these need no library: a typo or a wrong path is reported at once
-    check_data_files(r.data)
-    _quiet_libraries()
+    r = _checked_recipe(recipe, set_, trust_remote_code)
     from qlora_cli.data.pipeline import build_datasets
     from qlora_cli.data.report import (
         data_warnings,
@@ -474,6 +456,22 @@ def schema():
     from qlora_cli.recipe.schema import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2))
+
+
+def _checked_recipe(recipe: str, set_, trust_remote_code: bool):
+    """The recipe of `validate` and `data`, with the checks that need no library done first (a typo
+    or a wrong path is reported at once), and the libraries' own chatter turned down."""
+    from qlora_cli.data.sources import check_data_files
+    from qlora_cli.model.location import check_model_path
+    from qlora_cli.model.remote_code import require_consent
+    from qlora_cli.recipe.load import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    require_consent(r.model, trust_remote_code)  # the tokenizer may bring code too
+    check_model_path(r.model)
+    check_data_files(r.data)
+    _quiet_libraries()
+    return r
 
 
 def _quiet_libraries() -> None:
