@@ -188,11 +188,14 @@ def resolve_template(name: str, tokenizer, where: str = "data.template") -> Temp
         template = replace(template, folds_system=True)
     split = [t for t in template.tokens if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
     if split:
+        # 'tokenizer' only where there is a template to use: else resolving it fails next.
+        instead = ("Use the template this model was trained with ('tokenizer', its own chat template), or alpaca/raw"
+                   if getattr(tokenizer, "chat_template", None) else
+                   "This tokenizer has no chat template of its own: use alpaca or raw, which need no special tokens")
         raise UserError.single(
             where,
             f"template {template.name!r} needs {', '.join(split)} as single tokens, and this tokenizer splits "
-            "them, so the model could not learn where turns end or stop on them. Use a template this model was "
-            "trained with ('tokenizer'), or alpaca/raw",
+            f"them, so the model could not learn where turns end or stop on them. {instead}",
         )
     return template
 
