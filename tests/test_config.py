@@ -317,7 +317,7 @@ def test_wrong_type(problems_of):
 def test_section_that_is_not_a_mapping(problems_of):
     p = only_problem(problems_of(BASE + "lora: 8\n"))
     assert (p.where, p.line) == ("lora", 7)
-    assert "dictionary" in p.message
+    assert "is a section, not a value" in p.message and "lora: {r: 16}" in p.message
 
 
 @pytest.mark.parametrize(
