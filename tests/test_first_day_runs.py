@@ -85,3 +85,37 @@ def test_a_resumed_run_reports_its_whole_time_and_each_segment(finished, tmp_pat
     assert "6 steps in" in panel and "(2 segments:" in panel and "to step 4" in panel and "from step 4" in panel
     card = (run_dir / "README.md").read_text()
     assert "2 segments:" in card
+
+
+def test_what_was_not_trained_is_in_the_end_panel_and_the_card(finished):
+    from rich.console import Console
+
+    from qlora_cli.outputs.model_card import render_model_card
+    from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.train.end_panel import render_summary_panel
+
+    recipe_path, run_dir = finished
+    recipe = load_recipe(recipe_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+
+    def shown(summary):
+        console = Console(width=100, record=True, file=open("/dev/null", "w"))
+        console.print(render_summary_panel(summary, recipe, str(run_dir)))
+        panel = " ".join(console.export_text().replace("│", " ").split())
+        return panel, render_model_card(recipe, summary, str(run_dir))
+
+    panel, card = shown(summary)  # the demo data fits: nothing to report
+    assert "not trained" not in panel and "every example was trained whole" in card
+
+    data = summary["data"]
+    data["sources"][0]["kept"] -= 35
+    data.update(truncated=209, dropped_too_long=35, bad_rows=2,
+                bad_row_examples=["alpaca.jsonl line 3: the response is empty"])
+    panel, card = shown(summary)
+    kept = sum(s["kept"] for s in data["sources"] + data["val_sources"])
+    for text in (panel, card):
+        assert f"209 of {kept + 35:,} examples cut to max_seq_len={recipe.data.max_seq_len}" in text
+        assert "raise data.max_seq_len" in text and "data.on_too_long: drop" in text
+        assert "35 dropped as longer than max_seq_len" in text
+        assert "2 bad rows skipped (alpaca.jsonl line 3: the response is empty" in text
+    assert "not trained" in panel

@@ -38,6 +38,26 @@ def data_warnings(stats) -> list[str]:
     return out
 
 
+def data_losses(data: dict, max_seq_len: int) -> str | None:
+    """What the run did not train on, and how to keep it, from summary.json's "data" (a DataStats
+    dict): for the end panel and the model card, which show it beside the results. None: nothing lost."""
+    kept = sum(s["kept"] for s in data.get("sources", []) + data.get("val_sources", []))
+    seen = kept + data.get("dropped_too_long", 0) + data.get("dropped_no_response", 0)
+    parts = []
+    if data.get("truncated"):
+        parts.append(f"{data['truncated']:,} of {seen:,} examples cut to max_seq_len={max_seq_len} (their ends were "
+                     "not trained: raise data.max_seq_len, or set data.on_too_long: drop)")
+    if data.get("dropped_too_long"):
+        parts.append(f"{data['dropped_too_long']:,} dropped as longer than max_seq_len (raise data.max_seq_len)")
+    if data.get("dropped_no_response"):
+        parts.append(f"{data['dropped_no_response']:,} dropped with no response token within max_seq_len "
+                     "(raise data.max_seq_len)")
+    if data.get("bad_rows"):
+        first = (data.get("bad_row_examples") or [""])[0]
+        parts.append(f"{data['bad_rows']:,} bad rows skipped ({first}; `qlora data` lists them)")
+    return "; ".join(parts) or None
+
+
 def example_segments(ds, tokenizer, n: int) -> list[dict]:
     """The first n rows as runs of text that are trained or not, decoded exactly (special tokens kept)."""
     out = []

@@ -8,6 +8,7 @@ anyone editing them.
 
 from __future__ import annotations
 
+from qlora_cli.data.report import data_losses
 from qlora_cli.outputs.run_dir import MODEL_CARD, segments_text
 from qlora_cli.util.files import write_atomically
 
@@ -47,6 +48,7 @@ held in 4-bit {q.quant_type.upper()}{' with double quantization' if q.double_qua
 | trained in full | {', '.join(lora.modules_to_save) or 'nothing'} |
 | trainable parameters | {summary['trainable_params']:,} ({share:.2%} of {summary.get('total_params', 0):,}) |
 | data | {sources}; {data.get('train_rows', 'n/a')} train / {data.get('val_rows', 'n/a')} validation rows; template `{summary.get('template')}`; max_seq_len {recipe.data.max_seq_len} |
+| not trained | {data_losses(data, recipe.data.max_seq_len) or "nothing: every example was trained whole"} |
 | schedule | {summary['steps']} steps, batch {t.batch_size} × {t.gradient_accumulation_steps} accumulation, lr {t.learning_rate:g} ({t.lr_scheduler}), {t.optimizer}, seed {t.seed} |
 
 ## Results

@@ -8,6 +8,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from qlora_cli.data.report import data_losses
 from qlora_cli.outputs.run_dir import segments_text
 
 
@@ -33,6 +34,8 @@ def render_summary_panel(summary: dict, recipe, run_dir: str) -> Panel:
     batching = data.get("trained_batches", {})
     key = "packing_efficiency" if batching.get("packed") else "padding_efficiency"
     efficiency = data.get("batching", {}).get(key)
+    if lost := data_losses(data, recipe.data.max_seq_len):
+        table.add_row("[yellow]not trained[/]", escape(lost))
     table.add_row("data", escape(
         f"{data.get('train_rows', 0):,} train / {data.get('val_rows', 0):,} validation rows, "
         f"{data.get('train_tokens', 0):,} tokens per epoch"
