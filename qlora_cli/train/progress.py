@@ -11,94 +11,173 @@ import math
 import time
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
+from rich.live import Live
+from rich.text import Text
 from transformers import TrainerCallback
 
 from qlora_cli.train.metrics_log import END_OF_TRAINING_KEYS
 
 
 class RichProgress(TrainerCallback):
-    """One live display: progress, steps/s, tokens/s, ETA, loss (current and smoothed), learning
-    rate, grad norm, last eval loss and peak memory; plus one plain line per log for the scrollback
-    (over SSH, the line history is what one reads when coming back)."""
+    """One live line: progress bar, step N/M, ETA, loss (current and smoothed), steps/s, peak memory,
+    tokens/s, last eval loss, learning rate and grad norm; plus one plain line per log for the
+    scrollback (over SSH, the line history is what one reads when coming back).
 
-    SMOOTHING = 0.9  # exponential moving average of the logged loss (loss.png uses a debiased one: plots.py)
+    The line is laid out for the console's width each time it is drawn (TrainingLine): narrower
+    terminals drop the least useful fields, then shrink the bar, but never cut N/M or the ETA.
+    When the console is not a terminal (piped to a file), no live frames are drawn at all: the plain
+    lines are the whole record, and a file gets no half-drawn final frame.
+    """
 
-    def __init__(self, console: Console | None = None):
+    def __init__(self, console: Console | None = None, clock=time.perf_counter):
         self.console = console or Console(stderr=True)
-        self.progress: Progress | None = None
-        self.task = None
+        self.clock = clock  # injectable, so tests can fix the step rate and the ETA
+        self.live: Live | None = None
+        self.line: TrainingLine | None = None
         self._t0 = 0.0
         self._start_step = 0
-        self.smoothed: float | None = None
+        self.smoother = RecentMean()
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[sps]} step/s  {task.fields[tps]} tok/s"),
-            TextColumn("loss {task.fields[loss]} (avg {task.fields[smooth]})"),
-            TextColumn("lr {task.fields[lr]}  gnorm {task.fields[gnorm]}  eval {task.fields[eval]}"),
-            TextColumn("mem {task.fields[mem]}"),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
-        self.task = self.progress.add_task(
-            "train", total=state.max_steps, completed=state.global_step, loss="-", smooth="-", lr="-", gnorm="-",
-            eval="-", tps="-", sps="-", mem=format_memory(peak_memory_gib()),
-        )
-        self.progress.start()
-        self._t0 = time.perf_counter()
+        self.line = TrainingLine(total=state.max_steps, completed=state.global_step,
+                                 mem=format_memory(peak_memory_gib()))
+        if self.console.is_terminal:
+            # Live redraws the line 4 times a second from its fields; the callbacks only set them.
+            self.live = Live(self.line, console=self.console, refresh_per_second=4, transient=False)
+            self.live.start()
+        self._t0 = self.clock()
         self._start_step = state.global_step  # a resumed run starts part-way
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.progress is None:
+        if self.line is None:
             return
-        elapsed = time.perf_counter() - self._t0
+        elapsed = self.clock() - self._t0
         steps = state.global_step - self._start_step
-        tps = state.num_input_tokens_seen / elapsed if elapsed > 0 else 0.0
-        self.progress.update(
-            self.task, completed=state.global_step, tps=f"{tps:,.0f}",
-            sps=f"{steps / elapsed:.2f}" if elapsed > 0 else "-", mem=format_memory(peak_memory_gib()),
-        )
+        line = self.line
+        line.completed = state.global_step
+        line.mem = format_memory(peak_memory_gib())
+        if elapsed > 0:
+            line.tps = f"{(state.num_input_tokens_seen or 0) / elapsed:,.0f}"
+            line.rate = steps / elapsed
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs or END_OF_TRAINING_KEYS & logs.keys():
+        if self.line is None or not logs or END_OF_TRAINING_KEYS & logs.keys():
             return
+        line = self.line
         if "loss" in logs:
             loss = logs["loss"]
-            if math.isfinite(loss):
-                a = self.SMOOTHING
-                self.smoothed = loss if self.smoothed is None else a * self.smoothed + (1 - a) * loss
-            self.progress.update(
-                self.task, loss=_fmt(loss), smooth=_fmt(self.smoothed), lr=f"{logs.get('learning_rate', 0):.2e}",
-                gnorm=_fmt(logs.get("grad_norm", "-")),
-            )
+            self.smoother.add(loss)
+            line.loss, line.smooth = _fmt(loss), _fmt(self.smoother.value)
+            line.lr = f"{logs.get('learning_rate', 0):.2e}"
+            line.gnorm = _fmt(logs.get("grad_norm", "-"))
         if "eval_loss" in logs:
-            self.progress.update(self.task, eval=_fmt(logs["eval_loss"]))
+            line.eval = _fmt(logs["eval_loss"])
         parts = [f"step {state.global_step}/{state.max_steps}"]
         parts += [f"{k} {_fmt(v)}" for k, v in logs.items() if k in ("loss", "eval_loss", "learning_rate", "grad_norm")]
-        self.progress.console.print("  ".join(parts), highlight=False)
+        self.console.print("  ".join(parts), highlight=False)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stop()
 
     def stop(self) -> None:
         """End the live display (also when training stops by an exception: a signal, a NaN)."""
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        if self.live is not None:
+            self.live.stop()  # leaves the last frame on the terminal
+            self.live = None
+        self.line = None
+
+
+class RecentMean:
+    """The smoothed loss: the mean of the last few logged losses, the window about 1/20 of the logs
+    so far (at least 2), like loss.png's curve (plots.smooth). A fixed-weight EMA over logs lagged far
+    behind a fast-falling loss (avg 3.98 when the loss was 1.0); this window follows the run, so
+    after a drop the average reaches the new level within a window's worth of logs."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def add(self, loss) -> None:
+        if isinstance(loss, (int, float)) and math.isfinite(loss):  # a NaN would poison every later mean
+            self.values.append(float(loss))
+
+    @property
+    def value(self) -> float | None:
+        if not self.values:
+            return None
+        window = self.values[-max(2, math.ceil(len(self.values) / 20)):]
+        return sum(window) / len(window)
+
+
+class TrainingLine:
+    """The live line, a rich renderable laid out for the width it is given.
+
+    Always: "N/M" and "ETA h:mm:ss", whole. Then, while they fit: the "train" label, the loss with
+    its average, steps/s, memory, tokens/s, eval loss, learning rate and grad norm, in that order
+    of usefulness; a bar of up to BAR_MAX cells takes what is left (at least BAR_MIN, else none).
+    At 80 columns that is the bar, N/M, the loss, steps/s, memory and the ETA.
+    """
+
+    BAR_MAX, BAR_MIN, BAR_WANTED = 24, 8, 12  # optional fields give way before the bar drops below BAR_WANTED
+
+    def __init__(self, total: int, completed: int = 0, mem: str = "-"):
+        self.total, self.completed, self.mem = total, completed, mem
+        self.rate: float | None = None  # steps/s since this process started
+        self.loss = self.smooth = self.lr = self.gnorm = self.eval = self.tps = "-"
+
+    def eta(self) -> str:
+        left = max(0, (self.total or 0) - self.completed)
+        if not self.rate:
+            return "ETA -:--:--"
+        seconds = int(left / self.rate)
+        return f"ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+    def fields(self) -> list[tuple[str, str]]:
+        """(text, style) of the optional fields, most useful first."""
+        return [
+            (f"loss {self.loss} (avg {self.smooth})", "bold"),
+            (f"{self.rate:.2f} step/s" if self.rate is not None else "- step/s", ""),
+            (f"mem {self.mem}", ""),
+            (f"{self.tps} tok/s", ""),
+            (f"eval {self.eval}", ""),
+            (f"lr {self.lr}", "dim"),
+            (f"gnorm {self.gnorm}", "dim"),
+        ]
+
+    def layout(self, width: int) -> tuple[int, list[tuple[str, str]]]:
+        """(bar width, fields shown): the fixed parts first, then fields while they fit."""
+        sep = 2
+        count, eta = f"{self.completed}/{self.total}", self.eta()
+        used = len(count) + sep + len(eta)
+        shown: list[tuple[str, str]] = []
+        candidates = [("train", "bold"), *self.fields()]
+        for text, style in candidates:
+            if used + sep + len(text) + sep + self.BAR_WANTED > width:
+                break  # in order: a less useful field never shows when a more useful one did not fit
+            shown.append((text, style))
+            used += sep + len(text)
+        room = width - used - sep
+        bar = min(self.BAR_MAX, room) if room >= self.BAR_MIN else 0
+        return bar, shown
+
+    def render(self, width: int) -> Text:
+        bar, shown = self.layout(width)
+        label = shown[:1] if shown and shown[0][0] == "train" else []
+        text = Text(no_wrap=True, overflow="ellipsis")
+        for part, style in label:
+            text.append(part, style=style).append("  ")
+        if bar:
+            done = round(bar * min(1.0, self.completed / self.total)) if self.total else 0
+            text.append("━" * done, style="green").append("━" * (bar - done), style="grey23").append("  ")
+        text.append(f"{self.completed}/{self.total}", style="cyan")
+        for part, style in shown[len(label):]:
+            text.append("  ").append(part, style=style)
+        text.append("  ").append(self.eta(), style="cyan")
+        return text
+
+    def __rich_console__(self, console, options):
+        yield self.render(options.max_width)
 
 
 class JsonLines(TrainerCallback):
