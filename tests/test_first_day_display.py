@@ -110,3 +110,69 @@ def test_smoothed_loss_in_the_display_is_close_to_the_loss_after_it_falls():
         state.global_step = step
         progress.on_log(None, state, None, logs={"loss": 4.0 if step <= 50 else 0.996})
     assert re.search(r"avg 0\.99", progress.line.render(200).plain)
+
+
+# --- Item 5: `qlora eval` shows progress, and small rates -----------------------------------------
+
+
+def test_eval_table_shows_small_rates_with_significant_digits():
+    from qlora_cli.infer.eval_results import render_table
+
+    results = {"kind": "run", "base": None, "delta": None,
+               "metrics": {"loss": 1.5, "loss_samples_per_s": 0.8123, "generate_samples_per_s": 0.019}}
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(render_table(results))
+    text = console.export_text()
+    assert re.search(r"samples/s \(generating\)\s*│\s*0\.019 ", text), text
+    assert re.search(r"samples/s \(scoring\)\s*│\s*0\.812 ", text), text
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tiny):
+    """The tiny model as a base target, and 24 fabricated rows with a response span each."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.infer.target import Target, _ModelRef
+    from qlora_cli.model.load import load_tokenizer
+
+    tok = load_tokenizer(_ModelRef(str(tiny / "model")))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny / "model"), torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in range(24):
+        ids = torch.randint(3, 200, (8 + n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 5 + ids[5:]})
+    return Target("base", str(tiny / "model"), model.eval(), tok, None, None), rows
+
+
+def test_scoring_reports_progress_on_stderr_and_nothing_on_stdout(tiny_target, capsys):
+    from qlora_cli.infer.evaluate import score_tokens
+
+    target, rows = tiny_target
+    metrics = score_tokens(target, rows, batch_size=2, console=Console(stderr=True, force_terminal=False))
+    out, err = capsys.readouterr()
+    assert out == ""  # --json prints the results there: nothing else may
+    lines = err.splitlines()
+    # 12 batches of 2 rows, a line about every 1/10 of the rows (3 rows: every other batch), the last one always.
+    assert lines[0].startswith("scoring 4/24 rows") and lines[-1].startswith("scoring 24/24 rows"), err
+    assert 5 <= len(lines) <= 12
+    assert metrics["response_tokens"] == sum(len(r["labels"]) - 5 for r in rows)
+
+
+def test_scoring_on_a_terminal_draws_a_progress_bar(tiny_target):
+    from qlora_cli.infer.evaluate import score_tokens
+
+    target, rows = tiny_target
+    console = Console(width=80, record=True, force_terminal=True, file=io.StringIO())
+    score_tokens(target, rows, batch_size=8, console=console)
+    text = console.export_text()
+    assert "scoring" in text and "8/24 rows" in text and "24/24 rows" in text, text
+
+
+def test_no_console_means_no_progress(tiny_target, capsys):
+    from qlora_cli.infer.evaluate import score_tokens
+
+    target, rows = tiny_target
+    score_tokens(target, rows[:4], batch_size=2)
+    assert capsys.readouterr() == ("", "")

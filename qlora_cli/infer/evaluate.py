@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -226,8 +227,8 @@ def last_reply(row: dict) -> tuple[list[int], list[int]]:
 
 
 @torch.no_grad()
-def score_tokens(target, rows: list[dict], batch_size: int, adapter: str | None = None) -> dict:
-    """Token-weighted loss, perplexity and argmax accuracy over the response tokens."""
+def score_tokens(target, rows: list[dict], batch_size: int, adapter: str | None = None, console=None) -> dict:
+    """Token-weighted loss, perplexity and argmax accuracy over the response tokens (progress on `console`)."""
     import torch.nn.functional as F
     from torch.nn.utils.rnn import pad_sequence
 
@@ -235,7 +236,7 @@ def score_tokens(target, rows: list[dict], batch_size: int, adapter: str | None 
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))  # similar lengths batch together
     nll, correct, tokens = 0.0, 0, 0
     start = time.perf_counter()
-    with using_adapter(target, adapter):
+    with using_adapter(target, adapter), batch_progress(console, "scoring", len(rows)) as advance:
         for b in range(0, len(order), batch_size):
             batch = [rows[i] for i in order[b : b + batch_size]]
             # Right-padded, as training batches are (left padding would shift the positions).
@@ -250,6 +251,7 @@ def score_tokens(target, rows: list[dict], batch_size: int, adapter: str | None 
             nll += F.cross_entropy(picked, wanted, reduction="sum").item()
             correct += (picked.argmax(-1) == wanted).sum().item()
             tokens += int(scored.sum())
+            advance(len(batch))
     seconds = time.perf_counter() - start
     loss = nll / tokens
     return {
@@ -262,7 +264,7 @@ def score_tokens(target, rows: list[dict], batch_size: int, adapter: str | None 
 
 
 def score_generations(target, rows: list[dict], batch_size: int, max_new_tokens: int | None,
-                      adapter: str | None = None) -> tuple[dict, list[dict]]:
+                      adapter: str | None = None, console=None) -> tuple[dict, list[dict]]:
     """Greedy answers to each row's last prompt: exact match and ROUGE-L F1 against the reference."""
     from rouge_score import rouge_scorer
 
@@ -275,10 +277,12 @@ def score_generations(target, rows: list[dict], batch_size: int, max_new_tokens:
     order = sorted(range(len(rows)), key=lambda i: -len(pairs[i][0]))  # less left padding per batch
     answers: list = [None] * len(rows)
     start = time.perf_counter()
-    for b in range(0, len(order), batch_size):
-        chunk = order[b : b + batch_size]
-        for i, c in zip(chunk, complete_batch(target, [pairs[i][0] for i in chunk], sampling, adapter)):
-            answers[i] = c
+    with batch_progress(console, "generating", len(rows)) as advance:
+        for b in range(0, len(order), batch_size):
+            chunk = order[b : b + batch_size]
+            for i, c in zip(chunk, complete_batch(target, [pairs[i][0] for i in chunk], sampling, adapter)):
+                answers[i] = c
+            advance(len(chunk))
     seconds = time.perf_counter() - start
 
     scorer = rouge_scorer.RougeScorer(["rougeL"])
@@ -307,14 +311,53 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
+PROGRESS_LINES = 10  # off a terminal: about this many progress lines per pass
+
+
+@contextmanager
+def batch_progress(console, what: str, total: int):
+    """Yield advance(n): progress of one pass over `total` rows, on `console` (the CLI's stderr, so
+    --json keeps stdout pure JSON). On a terminal, a rich progress bar that goes away when done; off
+    one (a log file, CI), a plain line every ~1/PROGRESS_LINES of the rows; with no console, nothing.
+    A real model on a busy CPU takes an hour here: silence looks like a hang."""
+    if console is None:
+        yield lambda n: None
+        return
+    if console.is_terminal:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        with Progress(TextColumn(what), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("rows  ETA"),
+                      TimeRemainingColumn(), console=console, transient=True) as progress:
+            task = progress.add_task(what, total=total)
+            yield lambda n: progress.advance(task, n)
+        return
+    start, done, every = time.perf_counter(), 0, max(1, math.ceil(total / PROGRESS_LINES))
+    next_line = every
+
+    def advance(n: int) -> None:
+        nonlocal done, next_line
+        done += n
+        if done >= next_line or done == total:
+            next_line = done + every
+            console.print(f"{what} {done}/{total} rows ({time.perf_counter() - start:.0f} s)", highlight=False)
+
+    yield advance
+
+
 def evaluate(target, data: EvalRows, batch_size: int, max_new_tokens: int | None = None,
-             generate: bool = True, adapter: str | None = None) -> tuple[dict, list[dict]]:
+             generate: bool = True, adapter: str | None = None, console=None) -> tuple[dict, list[dict]]:
     """Every metric for one model (the target as loaded, or `adapter=BASE` for the bare base)."""
     target.model.eval()
-    metrics = score_tokens(target, data.rows, batch_size, adapter)
+    metrics = score_tokens(target, data.rows, batch_size, adapter, console=console)
     predictions: list[dict] = []
     if generate and data.has_replies:
-        gen, predictions = score_generations(target, data.rows, batch_size, max_new_tokens, adapter)
+        gen, predictions = score_generations(target, data.rows, batch_size, max_new_tokens, adapter, console=console)
         metrics.update(gen)
     return metrics, predictions
 
@@ -343,19 +386,20 @@ def run_eval(target_path: str, data_path: str | None = None, split: str | None =
     say = console.print if console is not None else (lambda *a, **k: None)
 
     say(f"evaluating {target.kind} {target.path} on {data.description}")
-    metrics, predictions = evaluate(target, data, batch_size, max_new_tokens, generate)
+    metrics, predictions = evaluate(target, data, batch_size, max_new_tokens, generate, console=console)
     base_metrics, base_label = None, None
     if compare_base:
         max_new_tokens = metrics.get("max_new_tokens", max_new_tokens)  # the same budget for both
         if target.kind == "run":
             base_label = "base (4-bit, no adapter)"
             say(f"evaluating the {base_label}")
-            base_metrics, _ = evaluate(target, data, batch_size, max_new_tokens, generate, adapter=BASE)
+            base_metrics, _ = evaluate(target, data, batch_size, max_new_tokens, generate, adapter=BASE, console=console)
         else:
             base_label = "base (original weights)"
             say(f"evaluating the {base_label} {target.recipe.model.name_or_path}")
             target.model = None  # one model in memory at a time
-            base_metrics, _ = evaluate(original_base(target), data, batch_size, max_new_tokens, generate)
+            base_metrics, _ = evaluate(original_base(target), data, batch_size, max_new_tokens, generate,
+                                       console=console)
 
     results = {
         "target": target.path,
