@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+from itertools import pairwise
 from types import SimpleNamespace
 
 import pytest
@@ -176,3 +177,85 @@ def test_no_console_means_no_progress(tiny_target, capsys):
     target, rows = tiny_target
     score_tokens(target, rows[:4], batch_size=2)
     assert capsys.readouterr() == ("", "")
+
+
+# --- Item 14: `qlora data --stats` at 80 columns, its histogram, and `qlora plot`'s legend ---------
+
+LONG_PATH = "/home/someone/projects/fine-tuning/datasets/customer-support/conversations-2024-train.jsonl"
+
+
+def _stats():
+    from qlora_cli.data.pipeline import DataStats, SourceStats, length_histogram
+
+    return DataStats(
+        sources=[SourceStats(path=LONG_PATH, rows=12345, bad_rows=3, truncated=120, dropped_no_response=2,
+                             kept=12340, used=11000, held_out=1234)],
+        val_sources=[SourceStats(path="data/val.jsonl", rows=500, kept=500, used=500)],
+        train_rows=11000, val_rows=1234, train_tokens=123456, trained_tokens=100000,
+        lengths={"min": 10, "p50": 25, "p90": 38, "p99": 40, "max": 40},
+        histogram=length_histogram(list(range(10, 41)), 2048),
+    )
+
+
+def test_stats_table_fits_80_columns_with_whole_paths_and_headers():
+    from qlora_cli.data.report import STATS_COLUMNS, render_stats
+
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(render_stats(_stats(), SimpleNamespace(max_seq_len=2048, packing=False)))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert "…" not in text
+    header = next(line for line in lines if "source" in line and "rows" in line)
+    for col in STATS_COLUMNS:
+        assert re.search(rf"(^|┃) *{re.escape(col)} *(┃|$)", header), (col, header)
+    # The path is wrapped over several lines of the first column, every character kept.
+    first_column = "".join(line.split("│")[0].strip() for line in lines if "│" in line)
+    assert LONG_PATH in first_column, text
+    assert "12345" in text and "11000" in text
+
+
+def test_length_histogram_spreads_short_data_over_several_bins():
+    from qlora_cli.data.pipeline import length_histogram
+
+    hist = length_histogram(list(range(10, 41)), max_seq_len=2048)
+    assert hist[0][0] == 10 and hist[-1][1] == 40  # the data's own range, not 1..2048
+    assert sum(c for *_, c in hist) == 31
+    assert sum(1 for *_, c in hist if c) >= 6
+    assert all(lo <= hi and hi + 1 == nxt for (lo, hi, _), (nxt, _, _) in pairwise(hist))
+
+
+def test_length_histogram_caps_at_max_seq_len_and_handles_few_lengths():
+    from qlora_cli.data.pipeline import length_histogram
+
+    assert length_histogram([3000, 5, 100], max_seq_len=512)[-1][1] == 512
+    assert sum(c for *_, c in length_histogram([3000, 5, 100], max_seq_len=512)) == 3
+    assert length_histogram([7, 7, 8], max_seq_len=2048) == [[7, 7, 2], [8, 8, 1]]
+    assert length_histogram([], max_seq_len=2048) == []
+
+
+def test_plot_legend_of_several_runs_is_outside_the_curves(tmp_path):
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from qlora_cli.outputs.plots import draw_runs, plot_runs
+
+    runs = []
+    for name, scale in (("run-a", 1.0), ("run-b", 1.3), ("run-c", 0.8)):
+        run = tmp_path / name
+        run.mkdir()
+        records = [{"step": s, "loss": scale * (3 - s / 50)} for s in range(1, 101)]
+        records += [{"step": s, "eval_loss": scale * (3 - s / 50)} for s in (25, 50, 75, 100)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        runs.append(run)
+    fig = draw_runs(runs)
+    try:
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        legend, axes_box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert legend.x0 >= axes_box.x1  # beside the axes, so it covers no curve
+    finally:
+        plt.close(fig)
+    out = plot_runs(runs, tmp_path / "compare.png")
+    assert out.read_bytes().startswith(b"\x89PNG")

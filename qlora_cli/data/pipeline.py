@@ -564,10 +564,16 @@ def length_percentiles(lengths) -> dict:
 
 
 def length_histogram(lengths, max_seq_len: int, bins: int = 8) -> list[list[int]]:
-    """[[lowest, highest, count], ...]: equal-width bins of lengths over 1..max_seq_len, inclusive bounds."""
-    edges = np.linspace(0, max_seq_len, bins + 1).round().astype(int) + 1  # bins [edge_i, edge_i+1)
-    edges[-1] = max_seq_len + 1
-    counts, _ = np.histogram(lengths, bins=edges)
+    """[[lowest, highest, count], ...]: equal-width bins over the data's own range (its shortest to its
+    longest example, capped at max_seq_len), inclusive bounds. Bins over 1..max_seq_len put short data
+    (10-40 tokens with max_seq_len 2048) in one bar; fewer bins when there are fewer distinct lengths."""
+    lengths = np.asarray(lengths)
+    if lengths.size == 0:
+        return []
+    lo, hi = int(min(lengths.min(), max_seq_len)), int(min(lengths.max(), max_seq_len))
+    bins = max(1, min(bins, hi - lo + 1))
+    edges = np.linspace(lo, hi + 1, bins + 1).round().astype(int)  # bins [edge_i, edge_i+1), each >= 1 wide
+    counts, _ = np.histogram(np.minimum(lengths, max_seq_len), bins=edges)
     return [[int(lo), int(hi) - 1, int(c)] for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
 
 

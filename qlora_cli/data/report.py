@@ -10,6 +10,8 @@ is fed (template, special tokens and all), and which part of it carries the loss
 
 from __future__ import annotations
 
+import re
+
 from qlora_cli.data.tokenize import IGNORE_INDEX
 
 TRAINED_STYLE = "bold green"
@@ -119,23 +121,32 @@ def render_example(example: dict, where: str):
     return Group(header, body, Text(""))
 
 
+STATS_COLUMNS = ("rows", "bad", "cut", "long", "no reply", "kept", "val", "train")
+STATS_CAPTION = ("bad: rows skipped; cut: truncated to max_seq_len; long: dropped as longer than max_seq_len; "
+                 "no reply: dropped, no response token within max_seq_len; val: validation rows")
+
+
 def render_stats(stats, data):
     """A rich renderable with per-source counts, lengths and batching efficiency."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="sources", title_justify="left", show_edge=False)
-    for col in ("source", "rows", "bad", "truncated", "too long", "no response", "kept", "validation", "train"):
-        table.add_column(col, justify="left" if col == "source" else "right")
+    # Laid out for 80 columns: short headers (spelled out in the caption), the numbers never wrapped,
+    # and the source path wrapped onto more lines (PathCell) rather than cut.
+    table = Table(title="sources", title_justify="left", show_edge=False, caption=STATS_CAPTION,
+                  caption_justify="left")
+    table.add_column("source", justify="left", ratio=1, min_width=12)
+    for col in STATS_COLUMNS:
+        table.add_column(col, justify="right", no_wrap=True)
     for s in stats.sources:
         table.add_row(
-            s.path, *map(str, (s.rows, s.bad_rows, s.truncated, s.dropped_too_long, s.dropped_no_response, s.kept)),
+            PathCell(s.path), *map(str, (s.rows, s.bad_rows, s.truncated, s.dropped_too_long, s.dropped_no_response, s.kept)),
             str(s.held_out), str(s.used),
         )
     for s in stats.val_sources:
         table.add_row(
-            f"{s.path} (val)",
+            PathCell(f"{s.path} (val)"),
             *map(str, (s.rows, s.bad_rows, s.truncated, s.dropped_too_long, s.dropped_no_response, s.kept)),
             str(s.used), "-",
         )
@@ -168,3 +179,28 @@ def render_stats(stats, data):
         )
     lines.append(f"cache: {stats.cache}")
     return Group(table, Text(""), Text("\n".join(lines)), Text("length histogram:"), hist)
+
+
+class PathCell:
+    """A path in a table cell, wrapped after its slashes to the cell's width (rich wraps only at spaces,
+    and would fold a path anywhere, or cut it with …). A part wider than the cell is folded."""
+
+    def __init__(self, path: str):
+        self.parts = [p for p in re.split(r"(?<=/)", path) if p]
+
+    def __rich_measure__(self, console, options):
+        from rich.measure import Measurement
+
+        return Measurement(min(max(map(len, self.parts), default=1), options.max_width),
+                           sum(map(len, self.parts)))
+
+    def __rich_console__(self, console, options):
+        from rich.text import Text
+
+        width, lines = max(1, options.max_width), [""]
+        for part in self.parts:
+            if lines[-1] and len(lines[-1]) + len(part) > width:
+                lines.append("")
+            lines[-1] += part
+        folded = [line[i : i + width] for line in lines for i in range(0, len(line), width)]
+        yield Text("\n".join(folded), no_wrap=True)

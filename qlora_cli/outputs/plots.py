@@ -36,6 +36,22 @@ def smooth(values: list[float]) -> list[float]:
 
 def plot_runs(runs: list[Path], output: Path) -> Path:
     """Draw every run on one figure; write it atomically to `output`."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_runs(runs)
+    output = Path(output)
+    try:
+        # "tight" grows the image to take in a legend placed outside the axes.
+        write_atomically(output, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    except OSError as exc:
+        raise UserError.single("--output", f"cannot write {output}: {exc.strerror}") from None
+    finally:
+        plt.close(fig)
+    return output
+
+
+def draw_runs(runs: list[Path]):
+    """The figure of plot_runs (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,13 +74,11 @@ def plot_runs(runs: list[Path], output: Path) -> Path:
     ax.set_ylabel("loss")
     ax.set_title(Path(runs[0]).name if len(runs) == 1 else "loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if len(runs) > 1:
+        # Several runs make a legend of 2-3 entries each, taller than the curves leave free anywhere
+        # inside the axes: it goes to the right of them, where it covers nothing.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
+    else:
+        ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    output = Path(output)
-    try:
-        write_atomically(output, lambda tmp: fig.savefig(tmp, format="png"))
-    except OSError as exc:
-        raise UserError.single("--output", f"cannot write {output}: {exc.strerror}") from None
-    finally:
-        plt.close(fig)
-    return output
+    return fig
