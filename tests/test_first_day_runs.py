@@ -119,3 +119,21 @@ def test_what_was_not_trained_is_in_the_end_panel_and_the_card(finished):
         assert "35 dropped as longer than max_seq_len" in text
         assert "2 bad rows skipped (alpaca.jsonl line 3: the response is empty" in text
     assert "not trained" in panel
+
+
+def test_what_was_used_is_shown_the_merge_names_its_output_and_eval_losses_are_labelled(finished, tmp_path, qlora_main):
+    import yaml
+
+    recipe_path, run_dir = finished
+    saved = (run_dir / "recipe.yaml").read_text()
+    assert "  template: null  # the format's default: alpaca\n" in saved
+    assert yaml.safe_load(saved)["data"]["template"] is None  # still the recipe as written: resume compares it
+    shown = qlora_main("validate", str(recipe_path))
+    assert shown.returncode == 0 and "template: null  # the format's default: alpaca" in shown.stdout
+    assert "the trainer's mean over validation batches" in (run_dir / "README.md").read_text()
+
+    out = tmp_path / "merged"
+    merged = qlora_main("merge", str(run_dir), "--output", str(out))
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    said = " ".join(merged.stderr.split())
+    assert f"into {out} (" in said and "with the base" in said

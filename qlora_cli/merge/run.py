@@ -108,7 +108,7 @@ def merge(
     try:
         tmp.mkdir(parents=True)
         start = time.perf_counter()
-        say(f"merging {len(adapter.updates)} {adapter.kind} modules into {base_folder} "
+        say(f"merging {len(adapter.updates)} {adapter.kind} modules with the base {base_folder} into {out} "
             f"({base_mode} base, {out_dtype_name}, NF4 on {device})")
         shards = write_model(plan, tmp, base_mode, max_bytes)
         write_companions(config, plan, base_folder, tokenizer, tmp)

@@ -56,7 +56,7 @@ held in 4-bit {q.quant_type.upper()}{' with double quantization' if q.double_qua
 | | |
 |---|---|
 | train loss, first → last | {num('first_train_loss')} → {num('last_train_loss')} |
-| eval loss, before → after | {num('first_eval_loss')} → {num('eval_loss')} |
+| eval loss, before → after | {num('first_eval_loss')} → {num('eval_loss')} (the trainer's mean over validation batches; `qlora eval` reports the mean per response token) |
 | runtime | {num('runtime_s', '{:.1f}')} s{segments_text(summary)} on {summary.get('device')} |
 
 The full recipe is in `recipe.yaml`, every logged step in `metrics.jsonl`, and the curves in `loss.png`.

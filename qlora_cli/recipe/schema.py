@@ -334,8 +334,12 @@ class Recipe(Section):
         return self
 
     def to_yaml(self) -> str:
-        """The fully resolved recipe (defaults included), in section order, loadable by `load_recipe`."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The fully resolved recipe (defaults included), in section order, loadable by `load_recipe`.
+        A template left to the format's default says which one that is, in a comment."""
+        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        if self.data.template is None and (chosen := default_template(self)) is not None:
+            text = text.replace("\n  template: null\n", f"\n  template: null  # the format's default: {chosen}\n", 1)
+        return text
 
     def with_absolute_paths(self) -> "Recipe":
         """A copy whose local paths (model, data files, template file, output) are absolute.

@@ -56,7 +56,8 @@ def render_summary_panel(summary: dict, recipe, run_dir: str) -> Panel:
     table.add_row("results", escape(
         f"{summary['steps']} steps in {summary['runtime_s']:.1f}s{segments_text(summary)}{rate}; train loss {_g(summary.get('first_train_loss'))} "
         f"→ {_g(summary.get('last_train_loss'))}; eval loss {_g(summary.get('first_eval_loss'))} → "
-        f"{_g(summary.get('eval_loss'))}; peak memory {_memory(summary.get('peak_memory', {}))}"
+        f"{_g(summary.get('eval_loss'))} (the trainer's mean over batches; `qlora eval` weighs every response "
+        f"token equally); peak memory {_memory(summary.get('peak_memory', {}))}"
     ))
     weights = summary.get("model_memory") or {}
     if weights.get("measured_bytes"):
