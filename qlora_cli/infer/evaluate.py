@@ -335,7 +335,12 @@ def batch_progress(console, what: str, total: int):
         with Progress(TextColumn(what), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("rows  ETA"),
                       TimeRemainingColumn(), console=console, transient=True) as progress:
             task = progress.add_task(what, total=total)
-            yield lambda n: progress.advance(task, n)
+
+            def advance(n: int) -> None:
+                progress.advance(task, n)
+                progress.refresh()  # now, not at the next tick: a batch takes seconds, a redraw nothing
+
+            yield advance
         return
     start, done, every = time.perf_counter(), 0, max(1, math.ceil(total / PROGRESS_LINES))
     next_line = every
