@@ -137,3 +137,25 @@ def test_what_was_used_is_shown_the_merge_names_its_output_and_eval_losses_are_l
     assert merged.returncode == 0, merged.stderr[-2000:]
     said = " ".join(merged.stderr.split())
     assert f"into {out} (" in said and "with the base" in said
+
+
+@pytest.mark.parametrize("without", ["switched off", "unreachable"])
+def test_a_hub_dataset_without_the_hub_fails_at_once_with_one_message(without, write_recipe, qlora_main, monkeypatch):
+    import datasets
+
+    recipe = write_recipe({"data": {"sources": [{"path": "someone/not-cached-data", "format": "alpaca"}]}})
+    env = {}
+    if without == "switched off":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+        monkeypatch.setattr("qlora_cli.util.hub.hub_reachable", lambda timeout=5.0: False)
+    offline_before = datasets.config.HF_HUB_OFFLINE
+    refused = qlora_main("validate", str(recipe), env=env)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    said = " ".join(refused.stderr.split())
+    assert "data.sources[0].path" in said and "'someone/not-cached-data' is not in the local cache" in said
+    assert without in said and "point the source at a local file" in said
+    assert "Retrying" not in refused.stderr  # datasets' retries against a hub that is not there
+    assert datasets.config.HF_HUB_OFFLINE == offline_before  # the cache-only switch is put back

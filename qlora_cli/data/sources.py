@@ -225,17 +225,36 @@ def load_file(path: Path, source, where: str):
 
 
 def load_hub(source, where: str):
-    """Read a hub dataset split (datasets caches it locally)."""
+    """Read a hub dataset split (datasets caches it locally). Without the hub (switched off, or not
+    reachable) only datasets' cache is read: one message at once instead of datasets' retries."""
     import datasets
 
+    from qlora_cli.util.hub import hub_host, hub_offline, hub_reachable
+
+    without_hub = None
+    if hub_offline():
+        without_hub = "the hub is switched off (HF_HUB_OFFLINE)"
+    elif not hub_reachable():
+        without_hub = f"the hub ({hub_host()}) is unreachable"
+    offline_before = datasets.config.HF_HUB_OFFLINE
     try:
+        if without_hub:
+            datasets.config.HF_HUB_OFFLINE = True  # the cache only: no retries against a hub that is not there
         ds = datasets.load_dataset(source.path, source.subset, split=source.split, revision=source.revision)
     except Exception as exc:
+        if without_hub:
+            raise UserError.single(
+                f"{where}.path", f"hub dataset {source.path!r} is not in the local cache and {without_hub}: "
+                "point the source at a local file (datasets' save_to_disk or a JSON lines export), or run where "
+                "the hub is reachable once to cache it; if it is meant to be a local file, check the path",
+            ) from None
         raise UserError.single(
             f"{where}.path",
             f"could not load hub dataset {source.path!r}: {_reason(exc)}. If it is meant to be a local file, "
             "check the path",
         ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline_before
     if len(ds) == 0:
         raise UserError.single(f"{where}.path", f"{source.path} ({source.split}) has no rows")
     return ds.add_column(ROW_COLUMN, list(range(1, len(ds) + 1)))

@@ -30,21 +30,16 @@ def check_model_path(model, where: str = "model.name_or_path") -> None:
 def check_hub_model(model, where: str = "model.name_or_path") -> None:
     """A hub id must be in the local cache, or the hub must be reachable: say which, at once,
     instead of a library's retries and a connection traceback."""
-    import os
-    import socket
-    from urllib.parse import urlparse
+    from huggingface_hub import try_to_load_from_cache
 
-    from huggingface_hub import constants, try_to_load_from_cache
+    from qlora_cli.util.hub import hub_host, hub_offline, hub_reachable
 
     if isinstance(try_to_load_from_cache(model.name_or_path, "config.json", revision=model.revision), str):
         return  # cached: works offline
     fix = "pass a local model directory, or set HF_HOME to a cache that holds it"
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if hub_offline():
         raise UserError.single(where, f"{model.name_or_path} is not in the local cache and the hub is switched off "
                                f"(HF_HUB_OFFLINE): {fix}, or unset HF_HUB_OFFLINE")
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError:
-        raise UserError.single(where, f"{model.name_or_path} is not in the local cache and the hub ({host}) is "
-                               f"unreachable: {fix}") from None
+    if not hub_reachable():
+        raise UserError.single(where, f"{model.name_or_path} is not in the local cache and the hub ({hub_host()}) is "
+                               f"unreachable: {fix}")
