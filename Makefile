@@ -1,6 +1,12 @@
 # Two commands for a fresh machine with only Python:
 #   make demo   - install into .venv, build the tiny offline model, train it, merge it, score it, ask it
-#   make test   - install into .venv, run the whole test suite
+#   make test   - install into .venv, run the whole test suite (CI runs it)
+#   make test-fast - install into .venv, run the fast tier, for the edit-and-test loop: every test
+#                 not marked `slow` (recipe validation, the data pipeline, templates and masking,
+#                 error messages, a short 4-bit QLoRA training run checking what it did to the
+#                 weights, merge arithmetic); under 90 s on 2 CPU cores. `make test` runs it too.
+#                 Marked `slow` (pyproject.toml): the session's 200-step tiny run and every test
+#                 that uses it, training runs, subprocess launches, signals, resumes.
 #   make test-architectures - every model family trained, merged and sampled (minutes; CI runs it)
 #   make test-multinode     - two machines simulated over loopback: checkpoints, kills, resume (CI runs it)
 PYTHON ?= python3
@@ -13,7 +19,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install demo test test-architectures test-multinode clean
+.PHONY: install demo test test-fast test-architectures test-multinode clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +44,11 @@ demo: install build/tiny/model/config.json
 # pytest exits 5 when it collects no tests: say so plainly (a suite that tests nothing is broken).
 test: install
 	@$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: is tests/ missing?" >&2; fi; exit $$rc
+
+# The fast tier: the default selection (pyproject.toml's addopts) less the tests marked `slow`.
+test-fast: install
+	@$(BIN)/python -m pytest -q -m "not slow and not architectures and not multinode"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: is tests/ missing?" >&2; fi; exit $$rc
 
 # The architecture matrix's slow half (tests/test_architectures.py, marker `architectures`): each

@@ -6,6 +6,7 @@ by scripts/build_tiny.py, deterministically, in a few seconds.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts"))  # build_tiny, check_templates, recipe_reference
+sys.path.insert(0, str(ROOT / "benchmarks"))  # architecture_matrix, bench_activations
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying a hub that is not there
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,6 +27,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tokenized-data cache of the suite lives apart from the user's (~/.cache/qlora), and is fresh
 # each session; tests/test_cache.py points it at a per-test directory where that matters.
 os.environ["QLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="qlora-test-cache-")
+
+
+SLOW_FIXTURES = {"tiny_run", "tiny_run_proc"}  # the 200-step training run of configs/tiny.yaml (below)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the session's trained tiny run is `slow` (left out of `make test-fast`):
+    that run alone takes longer than the whole fast tier may."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -123,18 +137,27 @@ def qlora_main(capsys, monkeypatch):
 
     monkeypatch.setenv("COLUMNS", "200")  # as run_cli: long paths stay on one line
 
-    def run(*args: str) -> Result:
+    def run(*args: str, cwd: Path | None = None, env: dict | None = None, input: str | None = None) -> Result:
+        """CWD, ENV and INPUT as run_cli's and subprocess.run's: the working directory, extra
+        environment variables and standard input, for this call only."""
         from qlora_cli import cli
 
         capsys.readouterr()  # start clean
-        argv, sys.argv = sys.argv, ["qlora", *map(str, args)]
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        finally:
-            sys.argv = argv
+        with monkeypatch.context() as patch:
+            if cwd is not None:
+                patch.chdir(cwd)
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            if input is not None:
+                patch.setattr(sys, "stdin", io.StringIO(input))
+            argv, sys.argv = sys.argv, ["qlora", *map(str, args)]
+            try:
+                cli.main()
+                code = 0
+            except SystemExit as exc:
+                code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1  # as Python exits
+            finally:
+                sys.argv = argv
         captured = capsys.readouterr()
         return Result(code, captured.out, captured.err)
 

@@ -2,7 +2,7 @@
 
 Models are built in the test from each family's transformers config class (no downloads; 2 layers,
 hidden size 64 so every matrix is whole NF4 blocks) with the tiny tokenizer, by the same functions
-scripts/architecture_matrix.py uses to write docs/architectures.md.
+benchmarks/architecture_matrix.py uses to write docs/architectures.md.
 
 - Every family, in the default suite (cheap): loaded in 4 bits through qlora's own loading path,
   with the share of the transformer blocks' matrix weights in 4 bits asserted; Mixture-of-Experts

@@ -7,7 +7,7 @@ output directory. The recipes point at the tiny model and data through placehold
 
 The cases run in-process through the CLI's real entry point (`qlora_cli.cli.main`, argument
 parsing and error printing included), so the corpus can grow without a subprocess per case;
-tests/test_cli_errors.py covers the same paths through real subprocesses.
+tests/test_cli_errors.py also runs some of them through a real subprocess (exit status, stderr).
 """
 
 from __future__ import annotations

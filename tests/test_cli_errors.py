@@ -1,5 +1,10 @@
-"""Bad input through the real command line, in a subprocess: exit code 2, the offending key or file
-named on stderr, no traceback, and nothing written. Every case fails before training starts."""
+"""Bad input through the real command line: exit code 2, the offending key or file named on stderr,
+no traceback, and nothing written. Every case fails before training starts.
+
+Most cases run the CLI's entry point in this process (qlora_main: the same parsing, printing and exit
+codes, without re-importing torch each time); a fresh interpreter is started where the process is
+what is tested: the console script, what --help and an early error import, a run across the process
+boundary."""
 
 from __future__ import annotations
 
@@ -172,35 +177,35 @@ def test_bad_recipe_through_a_real_process(write_recipe, tiny, tmp_path, case):
     assert not (tmp_path / "run").exists()
 
 
-def test_misspelled_set_key_exits_2(write_recipe, tmp_path):
-    proc = run_cli("train", str(write_recipe()), "--set", "lora.r=8", "--set", "lora.alpah=64", timeout=180)
+def test_misspelled_set_key_exits_2(write_recipe, tmp_path, qlora_main):
+    proc = qlora_main("train", str(write_recipe()), "--set", "lora.r=8", "--set", "lora.alpah=64")
     assert_user_error(proc, "lora.alpah (from --set)", "did you mean 'alpha'")
     assert not (tmp_path / "run").exists()
 
 
-def test_existing_non_empty_output_dir_is_left_untouched(write_recipe, tmp_path):
+def test_existing_non_empty_output_dir_is_left_untouched(write_recipe, tmp_path, qlora_main):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     keep = run_dir / "keep.txt"
     keep.write_text("an earlier run's results\n")
     before = keep.stat().st_mtime_ns
-    proc = run_cli("train", str(write_recipe()), timeout=180)
+    proc = qlora_main("train", str(write_recipe()))
     assert_user_error(proc, "output.dir", str(run_dir), "already exists and is not empty", "--overwrite")
     assert sorted(p.name for p in run_dir.iterdir()) == ["keep.txt"]
     assert keep.read_text() == "an earlier run's results\n"
     assert keep.stat().st_mtime_ns == before
 
 
-def test_overwrite_never_deletes_a_directory_that_is_not_an_earlier_run(write_recipe, tmp_path):
+def test_overwrite_never_deletes_a_directory_that_is_not_an_earlier_run(write_recipe, tmp_path, qlora_main):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("mine\n")
-    proc = run_cli("train", str(write_recipe()), "--overwrite", timeout=180)
+    proc = qlora_main("train", str(write_recipe()), "--overwrite")
     assert_user_error(proc, "output.dir", "--overwrite only replaces an earlier run directory")
     assert (run_dir / "notes.txt").read_text() == "mine\n"
 
 
-def test_overwrite_never_deletes_the_runs_own_inputs(write_recipe, tiny, tmp_path):
+def test_overwrite_never_deletes_the_runs_own_inputs(write_recipe, tiny, tmp_path, qlora_main):
     # An earlier run whose merged model (recorded in its marker, so --overwrite could delete it) is
     # the base of this run: training on it into the same directory must not delete it.
     from qlora_cli.outputs.run_dir import RunDir
@@ -211,15 +216,15 @@ def test_overwrite_never_deletes_the_runs_own_inputs(write_recipe, tiny, tmp_pat
     shutil.copytree(tiny / "model", run_dir / "merged")
     RunDir(run_dir).record("merged")
     recipe = write_recipe({"model": {"name_or_path": str(run_dir / "merged"), "dtype": "float32"}})
-    proc = run_cli("train", str(recipe), "--overwrite", timeout=180)
+    proc = qlora_main("train", str(recipe), "--overwrite")
     assert_user_error(proc, "output.dir", "--overwrite would delete", str(run_dir / "merged"))
     assert (run_dir / "merged" / "model.safetensors").is_file()
 
 
-def test_recursive_yaml_alias_exits_2(tmp_path):
+def test_recursive_yaml_alias_exits_2(tmp_path, qlora_main):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("a: &x [*x]\n")
-    assert_user_error(run_cli("validate", str(recipe), timeout=60), "refers to itself")
+    assert_user_error(qlora_main("validate", str(recipe)), "refers to itself")
 
 
 # ---------------------------------------------------------------------------------------------

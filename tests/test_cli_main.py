@@ -50,10 +50,8 @@ def test_ctrl_c_wrapped_by_a_library_is_an_interrupt_not_a_bug(monkeypatch, caps
     assert "interrupted" in err and "Traceback" not in err
 
 
-def test_validate_checks_everything_but_trains_nothing(write_recipe, tmp_path):
-    from conftest import run_cli
-
-    proc = run_cli("validate", str(write_recipe()), "--set", "data.val_size=100", "--set", "data.max_seq_len=64")
+def test_validate_checks_everything_but_trains_nothing(write_recipe, tmp_path, qlora_main):
+    proc = qlora_main("validate", str(write_recipe()), "--set", "data.val_size=100", "--set", "data.max_seq_len=64")
     assert proc.returncode == 0, proc.stderr
     # At 64 tokens, the 200 rows with an `input` (the longer Alpaca prompt) have no response
     # token left: they are counted and left out, not trained on as prompt-only rows.

@@ -7,7 +7,6 @@ import json
 import pytest
 import yaml
 
-from conftest import run_cli
 from qlora_cli.data.formats import ALPACA_SYSTEM_NO_INPUT, ALPACA_SYSTEM_WITH_INPUT
 
 FIXTURE = [
@@ -32,8 +31,8 @@ def recipe(write_recipe, tmp_path):
     })
 
 
-def test_json_output_gives_the_exact_rendering_and_mask(recipe):
-    proc = run_cli("data", str(recipe), "--n", "5", "--json")
+def test_json_output_gives_the_exact_rendering_and_mask(recipe, qlora_main):
+    proc = qlora_main("data", str(recipe), "--n", "5", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["template"] == "alpaca"
@@ -50,8 +49,8 @@ def test_json_output_gives_the_exact_rendering_and_mask(recipe):
     assert "skipped 1 bad row(s)" in proc.stderr  # the warning still reaches the user
 
 
-def test_human_output_highlights_trained_tokens_and_dims_the_rest(recipe):
-    proc = run_cli("data", str(recipe), "--n", "2", env={"FORCE_COLOR": "1", "TERM": "xterm"})
+def test_human_output_highlights_trained_tokens_and_dims_the_rest(recipe, qlora_main):
+    proc = qlora_main("data", str(recipe), "--n", "2", env={"FORCE_COLOR": "1", "TERM": "xterm"})
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "trained tokens" in out and "masked tokens" in out  # the legend
@@ -62,8 +61,8 @@ def test_human_output_highlights_trained_tokens_and_dims_the_rest(recipe):
     assert "fixture.jsonl line 1" in out and "fixture.jsonl line 2" in out
 
 
-def test_stats_show_sources_lengths_histogram_and_efficiency(recipe):
-    proc = run_cli("data", str(recipe), "--n", "0", "--stats")
+def test_stats_show_sources_lengths_histogram_and_efficiency(recipe, qlora_main):
+    proc = qlora_main("data", str(recipe), "--n", "0", "--stats")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for expected in ("fixture.jsonl", "length histogram", "padding efficiency", "with packing",
@@ -71,21 +70,21 @@ def test_stats_show_sources_lengths_histogram_and_efficiency(recipe):
         assert expected in out
 
 
-def test_unmapped_tool_roles_stop_the_preview_with_exit_2(write_recipe, tmp_path):
+def test_unmapped_tool_roles_stop_the_preview_with_exit_2(write_recipe, tmp_path, qlora_main):
     data = tmp_path / "tools.jsonl"
     data.write_text(json.dumps({"conversations": [
         {"from": "human", "value": "hi"}, {"from": "function_call", "value": "{}"},
         {"from": "observation", "value": "{}"}, {"from": "gpt", "value": "ok"}]}) + "\n")
     recipe = write_recipe({"data": {"sources": [{"path": str(data), "format": "sharegpt"}], "template": "chatml",
                                     "val_size": 0}, "train": {"eval_steps": None}})
-    proc = run_cli("data", str(recipe))
+    proc = qlora_main("data", str(recipe))
     assert proc.returncode == 2
     assert "'function_call' (1 rows)" in proc.stderr and "'observation' (1 rows)" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_recipe_errors_are_reported_before_any_data_work(write_recipe):
+def test_recipe_errors_are_reported_before_any_data_work(write_recipe, qlora_main):
     recipe = write_recipe({"data": {"sources": [{"path": "x.jsonl", "format": "alpaca"}], "packin": True}})
-    proc = run_cli("data", str(recipe))
+    proc = qlora_main("data", str(recipe))
     assert proc.returncode == 2 and "data.packin" in proc.stderr and "did you mean 'packing'" in proc.stderr
     assert yaml.safe_load(recipe.read_text())  # untouched

@@ -168,7 +168,7 @@ def test_ddp_keeps_a_whole_replica_per_gpu_plus_gradient_buckets(tiny, tmp_path,
 def test_activation_estimate_matches_what_autograd_saves():
     # The bytes a bf16 QLoRA forward keeps for backward (autograd's saved tensors, weights left
     # out), per decoder layer and for the loss, against the estimate: within 5% each.
-    import bench_activations  # scripts/ is on the path (conftest)
+    import bench_activations  # benchmarks/ is on the path (conftest)
 
     result = bench_activations.measure(batch=2, seq=64, dtype_name="bfloat16", shape=SMALL)
     assert abs(result["layer_ratio"] - 1) < 0.05, result
@@ -184,7 +184,7 @@ def test_whole_estimate_is_within_15_percent_of_a_training_step_peak(checkpointi
     # Peak live tensor bytes over forward + backward + AdamW step (torch's MemTracker, plus the
     # 4-bit quant states), against the estimate's total without the CUDA runtime overhead. The
     # estimate may err high (it adds peaks that do not coincide), not low.
-    import bench_activations  # scripts/ is on the path (conftest)
+    import bench_activations  # benchmarks/ is on the path (conftest)
 
     result = bench_activations.step_peak(batch=2, seq=64, dtype_name="bfloat16", checkpointing=checkpointing,
                                          shape=SMALL)

@@ -10,8 +10,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
-
 
 def _user_error(proc, *needles):
     assert proc.returncode == 2, proc.stderr
@@ -28,8 +26,8 @@ def run_copy(tiny_run, tmp_path):
     return copy
 
 
-def test_adapter_beats_base_and_answers_the_demo_rows(run_copy):
-    proc = run_cli("eval", str(run_copy), "--compare-base", "--split", "train", "--json")
+def test_adapter_beats_base_and_answers_the_demo_rows(run_copy, qlora_main):
+    proc = qlora_main("eval", str(run_copy), "--compare-base", "--split", "train", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout)
     run, base = results["metrics"], results["base"]["metrics"]
@@ -51,8 +49,8 @@ def test_adapter_beats_base_and_answers_the_demo_rows(run_copy):
     assert all(p["prompt"].endswith("### Response:\n") for p in predictions)  # alpaca, as trained
 
 
-def test_table_output_on_the_validation_split(run_copy):
-    proc = run_cli("eval", str(run_copy), "--max-samples", "8")
+def test_table_output_on_the_validation_split(run_copy, qlora_main):
+    proc = qlora_main("eval", str(run_copy), "--max-samples", "8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     for label in ("loss (response tokens)", "perplexity", "token accuracy", "exact match", "ROUGE-L F1", "samples/s"):
         assert label in proc.stdout, proc.stdout
@@ -126,12 +124,12 @@ def test_last_reply_prompt_is_what_generate_would_send(tiny):
     assert multi_turn > 0  # the check covered conversations with earlier replies in the prompt
 
 
-def test_other_data_without_generation(run_copy, tiny, tmp_path):
+def test_other_data_without_generation(run_copy, tiny, tmp_path, qlora_main):
     (run_copy / "eval_predictions.jsonl").write_text("stale\n")
     rows = [json.loads(line) for line in (tiny / "alpaca.jsonl").read_text().splitlines()][:6]
     data = tmp_path / "held.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = run_cli("eval", str(run_copy), "--data", str(data), "--no-generate", "--json")
+    proc = qlora_main("eval", str(run_copy), "--data", str(data), "--no-generate", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout)
     assert results["rows"] == 6 and str(data) in results["data"]
@@ -139,10 +137,10 @@ def test_other_data_without_generation(run_copy, tiny, tmp_path):
     assert not (run_copy / "eval_predictions.jsonl").exists()  # no answers that belong to another eval
 
 
-def test_merged_model_scores_like_the_run(tiny_run, tmp_path):
+def test_merged_model_scores_like_the_run(tiny_run, tmp_path, qlora_main):
     merged = tmp_path / "merged"
-    assert run_cli("merge", str(tiny_run), "--output", str(merged), "--no-verify").returncode == 0
-    a = run_cli("eval", str(merged), "--max-samples", "16", "--compare-base", "--json")
+    assert qlora_main("merge", str(tiny_run), "--output", str(merged), "--no-verify").returncode == 0
+    a = qlora_main("eval", str(merged), "--max-samples", "16", "--compare-base", "--json")
     assert a.returncode == 0, a.stderr[-2000:]
     merged_results = json.loads(a.stdout)
     assert merged_results["kind"] == "merged" and merged_results["base"]["label"] == "base (original weights)"
@@ -155,10 +153,10 @@ def test_merged_model_scores_like_the_run(tiny_run, tmp_path):
     assert merged_results["base"]["metrics"]["loss"] > 4 * run_loss
 
 
-def test_base_model_on_plain_text(tiny, tmp_path):
+def test_base_model_on_plain_text(tiny, tmp_path, qlora_main):
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps({"text": f"the river and the table number {i}"}) + "\n" for i in range(5)))
-    proc = run_cli("eval", str(tiny / "model"), "--data", str(text), "--json")
+    proc = qlora_main("eval", str(tiny / "model"), "--data", str(text), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout)
     assert results["kind"] == "base" and results["rows"] == 5

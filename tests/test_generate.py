@@ -10,8 +10,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
-
 
 @pytest.fixture()
 def run_dir(tiny_run):
@@ -22,11 +20,11 @@ def run_dir(tiny_run):
 PROMPT = "What is the opposite of up?"
 
 
-def test_greedy_generate_equals_plain_transformers_and_peft(run_dir):
+def test_greedy_generate_equals_plain_transformers_and_peft(run_dir, qlora_main):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    proc = run_cli("generate", str(run_dir), "--prompt", PROMPT, "--greedy", "--max-new-tokens", "32")
+    proc = qlora_main("generate", str(run_dir), "--prompt", PROMPT, "--greedy", "--max-new-tokens", "32")
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     # The plain way: the run's saved tokenizer and chat template, the base in 4 bits, the adapter.
@@ -57,14 +55,14 @@ def test_greedy_generate_equals_plain_transformers_and_peft(run_dir):
     assert load_target(str(run_dir)).prompt_ids(PROMPT) == ids["input_ids"][0].tolist()
 
 
-def test_trained_tiny_model_stops_by_itself(run_dir, tmp_path):
+def test_trained_tiny_model_stops_by_itself(run_dir, tmp_path, qlora_main):
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     data = [json.loads(line) for line in open(recipe["data"]["sources"][0]["path"])][:24]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"instruction": r["instruction"], "input": r["input"]}) + "\n" for r in data))
     out = tmp_path / "out.jsonl"
-    proc = run_cli("generate", str(run_dir), "--input", str(prompts), "--output", str(out), "--greedy",
-                   "--max-new-tokens", "48")
+    proc = qlora_main("generate", str(run_dir), "--input", str(prompts), "--output", str(out), "--greedy",
+                      "--max-new-tokens", "48")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(results) == len(data)
@@ -73,17 +71,17 @@ def test_trained_tiny_model_stops_by_itself(run_dir, tmp_path):
     assert [r["instruction"] for r in results] == [r["instruction"] for r in data]  # in order, fields kept
 
 
-def test_merged_model_generates_what_the_run_generates(run_dir, tmp_path):
-    assert run_cli("merge", str(run_dir), "--output", str(tmp_path / "merged"), "--no-verify").returncode == 0
-    a = run_cli("generate", str(run_dir), "--prompt", PROMPT, "--greedy")
-    b = run_cli("generate", str(tmp_path / "merged"), "--prompt", PROMPT, "--greedy")
+def test_merged_model_generates_what_the_run_generates(run_dir, tmp_path, qlora_main):
+    assert qlora_main("merge", str(run_dir), "--output", str(tmp_path / "merged"), "--no-verify").returncode == 0
+    a = qlora_main("generate", str(run_dir), "--prompt", PROMPT, "--greedy")
+    b = qlora_main("generate", str(tmp_path / "merged"), "--prompt", PROMPT, "--greedy")
     assert a.returncode == b.returncode == 0, b.stderr[-2000:]
     assert a.stdout == b.stdout and a.stdout.strip()
 
 
-def test_compare_shows_each_adapter_and_the_base(run_dir):
-    proc = run_cli("generate", str(run_dir), "--prompt", PROMPT, "--greedy", "--max-new-tokens", "8",
-                   "--adapter", f"again={run_dir}", "--compare")
+def test_compare_shows_each_adapter_and_the_base(run_dir, qlora_main):
+    proc = qlora_main("generate", str(run_dir), "--prompt", PROMPT, "--greedy", "--max-new-tokens", "8",
+                      "--adapter", f"again={run_dir}", "--compare")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     row = {name: next(line for line in lines if line.startswith(f"│ {name} ")) for name in ("default", "again", "base")}
@@ -92,14 +90,9 @@ def test_compare_shows_each_adapter_and_the_base(run_dir):
     assert reply(row["base"]) != reply(row["default"])  # the bare base answers otherwise
 
 
-def test_interactive_chat_keeps_the_conversation(run_dir):
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "qlora_cli", "generate", str(run_dir), "--interactive", "--greedy", "--max-new-tokens", "16"],
-        input=f"{PROMPT}\n/reset\n{PROMPT}\n/exit\n", capture_output=True, text=True, timeout=300,
-    )
+def test_interactive_chat_keeps_the_conversation(run_dir, qlora_main):
+    proc = qlora_main("generate", str(run_dir), "--interactive", "--greedy", "--max-new-tokens", "16",
+                      input=f"{PROMPT}\n/reset\n{PROMPT}\n/exit\n")
     assert proc.returncode == 0, proc.stderr[-2000:]
     replies = [line.split("assistant> ", 1)[1] for line in proc.stdout.splitlines() if "assistant> " in line]
     assert len(replies) == 2 and replies[0] == replies[1]  # /reset really started over

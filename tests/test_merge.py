@@ -20,7 +20,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from conftest import run_cli, tiny_recipe
+from conftest import tiny_recipe
 from qlora_cli.recipe.load import validate_recipe
 from qlora_cli.errors import UserError
 from qlora_cli.merge.run import merge
@@ -297,15 +297,14 @@ def test_multi_shard_base_is_merged_shard_by_shard(tiny, tmp_path, sharded_base,
 
     run_dir, adapter_model = fabricate_run(tiny, tmp_path / "run", model_dir=sharded_base)
     base_index = _index(sharded_base)["weight_map"]
-    flushed = []  # the keys in memory at each flush: never more than one input shard's worth
-    real_flush = mw.ShardWriter.flush
+    flushed = []  # the keys in memory at each write: never more than one input shard's worth
+    real_save = mw.save_shard
 
-    def spy(self):
-        if self.buffer:
-            flushed.append(set(self.buffer))
-        real_flush(self)
+    def spy(path, tensors):
+        flushed.append(set(tensors))
+        real_save(path, tensors)
 
-    monkeypatch.setattr(mw.ShardWriter, "flush", spy)
+    monkeypatch.setattr("qlora_cli.merge.run.save_shard", spy)
     out = merge(run_dir, output=tmp_path / "out", verify=False).output
 
     assert len(flushed) == len(set(base_index.values()))
@@ -379,11 +378,11 @@ def test_plain_transformers_loads_it_without_peft_and_generates_like_the_adapter
 # --- End to end on the tiny recipe -----------------------------------------------------------------
 
 
-def test_cli_merge_of_the_trained_tiny_run_meets_the_fidelity_targets(tiny_run, tmp_path):
+def test_cli_merge_of_the_trained_tiny_run_meets_the_fidelity_targets(tiny_run, tmp_path, qlora_main):
     # tiny_run was trained with paths relative to where `qlora train` ran; merged here from another
     # directory: the run's recipe.yaml stores them absolute, so the run directory works from anywhere.
     shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
-    proc = run_cli("merge", str(tmp_path / "run"), "--compare", cwd=tmp_path)
+    proc = qlora_main("merge", str(tmp_path / "run"), "--compare", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run" / "merged"
     assert proc.stdout.strip() == str(out)
@@ -398,9 +397,20 @@ def test_cli_merge_of_the_trained_tiny_run_meets_the_fidelity_targets(tiny_run, 
 # --- Bad input -----------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def fabricated_run(tiny, tmp_path_factory):
+    """One fabricated run for the tests below (fabricate_run loads and quantizes the base: seconds)."""
+    return fabricate_run(tiny, tmp_path_factory.mktemp("fabricated") / "run")[0]
+
+
 @pytest.fixture()
-def run_dir(tiny, tmp_path):
-    return fabricate_run(tiny, tmp_path / "run")[0]
+def run_dir(fabricated_run, tmp_path):
+    """A private copy of that run at tmp_path/run, as if fabricated there: its recipe names the copy."""
+    run = tmp_path / "run"
+    shutil.copytree(fabricated_run, run)
+    recipe = run / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace(str(fabricated_run), str(run)))
+    return run
 
 
 def _assert_user_error(proc, *needles):
@@ -410,14 +420,14 @@ def _assert_user_error(proc, *needles):
         assert needle in proc.stderr, proc.stderr
 
 
-def test_run_directory_without_adapter(tmp_path, run_dir):
+def test_run_directory_without_adapter(tmp_path, run_dir, qlora_main):
     (run_dir / "adapter_model.safetensors").unlink()
-    _assert_user_error(run_cli("merge", str(run_dir)), "has no adapter")
-    _assert_user_error(run_cli("merge", str(tmp_path / "nowhere")), "is not a directory")
+    _assert_user_error(qlora_main("merge", str(run_dir)), "has no adapter")
+    _assert_user_error(qlora_main("merge", str(tmp_path / "nowhere")), "is not a directory")
     assert not (run_dir / "merged").exists()
 
 
-def test_base_whose_shapes_do_not_match(tiny, tmp_path, run_dir):
+def test_base_whose_shapes_do_not_match(tiny, tmp_path, run_dir, qlora_main):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     other = tmp_path / "other"
@@ -428,35 +438,35 @@ def test_base_whose_shapes_do_not_match(tiny, tmp_path, run_dir):
     raw = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     raw["model"]["name_or_path"] = str(other)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    _assert_user_error(run_cli("merge", str(run_dir)), "does not fit the base model", "mlp.gate_proj", "[96, 64]")
+    _assert_user_error(qlora_main("merge", str(run_dir)), "does not fit the base model", "mlp.gate_proj", "[96, 64]")
     assert not (run_dir / "merged").exists()
 
 
 @pytest.mark.parametrize(
     "flags, needles",
     [
-        (["--dtype", "int8"], ["--dtype", "unknown dtype 'int8'"]),
-        (["--base", "fp16"], ["--base", "unknown base 'fp16'"]),
+        (["--dtype", "int8"], ["'--dtype'", "'int8' is not one of"]),
+        (["--base", "fp16"], ["'--base'", "'fp16' is not one of"]),
         (["--max-shard-size", "lots"], ["--max-shard-size", "not a size"]),
     ],
 )
-def test_bad_flags(run_dir, flags, needles):
-    _assert_user_error(run_cli("merge", str(run_dir), *flags), *needles)
+def test_bad_flags(run_dir, flags, needles, qlora_main):
+    _assert_user_error(qlora_main("merge", str(run_dir), *flags), *needles)
     assert not (run_dir / "merged").exists()
 
 
-def test_existing_output_is_refused_and_kept_unless_overwrite(run_dir, tmp_path):
+def test_existing_output_is_refused_and_kept_unless_overwrite(run_dir, tmp_path, qlora_main):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _assert_user_error(run_cli("merge", str(run_dir), "--output", str(out)), "already exists", "--overwrite")
+    _assert_user_error(qlora_main("merge", str(run_dir), "--output", str(out)), "already exists", "--overwrite")
     # --overwrite replaces only an earlier merged model, never some other directory.
-    _assert_user_error(run_cli("merge", str(run_dir), "--output", str(out), "--overwrite"), "only replaces an earlier")
+    _assert_user_error(qlora_main("merge", str(run_dir), "--output", str(out), "--overwrite"), "only replaces an earlier")
     assert (out / "keep.txt").read_text() == "mine"
     (out / "config.json").write_text("{}")  # a downloaded model or a project folder is not ours to delete
-    _assert_user_error(run_cli("merge", str(run_dir), "--output", str(out), "--overwrite"), "only replaces an earlier")
+    _assert_user_error(qlora_main("merge", str(run_dir), "--output", str(out), "--overwrite"), "only replaces an earlier")
     assert (out / "keep.txt").read_text() == "mine"
-    _assert_user_error(run_cli("merge", str(run_dir), "--output", str(run_dir), "--overwrite"), "which the merge reads")
+    _assert_user_error(qlora_main("merge", str(run_dir), "--output", str(run_dir), "--overwrite"), "which the merge reads")
 
     first = merge(run_dir, output=tmp_path / "m", verify=False).output
     (first / "model.safetensors").write_bytes(b"an old merge")
@@ -517,30 +527,30 @@ def test_an_output_that_appears_during_the_merge_is_left_alone(run_dir, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
 
 
-def test_unreadable_inputs_are_user_errors(tiny, tmp_path, run_dir):
+def test_unreadable_inputs_are_user_errors(tiny, tmp_path, run_dir, qlora_main):
     import shutil
 
     bad = tmp_path / "bad"
     shutil.copytree(run_dir, bad)
     (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    _assert_user_error(run_cli("merge", str(bad)), "cannot read the adapter")
+    _assert_user_error(qlora_main("merge", str(bad)), "cannot read the adapter")
 
     shutil.copy(run_dir / "adapter_model.safetensors", bad / "adapter_model.safetensors")
     config = json.loads((run_dir / "adapter_config.json").read_text())
     del config["lora_alpha"]
     (bad / "adapter_config.json").write_text(json.dumps(config))
-    _assert_user_error(run_cli("merge", str(bad)), "lora_alpha")
+    _assert_user_error(qlora_main("merge", str(bad)), "lora_alpha")
 
     shutil.copy(run_dir / "adapter_config.json", bad / "adapter_config.json")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (bad / name).unlink()
-    _assert_user_error(run_cli("merge", str(bad)), "cannot load the tokenizer")
+    _assert_user_error(qlora_main("merge", str(bad)), "cannot load the tokenizer")
     assert not (bad / "merged").exists()
 
 
-def test_pre_quantized_base_and_output_inside_the_base_are_refused(tiny, tmp_path, run_dir):
+def test_pre_quantized_base_and_output_inside_the_base_are_refused(tiny, tmp_path, run_dir, qlora_main):
     base = yaml.safe_load((run_dir / "recipe.yaml").read_text())["model"]["name_or_path"]
-    _assert_user_error(run_cli("merge", str(run_dir), "--output", f"{base}/merged"), "inside the base model")
+    _assert_user_error(qlora_main("merge", str(run_dir), "--output", f"{base}/merged"), "inside the base model")
 
     import shutil
 
@@ -552,7 +562,7 @@ def test_pre_quantized_base_and_output_inside_the_base_are_refused(tiny, tmp_pat
     raw = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     raw["model"]["name_or_path"] = str(prequant)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    _assert_user_error(run_cli("merge", str(run_dir)), "pre-quantized", "full-precision")
+    _assert_user_error(qlora_main("merge", str(run_dir)), "pre-quantized", "full-precision")
 
 
 def test_not_enough_free_space_is_refused_before_writing(run_dir, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli, tiny_recipe
+from conftest import tiny_recipe
 from qlora_cli.recipe.load import validate_recipe
 from qlora_cli.outputs.run_dir import RunDir
 from qlora_cli.train.run import build_trainer
@@ -71,9 +71,9 @@ def test_training_config_has_no_kv_cache(packed_setup):
     assert packed_setup.model.config.use_cache is False
 
 
-def test_packed_training_run_reports_packing_efficiency(write_recipe, tmp_path):
+def test_packed_training_run_reports_packing_efficiency(write_recipe, tmp_path, qlora_main):
     recipe = write_recipe({"data": {"packing": True}, "train": {"max_steps": 30, "eval_steps": 30}})
-    proc = run_cli("train", str(recipe))
+    proc = qlora_main("train", str(recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     trained = summary["data"]["trained_batches"]
