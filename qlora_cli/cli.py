@@ -518,13 +518,14 @@ def main() -> None:
     --help itself; what reaches us is either a UserError (exit 2) or a bug (exit 1).
     """
     from qlora_cli.train.distributed import is_main_process
-    from qlora_cli.train.stopping import worker_exit_code
 
     try:
         app(args=_bare_resume_to_latest(sys.argv[1:]), prog_name="qlora")
     except StoppedRun as exc:
         if is_main_process():  # under a launcher every rank stops the same way; one says so
             err.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        from qlora_cli.train.stopping import worker_exit_code  # here: it imports transformers
+
         sys.exit(worker_exit_code(exc))
     except NothingToDo as exc:
         if is_main_process():

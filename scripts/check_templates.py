@@ -137,7 +137,7 @@ def qlora_examples(row: dict, fmt: str, roles: dict, renderer, tokenizer) -> lis
     batch = {ROW_COLUMN: [1], JSON_COLUMN: [json.dumps(row)], BAD_COLUMN: [None]}
     table = pipeline._tokenize_rows(
         batch, fmt=fmt, rename={f: f for f in FIELDS[fmt]}, roles=roles, renderer=renderer, tokenizer=tokenizer,
-        train_on_inputs=False, max_len=1 << 30, on_too_long="truncate",
+        train_on_inputs=False, max_seq_len=1 << 30, on_too_long="truncate",
     )
     out = []
     for status, reason, ids, labels in zip(*(table.column(c).to_pylist() for c in (
