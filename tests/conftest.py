@@ -61,7 +61,9 @@ def tiny_run_proc(tiny, tmp_path_factory):
     raw["data"]["sources"][0]["path"] = os.path.relpath(raw["data"]["sources"][0]["path"], tiny.parent)
     recipe = tmp / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    proc = run_cli("train", str(recipe), "--output-dir", str(tmp / "run"), cwd=tiny.parent)
+    # 200 steps: under a minute on 2 idle cores, but over 600 s (run_cli's default limit) has been
+    # seen on a loaded machine.
+    proc = run_cli("train", str(recipe), "--output-dir", str(tmp / "run"), cwd=tiny.parent, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "run", proc
 

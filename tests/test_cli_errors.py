@@ -168,6 +168,7 @@ def test_bad_recipe_exits_2_and_writes_nothing(write_recipe, tiny, tmp_path, cas
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # a fresh interpreter per case
 @pytest.mark.parametrize("case", [_missing_data_file, _row_without_output], ids=["missing_data_file", "row_without_output"])
 def test_bad_recipe_through_a_real_process(write_recipe, tiny, tmp_path, case):
     """The same contract across the process boundary (exit status, stderr, nothing written)."""
@@ -231,6 +232,7 @@ def test_recursive_yaml_alias_exits_2(tmp_path, qlora_main):
 # The command line itself
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_help_lists_the_commands():
     # That --help stays instant is checked by what it imports (below), not by a timer.
     proc = run_qlora("--help", timeout=60)
@@ -241,6 +243,7 @@ def test_help_lists_the_commands():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_help_imports_no_heavy_library():
     proc, heavy = _main_in_a_fresh_process("--help")
     assert proc.returncode == 0, proc.stderr
@@ -265,6 +268,7 @@ def _main_in_a_fresh_process(*args: str) -> tuple[subprocess.CompletedProcess, l
     return proc, ast.literal_eval(heavy.removeprefix("HEAVY "))
 
 
+@pytest.mark.slow  # a fresh interpreter per case
 def test_input_mistakes_are_reported_before_any_library_loads(write_recipe, tiny, tmp_path):
     """A typo or a wrong path costs the user a fraction of a second, not the seconds torch,
     transformers and bitsandbytes take to import: each is reported before any of them is imported."""
@@ -293,6 +297,7 @@ def test_input_mistakes_are_reported_before_any_library_loads(write_recipe, tiny
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # fresh interpreters, one loading the training stack
 def test_bitsandbytes_import_notice_stays_out_of_the_output(write_recipe, tmp_path):
     """On CPUs with AVX-512 BF16, importing bitsandbytes logs that the optional `kernels` package
     is missing: noise ahead of every message. The CLI quiets that logger before anything imports
@@ -312,6 +317,7 @@ def test_bitsandbytes_import_notice_stays_out_of_the_output(write_recipe, tmp_pa
     assert "kernels" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # two fresh interpreters
 def test_module_help_matches_console_script_help_but_for_the_program_name():
     console = run_qlora("--help", timeout=60)
     module = run_cli("--help", timeout=60)
@@ -324,10 +330,12 @@ def test_module_help_matches_console_script_help_but_for_the_program_name():
     assert lines(module.stdout.replace("python -m qlora_cli", "qlora")) == lines(console.stdout)
 
 
+@pytest.mark.slow  # two fresh interpreters
 def test_module_help_equals_console_script_help():
     assert run_cli("--help", timeout=60).stdout == run_qlora("--help", timeout=60).stdout
 
 
+@pytest.mark.slow  # a fresh interpreter per case
 @pytest.mark.parametrize("entry", ["console-script", "python-m"])
 @pytest.mark.parametrize(
     "args, needle",
@@ -347,6 +355,7 @@ def test_usage_errors_exit_2_without_traceback(write_recipe, tmp_path, entry, ar
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_schema_prints_the_recipe_json_schema():
     proc = run_qlora("schema", timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -78,6 +78,7 @@ def ddp_runs(tiny, tmp_path_factory):
     return work / "run", (stopped, resumed), single / "run", work
 
 
+@pytest.mark.slow  # ddp_runs: three launches, 40 steps each
 def test_two_processes_train_one_model_into_one_run_directory(ddp_runs):
     run, (stopped, resumed), _, work = ddp_runs
     # Exactly one run directory, written once: the 2 ranks share it, nothing else appeared.
@@ -99,6 +100,7 @@ def test_two_processes_train_one_model_into_one_run_directory(ddp_runs):
     assert "processes 2 (ddp); global batch 18 rows per optimizer step, replicas identical" in panel
 
 
+@pytest.mark.slow  # ddp_runs
 def test_sigint_stops_every_rank_at_one_checkpoint_and_resume_continues(ddp_runs):
     from qlora_cli.train.checkpoints import problem
 
@@ -116,6 +118,7 @@ def test_sigint_stops_every_rank_at_one_checkpoint_and_resume_continues(ddp_runs
     assert problem(checkpoint, hashes=True) is None
 
 
+@pytest.mark.slow  # ddp_runs
 @pytest.mark.parametrize("which, world, warned", [("2 processes", "1", "from 18 to 9 rows per step"),
                                                    ("2 processes", "2", None),
                                                    ("1 process", "2", "from 18 to 36 rows per step")])
@@ -127,8 +130,12 @@ def test_resuming_with_another_number_of_processes_is_warned_about(ddp_runs, mon
     run = ddp_runs[0] if which == "2 processes" else ddp_runs[2]
     monkeypatch.setenv("WORLD_SIZE", world)
     warnings = []
-    checkpoint = preflight(load_recipe(run / RECIPE), RunDir(run), False, "latest", warnings.append)
+    # The runs are complete at step 40: resuming them asks for more steps, as a user would.
+    recipe = load_recipe(run / RECIPE, ["train.max_steps=80"])
+    checkpoint = preflight(recipe, RunDir(run), False, "latest", warnings.append)
     assert checkpoint.name == "checkpoint-40"
+    # The first warning is about the longer plan asked for above; what follows it is this test's subject.
+    assert "train.max_steps changed" in warnings.pop(0)
     if warned is None:
         assert warnings == []
     else:
@@ -138,6 +145,7 @@ def test_resuming_with_another_number_of_processes_is_warned_about(ddp_runs, mon
         assert ("--nproc 2" if before == 2 else "one process") in message
 
 
+@pytest.mark.slow  # ddp_runs
 def test_two_processes_match_one_process_at_twice_the_batch(ddp_runs):
     run, _, single, _ = ddp_runs
     # accelerate splits each global batch between the ranks, and the loss is averaged over all
@@ -157,6 +165,7 @@ def test_two_processes_match_one_process_at_twice_the_batch(ddp_runs):
     assert s2 == pytest.approx(s1, rel=0.03)
 
 
+@pytest.mark.slow  # a torchrun launch, interrupted
 def test_torchrun_ctrl_c_saves_one_checkpoint_on_every_rank(tiny, tmp_path):
     """Under plain torchrun, Ctrl-C reaches each worker twice (terminal, then torchrun forwarding
     it): that must count as one press, and the ranks must agree on the step to stop at."""

@@ -85,6 +85,7 @@ def test_a_spike_that_recovers_only_warns():
     assert len(warnings) == 1 and "step 20" in warnings[0]
 
 
+@pytest.mark.slow  # a training run
 def test_diverging_run_stops_with_the_recipe_keys_to_change(write_recipe, qlora_main):
     # learning_rate 1e3: the loss jumps to thousands by step 4, then the adapter is dead (exact
     # uniform prediction, grad_norm 0.0). Without the guard this ran all 30 steps and exited 0.

@@ -165,6 +165,7 @@ def test_ddp_keeps_a_whole_replica_per_gpu_plus_gradient_buckets(tiny, tmp_path,
     assert bad.returncode == 2 and "--nproc" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # a measured forward and backward at a real size
 def test_activation_estimate_matches_what_autograd_saves():
     # The bytes a bf16 QLoRA forward keeps for backward (autograd's saved tensors, weights left
     # out), per decoder layer and for the loss, against the estimate: within 5% each.
@@ -179,6 +180,7 @@ SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_at
              num_key_value_heads=2, vocab_size=4000)
 
 
+@pytest.mark.slow  # a measured training step at a real size
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_whole_estimate_is_within_15_percent_of_a_training_step_peak(checkpointing):
     # Peak live tensor bytes over forward + backward + AdamW step (torch's MemTracker, plus the

@@ -20,6 +20,9 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from qlora_cli.train import checkpoints
+
+pytestmark = pytest.mark.slow  # training runs, failed and resumed (make test-fast leaves them out)
+
 # Logs at steps 1 (the first step is always logged), 4, 8 and 12; checkpoints at 3, 6, 9 and 12:
 # every checkpoint but the last is taken between two logging steps.
 CHANGES = {

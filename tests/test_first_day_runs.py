@@ -31,6 +31,7 @@ def _snapshot(run_dir):
             and p.name != ".qlora-run.lock"}
 
 
+@pytest.mark.slow  # finished: a training run in a fresh interpreter
 def test_checkpoints_hold_no_generic_trl_card(finished):
     _, run_dir = finished
     assert (run_dir / "README.md").is_file()  # the run's own card
@@ -38,6 +39,7 @@ def test_checkpoints_hold_no_generic_trl_card(finished):
     assert not list((run_dir / "checkpoints").rglob("README.md"))
 
 
+@pytest.mark.slow  # finished: a training run in a fresh interpreter
 def test_resuming_a_finished_run_trains_nothing_and_says_so(finished, qlora_main):
     recipe, run_dir = finished
     before = _snapshot(run_dir)
@@ -48,6 +50,7 @@ def test_resuming_a_finished_run_trains_nothing_and_says_so(finished, qlora_main
     assert _snapshot(run_dir) == before  # no checkpoint-5, no rewritten summary or card
 
 
+@pytest.mark.slow  # finished: a training run in a fresh interpreter
 def test_resuming_below_the_reached_step_is_refused(finished, qlora_main):
     recipe, run_dir = finished
     before = _snapshot(run_dir)
@@ -57,6 +60,7 @@ def test_resuming_below_the_reached_step_is_refused(finished, qlora_main):
     assert _snapshot(run_dir) == before
 
 
+@pytest.mark.slow  # finished: a training run in a fresh interpreter
 def test_a_resumed_run_reports_its_whole_time_and_each_segment(finished, tmp_path, qlora_main):
     import shutil
 
@@ -87,6 +91,7 @@ def test_a_resumed_run_reports_its_whole_time_and_each_segment(finished, tmp_pat
     assert "2 segments:" in card
 
 
+@pytest.mark.slow  # finished: a training run in a fresh interpreter
 def test_what_was_not_trained_is_in_the_end_panel_and_the_card(finished):
     from rich.console import Console
 
@@ -121,6 +126,7 @@ def test_what_was_not_trained_is_in_the_end_panel_and_the_card(finished):
     assert "not trained" in panel
 
 
+@pytest.mark.slow  # finished: a training run in a fresh interpreter
 def test_what_was_used_is_shown_the_merge_names_its_output_and_eval_losses_are_labelled(finished, tmp_path, qlora_main):
     import yaml
 

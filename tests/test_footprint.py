@@ -117,6 +117,7 @@ def test_a_peft_model_counts_its_adapters_at_their_dtype(tiny_models):
         peft_model.unload()  # leave the module-scoped base model as it was
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_the_module_loads_no_heavy_library():
     code = ("import sys, qlora_cli.model.footprint; "
             "print(sorted(m for m in ('transformers', 'bitsandbytes', 'peft', 'trl', 'datasets') if m in sys.modules))")

@@ -200,6 +200,7 @@ def test_deeply_nested_jsonl_rows_are_located_bad_rows(tiny, tmp_path, write_rec
     _user_error(result, f"{path}: line 401", "nested more than 100 levels")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_nesting_that_crashed_pyarrow_is_a_bad_row(tiny, tmp_path, write_recipe):
     # 30,000 levels: a segfault in pyarrow's JSON reader (exit 139), hence a real process.
     path = _deep_jsonl(tiny, tmp_path, 30000)
@@ -279,6 +280,7 @@ def test_a_link_back_up_the_tree_is_not_followed(tiny, tmp_path):
     assert _files(data / "**" / "*.jsonl") == [os.path.realpath(data / "v1" / "train.jsonl")]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_glob_does_not_walk_into_symlink_loops(tmp_path):
     # /proc/self/root is a link to /, so following links in ** walked the whole machine (and loops in it).
     code = (

@@ -113,6 +113,7 @@ def test_merged_logits_match_the_adapter_on_the_quantized_base(tiny, tmp_path, l
         assert (logits_of(adapter_model, ids) - expected).abs().max() > 1e-2
 
 
+@pytest.mark.slow  # the fidelity comparison against the floor
 def test_fidelity_report_and_compare_for_dora(tiny, tmp_path):
     run_dir, _ = fabricate_run(tiny, tmp_path / "run", use_dora=True)
     result = merge(run_dir, output=tmp_path / "out", compare=True)
@@ -195,6 +196,7 @@ def gpt2_base(tiny, folder, n_embd=64):
     return folder
 
 
+@pytest.mark.slow  # GPT-2 built, adapted, merged and scored with fidelity
 @pytest.mark.parametrize("lora", [pytest.param({}, id="lora"), pytest.param({"use_dora": True}, id="dora")])
 def test_gpt2_conv1d_layers_merge_faithfully(tiny, tmp_path, lora):
     from safetensors import safe_open
@@ -354,6 +356,7 @@ print(json.dumps({"tokens": out[0].tolist(), "template": tok.chat_template}))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_plain_transformers_loads_it_without_peft_and_generates_like_the_adapter(tiny, tmp_path):
     run_dir, adapter_model = fabricate_run(tiny, tmp_path / "run")
     out = merge(run_dir, output=tmp_path / "out", verify=False).output
@@ -595,6 +598,7 @@ def test_interrupted_merge_leaves_no_directory_that_looks_complete(run_dir, tmp_
     assert not stale.exists() and (tmp_path / "out" / "config.json").is_file()
 
 
+@pytest.mark.slow  # the fidelity comparison
 def test_fidelity_falls_back_to_built_in_prompts_when_the_data_is_gone(tiny, tmp_path):
     import shutil
 

@@ -103,6 +103,7 @@ def correct_merge(bf16_run, tmp_path_factory):
     return code, buffer.getvalue(), out
 
 
+@pytest.mark.slow  # a bf16 run merged and measured
 def test_a_correct_bf16_merge_is_judged_against_the_floor_and_does_not_warn(correct_merge):
     code, stderr, out = correct_merge
     assert code == 0, stderr
@@ -126,6 +127,7 @@ def test_a_correct_bf16_merge_is_judged_against_the_floor_and_does_not_warn(corr
     assert "README.md" in report["files"]
 
 
+@pytest.mark.slow  # a bf16 run merged and measured
 def test_a_wrong_merge_still_warns(bf16_run, tmp_path, monkeypatch):
     import qlora_cli.merge.weights as mw
 
@@ -265,6 +267,7 @@ def test_templates_whose_generation_tags_do_more_keep_standard_blocks(jinja):
         assert plain == trained
 
 
+@pytest.mark.slow  # the bf16 run and its merge
 def test_saved_templates_parse_in_plain_jinja_and_render_as_in_training(bf16_run, correct_merge):
     """The run directory (RunDir.save_final) and the merged model (qlora merge) save the ChatML
     template without generation blocks; the training tokenizer keeps them."""

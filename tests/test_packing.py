@@ -71,6 +71,7 @@ def test_training_config_has_no_kv_cache(packed_setup):
     assert packed_setup.model.config.use_cache is False
 
 
+@pytest.mark.slow  # a 30-step training run
 def test_packed_training_run_reports_packing_efficiency(write_recipe, tmp_path, qlora_main):
     recipe = write_recipe({"data": {"packing": True}, "train": {"max_steps": 30, "eval_steps": 30}})
     proc = qlora_main("train", str(recipe))

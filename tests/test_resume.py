@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # training runs, killed, interrupted and resumed (make test-fast leaves them out)
+
 # Short enough to be cheap, long enough that a kill after the first checkpoint lands mid-run.
 CHANGES = {
     "lora": {"r": 8, "alpha": 16},

@@ -183,6 +183,7 @@ def _train_proc(recipe, run_dir, *extra):
     )
 
 
+@pytest.mark.slow  # a training process, killed
 def test_a_second_writer_is_refused_and_a_killed_run_leaves_no_stale_lock(write_recipe, tmp_path, qlora_main):
     from qlora_cli.outputs.run_dir import RunDir
 
@@ -246,6 +247,7 @@ def test_a_damaged_adapter_is_a_message(tiny_run, tmp_path, qlora_main):
     _assert_refused(qlora_main(*extra), "--adapter other", "is damaged or incomplete")
 
 
+@pytest.mark.slow  # a fresh interpreter in a mount namespace
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux) to mount a read-only filesystem")
 def test_an_empty_output_directory_on_a_read_only_filesystem_is_refused_before_loading(write_recipe, tmp_path):
     # The output directory is itself a read-only mount in a writable parent: only its own
@@ -262,6 +264,7 @@ def test_an_empty_output_directory_on_a_read_only_filesystem_is_refused_before_l
     assert_user_error(proc, "output.dir", "is not writable")
 
 
+@pytest.mark.slow  # eight fresh interpreters, interrupted
 def test_ctrl_c_during_start_up_prints_no_traceback(write_recipe):
     """Ctrl-C at several moments of `qlora validate`, most of them while the libraries import.
 
@@ -276,13 +279,24 @@ def test_ctrl_c_during_start_up_prints_no_traceback(write_recipe):
         starts.append(time.perf_counter() - began)
     first = 2 * max(starts)
     outcomes = []
-    for extra in (0.0, 0.03, 0.07, 0.12, 0.2, 0.35, 0.6, 1.0):
-        proc = subprocess.Popen([sys.executable, "-m", "qlora_cli", "validate", str(recipe), "-q"], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(first + extra)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-        outcomes.append((first + extra, proc.returncode, stderr))
+    # Each child starts with Ctrl-C at its default, as a terminal starts a command. A test run started
+    # in the background (`make test &`, nohup) ignores SIGINT, and children inherit an ignored signal
+    # (Python then installs no KeyboardInterrupt handler and the Ctrl-C below would be lost); a
+    # handled one is reset to the default in the child.
+    runner_ignores = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if runner_ignores:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for extra in (0.0, 0.03, 0.07, 0.12, 0.2, 0.35, 0.6, 1.0):
+            proc = subprocess.Popen([sys.executable, "-m", "qlora_cli", "validate", str(recipe), "-q"], cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(first + extra)
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=120)
+            outcomes.append((first + extra, proc.returncode, stderr))
+    finally:
+        if runner_ignores:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     for delay, code, stderr in outcomes:
         assert "Traceback" not in stderr, f"Ctrl-C after {delay:.2f}s:\n{stderr[-3000:]}"
         # 130, or death by the signal itself (-2, which a shell also shows as 130): CPython ends
