@@ -178,7 +178,7 @@ def data(
 
     tokenizer, template = prepare_tokenizer(r)
     prepared = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size)
-    examples = example_segments(prepared.train, tokenizer, n)
+    examples = example_segments(prepared.train, tokenizer, n, r.data.max_seq_len if r.data.on_too_long == "split" else None)
     files = [s.files for s in prepared.stats.sources]
     for ex in examples:
         ex["file"] = files[ex["source"]][ex["file"]]
@@ -251,6 +251,7 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt; the reply streams to stdout."),
     input_file: Optional[str] = typer.Option(None, "--input", help="JSONL of prompts: {prompt}, {instruction, input} or {messages}."),
     output_file: Optional[str] = typer.Option(None, "--output", help="With --input: write completions here (default: stdout)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
     interactive: bool = typer.Option(False, "--interactive", help="Multi-turn chat (runs with a chat template)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt to put first."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
@@ -272,7 +273,7 @@ def generate(
     run_generate(
         target, prompt=prompt, input_file=input_file, output_file=output_file, interactive=interactive,
         system=system, adapters=adapter or [], compare=compare, batch_size=batch_size, console=err,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, overwrite=overwrite,
         sampling=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       repetition_penalty=repetition_penalty, seed=seed, greedy=greedy),
     )
@@ -438,14 +439,17 @@ def estimate(
 def plot(
     runs: List[str] = typer.Argument(..., help="One or more run directories."),
     output: str = typer.Option("loss.png", "--output", "-o", help="PNG file to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
 ):
     """Draw train loss (raw and smoothed) and eval loss against step; several runs are overlaid."""
     from pathlib import Path
 
+    from qlora_cli.util.files import check_output_path
     from qlora_cli.outputs.plots import plot_runs
 
     if not output.lower().endswith(".png"):
         raise UserError.single("--output", f"{output} is not a .png file name")
+    check_output_path(Path(output), overwrite, kind=".png")
     written = plot_runs([Path(r) for r in runs], Path(output))
     typer.echo(str(written))
 

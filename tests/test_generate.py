@@ -79,15 +79,53 @@ def test_merged_model_generates_what_the_run_generates(run_dir, tmp_path, qlora_
     assert a.stdout == b.stdout and a.stdout.strip()
 
 
+def _compare_rows(stdout: str) -> dict[str, tuple[str, str]]:
+    """The --compare table as {model: (template, reply)} (COLUMNS=200: one line per row)."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) == 3 and cells[0] and cells[0] != "model":
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
 def test_compare_shows_each_adapter_and_the_base(run_dir, qlora_main):
     proc = qlora_main("generate", str(run_dir), "--prompt", PROMPT, "--greedy", "--max-new-tokens", "8",
                       "--adapter", f"again={run_dir}", "--compare")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    row = {name: next(line for line in lines if line.startswith(f"│ {name} ")) for name in ("default", "again", "base")}
-    reply = lambda line: line.split("│")[2].strip()  # noqa: E731
-    assert reply(row["default"]) == reply(row["again"])  # the same adapter under two names
-    assert reply(row["base"]) != reply(row["default"])  # the bare base answers otherwise
+    rows = _compare_rows(proc.stdout)
+    # TARGET's adapter is labelled by its run's name, not PEFT's "default".
+    assert set(rows) == {run_dir.name, "again", "base"}, proc.stdout
+    assert rows[run_dir.name] == rows["again"]  # the same adapter under two names
+    assert rows["base"][1] != rows[run_dir.name][1]  # the bare base answers otherwise
+    assert rows["base"][0] == "alpaca"  # prompted as TARGET's run is
+
+
+def _run_with_template(run_dir, folder, template: str, fmt: str):
+    """A copy of the run whose recipe names another template and data format (same adapter weights)."""
+    copy = folder / f"{template}_run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["data"]["template"] = template
+    recipe["data"]["sources"][0]["format"] = fmt
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return copy
+
+
+def test_compare_prompts_each_adapter_with_its_own_template(run_dir, tmp_path, qlora_main):
+    other = _run_with_template(run_dir, tmp_path, "raw", "messages")
+    greedy = ("--prompt", PROMPT, "--greedy", "--max-new-tokens", "8")
+    alone = {path: qlora_main("generate", str(path), *greedy) for path in (run_dir, other)}
+    assert all(r.returncode == 0 for r in alone.values()), [r.stderr[-1000:] for r in alone.values()]
+    # The same weights answer otherwise in the other format: what the table must keep apart.
+    assert alone[run_dir].stdout.strip() != alone[other].stdout.strip()
+
+    proc = qlora_main("generate", str(run_dir), *greedy, "--adapter", f"raw={other}", "--compare")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = _compare_rows(proc.stdout)
+    # Each row is what that run answers on its own, in its own template.
+    assert rows[run_dir.name] == ("alpaca", alone[run_dir].stdout.strip())
+    assert rows["raw"] == ("raw", alone[other].stdout.strip())
 
 
 def test_interactive_chat_keeps_the_conversation(run_dir, qlora_main):
@@ -130,6 +168,38 @@ def test_bad_prompt_files_and_flags(run_dir, tmp_path, qlora_main):
     _user_error(qlora_main("generate", str(run_dir)), "exactly one of")
     _user_error(qlora_main("generate", str(run_dir), "--prompt", "  "), "--prompt", "empty")
     _user_error(qlora_main("generate", str(run_dir), "--prompt", "hi", "--adapter", "nameonly"), "NAME=RUN_DIR")
+    _user_error(qlora_main("generate", str(run_dir), "--input", str(tmp_path)), str(tmp_path), "is a directory",
+                "one prompt per line")
+
+
+def test_every_bad_prompt_line_is_named_at_once(run_dir, tmp_path, qlora_main):
+    bad = tmp_path / "bad.jsonl"
+    lines = ['{"prompt": "ok"}', '{"prompt": "unterminated', '{"answer": "no prompt"}', '{"prompt": "fine"}',
+             '[1, 2]', *['{"prompt": ' for _ in range(30)]]
+    bad.write_text("\n".join(lines) + "\n")
+    result = qlora_main("generate", str(run_dir), "--input", str(bad))
+    _user_error(result, "33 line(s)", f"{bad}:2", "not valid JSON", f"{bad}:3", f"{bad}:5", "needs a non-empty 'prompt'",
+                "(13 more not shown)")
+    assert f"{bad}:1:" not in result.stderr and f"{bad}:4:" not in result.stderr  # the good lines are not blamed
+
+
+def test_an_existing_output_is_replaced_only_when_asked(run_dir, tmp_path, qlora_main):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    out = tmp_path / "out.jsonl"
+    out.write_text("keep me\n")
+    args = ("generate", str(run_dir), "--input", str(prompts), "--output", str(out), "--max-new-tokens", "2")
+    _user_error(qlora_main(*args), "--output", str(out), "exists", "--overwrite")
+    assert out.read_text() == "keep me\n"
+    assert qlora_main(*args, "--overwrite").returncode == 0
+    assert json.loads(out.read_text())["prompt"] == "hi"
+
+    png = tmp_path / "loss.png"
+    png.write_bytes(b"keep me")
+    _user_error(qlora_main("plot", str(run_dir), "--output", str(png)), "--output", "exists", "--overwrite")
+    assert png.read_bytes() == b"keep me"
+    assert qlora_main("plot", str(run_dir), "--output", str(png), "--overwrite").returncode == 0
+    assert png.read_bytes().startswith(b"\x89PNG")
 
 
 def test_interactive_needs_a_chat_template(run_dir, tmp_path, qlora_main):

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from rich.markup import escape
+
 from qlora_cli.errors import UserError
-from qlora_cli.util.files import write_atomically
+from qlora_cli.util.files import check_output_path, write_atomically
 
 BASE = "base"  # the name --compare gives the bare base model (adapters disabled)
 
@@ -111,49 +113,63 @@ def text_streamer(tokenizer, stream):
 # --- Batch files -----------------------------------------------------------------------------------
 
 
+MAX_REPORTED_LINES = 20  # bad --input lines listed in one message; the rest are counted
+
+
 def read_prompts(path: Path) -> list[dict]:
     """JSONL rows: {"prompt": ...}, {"instruction": ..., "input": ...} or {"messages": [...]}, or a string.
 
-    Any line that cannot be a prompt stops the command, naming it: every prompt is answered or none.
+    Any line that cannot be a prompt stops the command: every prompt is answered or none. The
+    message names every bad line (the first MAX_REPORTED_LINES), so one pass over the file fixes it.
     """
-    from qlora_cli.data.sources import MAX_JSON_DEPTH, deep_json_lines
-
+    if path.is_dir():
+        raise UserError.single("--input", f"{path} is a directory: give a JSONL file with one prompt per line")
     if not path.is_file():
         raise UserError.single("--input", f"file not found: {path}")
-    rows = []
+    rows, problems, bad = [], [], 0
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise UserError.single(
-                    where, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}): save the file as UTF-8"
-                ) from None
-            # Bounded before parsing, as data files are: json.loads raises RecursionError past
-            # about 1,000 levels.
-            if deep_json_lines(raw):
-                raise UserError.single(
-                    where, f"nested more than {MAX_JSON_DEPTH} levels deep (a prompt nests a few): fix or remove the line"
-                )
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise UserError.single(where, f"not valid JSON ({exc.msg}): fix or remove the line") from None
-            if isinstance(row, str):
-                row = {"prompt": row}
-            if not isinstance(row, dict) or not _prompt_of(row):
-                raise UserError.single(
-                    where,
-                    "needs a non-empty 'prompt' or 'instruction' string, or a 'messages' list ending with a user turn",
-                )
-            _check_text(json.dumps(row, ensure_ascii=False), where)
-            rows.append(row)
+                rows.append(_prompt_row(raw, where))
+            except UserError as exc:
+                bad += 1
+                problems += exc.problems[: max(0, MAX_REPORTED_LINES - len(problems))]
+    if problems:
+        more = f" ({bad - len(problems)} more not shown)" if bad > len(problems) else ""
+        raise UserError(problems, header=f"{bad} line(s) of {path} cannot be a prompt{more}; fix or remove them:")
     if not rows:
         raise UserError.single("--input", f"{path} has no prompts: write one JSON object per line")
     return rows
+
+
+def _prompt_row(raw: bytes, where: str) -> dict:
+    """One non-blank line of an --input file as a prompt row, or a UserError naming the line."""
+    from qlora_cli.data.sources import MAX_JSON_DEPTH, deep_json_lines
+
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError.single(where, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}): save the file as UTF-8") from None
+    # Bounded before parsing, as data files are: json.loads raises RecursionError past about 1,000 levels.
+    if deep_json_lines(raw):
+        raise UserError.single(
+            where, f"nested more than {MAX_JSON_DEPTH} levels deep (a prompt nests a few): fix or remove the line"
+        )
+    try:
+        row = json.loads(line)
+    except ValueError as exc:
+        raise UserError.single(where, f"not valid JSON ({exc.msg}): fix or remove the line") from None
+    if isinstance(row, str):
+        row = {"prompt": row}
+    if not isinstance(row, dict) or not _prompt_of(row):
+        raise UserError.single(
+            where, "needs a non-empty 'prompt' or 'instruction' string, or a 'messages' list ending with a user turn"
+        )
+    _check_text(json.dumps(row, ensure_ascii=False), where)
+    return row
 
 
 def _check_text(text: str, where: str) -> None:
@@ -210,14 +226,6 @@ def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
         raise UserError.single("--output", f"cannot write {path}: {exc.strerror}") from None
 
 
-def check_output_path(path: Path) -> None:
-    parent = path.absolute().parent
-    if not parent.is_dir():
-        raise UserError.single("--output", f"{parent} is not a directory")
-    if path.is_dir():
-        raise UserError.single("--output", f"{path} is a directory: give a .jsonl file path")
-
-
 # --- The command -----------------------------------------------------------------------------------
 
 
@@ -232,7 +240,7 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
 
 
 def run_generate(target_path: str, *, prompt, input_file, output_file, interactive, system, adapters, compare,
-                 batch_size, sampling: dict, console, trust_remote_code: bool = False) -> None:
+                 batch_size, sampling: dict, console, trust_remote_code: bool = False, overwrite: bool = False) -> None:
     import sys
 
     from qlora_cli.infer.target import load_target
@@ -250,7 +258,7 @@ def run_generate(target_path: str, *, prompt, input_file, output_file, interacti
         raise UserError.single("--output", "works with --input")
     rows = read_prompts(Path(input_file)) if input_file else None
     if output_file:
-        check_output_path(Path(output_file))
+        check_output_path(Path(output_file), overwrite)
     named = parse_adapters(adapters)
 
     target = load_target(target_path, adapters=named, trust_remote_code=trust_remote_code)
@@ -270,20 +278,35 @@ def run_generate(target_path: str, *, prompt, input_file, output_file, interacti
 
 
 def _compare(target, prompt: str, system, s: Sampling, console) -> None:
+    """One row per adapter, each prompted with its own run's template (an adapter answers well only
+    in the format it was trained on), then the bare base, prompted as TARGET's run is."""
+    from rich.console import Console
     from rich.table import Table
 
     if target.kind != "run":
         raise UserError.single("--compare", "needs a run directory as TARGET (adapters on a base)")
-    ids = target.prompt_ids(prompt, system)
     table = Table(title=prompt, show_lines=True, title_justify="left")
     table.add_column("model")
+    table.add_column("template")
     table.add_column("reply")
-    for name in [*target.adapters, BASE]:
-        c = complete(target, ids, s, adapter=name)
-        table.add_row(name, c.text + ("" if c.stopped else " [dim](cut)[/]"))
-    from rich.console import Console
-
+    for adapter in [*target.adapters, BASE]:
+        view = target.view(adapter)
+        c = complete(view, view.prompt_ids(prompt, system), s, adapter=adapter)
+        table.add_row(_row_label(target, adapter), _template_name(view),
+                      escape(c.text) + ("" if c.stopped else " [dim](cut)[/]"))
+    table.caption = f"{BASE}: the base model without any adapter, prompted with {target.name}'s template"
     Console(highlight=False).print(table)
+
+
+def _row_label(target, adapter: str) -> str:
+    """TARGET's own adapter (PEFT calls it "default") is labelled by its run's name; --adapter ones by NAME."""
+    if adapter != target.adapters[0]:
+        return adapter
+    return target.name if target.name not in (*target.adapters[1:], BASE) else target.path
+
+
+def _template_name(target) -> str:
+    return "plain text" if target.template is None else target.template.name
 
 
 def _batch(target, rows: list[dict], system, s: Sampling, batch_size: int, output_file, console) -> None:
@@ -309,8 +332,6 @@ def _batch(target, rows: list[dict], system, s: Sampling, batch_size: int, outpu
 def _chat(target, system, s: Sampling, console) -> None:
     """A multi-turn loop: each reply is appended to the conversation. /reset starts over, /exit (or EOF) ends."""
     import sys
-
-    from rich.markup import escape
 
     messages = [{"role": "system", "content": system}] if system else []
     console.print("[dim]chat: /reset starts over, /exit or Ctrl-D ends[/]")

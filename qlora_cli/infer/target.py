@@ -12,7 +12,7 @@ the Alpaca preamble and the stop token all come from the run's recipe, through t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qlora_cli.errors import UserError
@@ -31,6 +31,18 @@ class Target:
     recipe: object | None  # the run's Recipe, when known
     adapters: list[str] = field(default_factory=list)  # PEFT adapter names loaded, "default" first
     remote_code_allowed: bool = False  # --trust-remote-code on this command (remote_code.py)
+    # Each extra adapter (--adapter NAME=RUN) as its own run sees it: the same model, with that run's
+    # tokenizer settings, template and recipe, so its prompts render as its training rendered them.
+    views: dict[str, "Target"] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """What a table calls this target: a run directory's own name (runs/tiny -> tiny)."""
+        return Path(self.path).name or self.path
+
+    def view(self, adapter: str) -> "Target":
+        """The target that renders prompts for `adapter` (the loaded one and the bare base: this one)."""
+        return self.views.get(adapter, self)
 
     @property
     def chat_format(self) -> str | None:
@@ -189,6 +201,7 @@ def _load_model(ref, where: str):
 
 
 def _add_adapter(target: Target, name: str, run_dir: Path) -> None:
+    from qlora_cli.model.tokenizer import prepare_tokenizer
     from qlora_cli.recipe.load import load_recipe
 
     if target.kind != "run":
@@ -197,15 +210,18 @@ def _add_adapter(target: Target, name: str, run_dir: Path) -> None:
         raise UserError.single("--adapter", f"{name}={run_dir}: not a run directory (no adapter_config.json / {RECIPE})")
     check_adapter_files(run_dir, f"--adapter {name}")
     other = load_recipe(run_dir / RECIPE)
-    if other.model.name_or_path != target.recipe.model.name_or_path:
+    if (other.model.name_or_path, other.model.revision) != (target.recipe.model.name_or_path, target.recipe.model.revision):
+        at = lambda m: m.name_or_path + (f"@{m.revision}" if m.revision else "")  # noqa: E731
         raise UserError.single(
-            "--adapter", f"{name}={run_dir} was trained on {other.model.name_or_path}, not on this base "
-            f"({target.recipe.model.name_or_path})",
+            "--adapter", f"{name}={run_dir} was trained on {at(other.model)}, not on this base ({at(target.recipe.model)})",
         )
     if name in target.adapters:
         raise UserError.single("--adapter", f"the name {name!r} is used twice")
+    tokenizer, template = prepare_tokenizer(other)  # the same base's tokenizer, with that run's template
     target.model.load_adapter(str(run_dir), adapter_name=name)
     target.adapters.append(name)
+    target.views[name] = replace(target, path=str(run_dir), tokenizer=tokenizer, template=template, recipe=other,
+                                 adapters=[name], views={})
 
 
 def check_adapter_files(run_dir: Path, where: str) -> None:

@@ -3,6 +3,7 @@
     write_atomically(path, text)                     # or a callable that writes to the path it is given
     write_json_atomically(path, obj, indent=2)
     sha256_file(path)
+    check_output_path(path, overwrite)              # a command's --output, checked before any work
 
 A file is written under a hidden temporary name beside its target (same directory, so the same
 file system) and renamed over it: a reader, a crash or a Ctrl-C sees the old file or the new one,
@@ -16,6 +17,20 @@ import json
 import os
 from pathlib import Path
 from typing import Callable
+
+from qlora_cli.errors import UserError
+
+
+def check_output_path(path: Path, overwrite: bool, kind: str = ".jsonl") -> None:
+    """Before any work (a model load, a plot): the file can be written, and an existing one is
+    replaced only when asked. Raises UserError naming --output."""
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise UserError.single("--output", f"{parent} is not a directory")
+    if path.is_dir():
+        raise UserError.single("--output", f"{path} is a directory: give a {kind} file path")
+    if path.exists() and not overwrite:
+        raise UserError.single("--output", f"{path} exists: pass --overwrite to replace it, or give another path")
 
 
 def write_atomically(path: str | Path, content: str | Callable[[Path], None]) -> None:
