@@ -663,7 +663,7 @@ def test_roles_map_only_to_canonical_roles(problems_of):
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("on_too_long", "cut", "'truncate', 'drop' or 'error'"),
+    ("on_too_long", "cut", "'truncate', 'drop', 'error' or 'split'"),
     ("on_bad_row", "ignore", "'skip' or 'error'"),
 ])
 def test_policies_are_named_choices(problems_of, key, value, expected):

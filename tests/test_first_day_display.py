@@ -201,7 +201,7 @@ def test_stats_table_fits_80_columns_with_whole_paths_and_headers():
     from qlora_cli.data.report import STATS_COLUMNS, render_stats
 
     console = Console(width=80, record=True, file=io.StringIO())
-    console.print(render_stats(_stats(), SimpleNamespace(max_seq_len=2048, packing=False)))
+    console.print(render_stats(_stats(), SimpleNamespace(max_seq_len=2048, packing=False, on_too_long="truncate")))
     text = console.export_text()
     lines = text.splitlines()
     assert all(len(line) <= 80 for line in lines)

@@ -85,3 +85,27 @@ def test_packed_training_run_reports_packing_efficiency(write_recipe, tmp_path, 
     assert trained["packing_efficiency"] > stats["padding_efficiency"]
     assert trained["packing_efficiency"] == pytest.approx(stats["packing_efficiency"], abs=0.02)
     assert summary["last_train_loss"] < summary["first_train_loss"]
+
+
+def test_long_documents_split_into_blocks_reach_the_trainer_whole(tiny, tmp_path):
+    """data.on_too_long: split: TRL's bfd_split packing cuts each long document into max_seq_len
+    blocks; the trainer's rows hold every token once, and no block learns its first token from the
+    example before it in the row."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": " ".join(f"w{i % 7}" for i in range(n))}) + "\n"
+                            for n in [10, 150, 400, 30, 90]))
+    recipe = tiny_recipe(tiny, tmp_path / "run")
+    recipe["data"] = {"sources": [{"path": str(docs), "format": "text"}], "max_seq_len": 64, "packing": True,
+                      "on_too_long": "split"}
+    recipe["train"].update(batch_size=2, eval_steps=None)
+    setup = build_trainer(validate_recipe(recipe), RunDir(tmp_path / "run"))
+    stats, rows = setup.data.stats, setup.trainer.train_dataset
+    assert setup.trainer.args.packing_strategy == "bfd_split"
+    assert stats.split_documents == 3 and stats.truncated == 0
+    assert max(len(r["input_ids"]) for r in rows) <= 64
+    assert sum(len(r["input_ids"]) for r in rows) == stats.train_tokens  # every token, once
+    assert sum(len(r["seq_lengths"]) for r in rows) == stats.blocks
+    batch = first_batch(setup)
+    labels, positions = batch["labels"][0], batch["position_ids"][0]
+    assert (labels[positions == 0] == -100).all()  # each block's first token: no loss across the seam
+    assert (labels[positions > 0] != -100).all()  # every other token is trained

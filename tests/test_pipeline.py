@@ -90,7 +90,8 @@ def test_txt_files_are_text_rows_and_blank_lines_are_not_examples(tok, tmp_path)
     p = build(_data(path, fmt="text"), tok, template=None)
     texts = sorted(tok.decode(ids, skip_special_tokens=True) for ids in col(p.train))
     assert texts == ["big table", "green water light", "stone river"]
-    assert all(ids == lab for ids, lab in zip(col(p.train), col(p.train, "labels")))  # text: every token trained
+    # text: every token trained, but the first (nothing precedes it: in a packed row, another example would)
+    assert all(lab == [IGNORE_INDEX] + ids[1:] for ids, lab in zip(col(p.train), col(p.train, "labels")))
     whole = build(_data(path, fmt="text", source={"sample_by": "document"}), tok, template=None)
     assert whole.stats.train_rows == 1
 
@@ -347,6 +348,62 @@ def test_too_long_examples_can_stop_the_run(tok, tmp_path):
     assert "more than max_seq_len=128" in err.value.problems[0].message
 
 
+def _documents(tmp_path, words: list[int]):
+    """A text corpus of documents of the given word counts ("w0 w1 ..."): lengths known in advance."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(f"w{i % 7}" for i in range(n))}) + "\n" for n in words))
+    return path
+
+
+def test_long_documents_can_be_split_into_blocks_and_every_token_is_trained(tok, tmp_path):
+    from trl import pack_dataset
+
+    path = _documents(tmp_path, [10, 150, 400, 30])
+    cut = build(_data(path, fmt="text", max_seq_len=64, packing=True), tok, template=None)
+    split = build(_data(path, fmt="text", max_seq_len=64, packing=True, on_too_long="split"), tok, template=None)
+    lengths = sorted(len(ids) for ids in col(split.train))
+    assert max(lengths) > 64  # kept whole here: TRL's bfd_split cuts them
+    long = sum(n > 64 for n in lengths)
+    assert split.stats.split_documents == long == 2 and split.stats.truncated == 0 and cut.stats.truncated == 2
+    blocks = sum(-(-n // 64) for n in lengths)
+    assert split.stats.blocks == blocks
+    assert split.stats.train_tokens == sum(lengths) > cut.stats.train_tokens
+    # A block's first token is never a target (it would be predicted from another example's end in
+    # the packed row); every other token is.
+    for ids, labels in zip(col(split.train), col(split.train, "labels")):
+        assert [k for k, t in enumerate(labels) if t == IGNORE_INDEX] == list(range(0, len(ids), 64))
+    assert split.stats.trained_tokens == sum(lengths) - blocks
+    # `qlora data` says how many blocks each previewed document becomes.
+    from qlora_cli.data.report import example_segments
+
+    shown = example_segments(split.train, tok, len(split.train), block=64)
+    assert sorted(e["blocks"] for e in shown) == sorted(-(-n // 64) for n in lengths)
+
+    # What the trainer then sees (the strategy the run passes to TRL): rows of at most 64 tokens,
+    # every token of every document, and the figures above describe them.
+    train, _ = split.for_trainer()
+    packed = pack_dataset(train, 64, "bfd_split")
+    rows = [len(r["input_ids"]) for r in packed]
+    assert max(rows) <= 64 and sum(rows) == sum(lengths)
+    assert sum(len(r["seq_lengths"]) for r in packed) == blocks
+    assert split.stats.batching["packed_rows"] == len(packed)
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"packing": False}, "split needs data.packing: true"),
+    ({"fmt": "alpaca"}, "split is for plain text (format: text), not alpaca"),
+])
+def test_splitting_is_refused_where_it_would_cut_examples(tmp_path, changes, needle):
+    from qlora_cli.recipe.load import validate_recipe
+
+    fmt = changes.pop("fmt", "text")
+    data = {"sources": [{"path": "d.jsonl", "format": fmt}], "on_too_long": "split", "packing": True, **changes}
+    with pytest.raises(UserError) as err:
+        validate_recipe({"model": {"name_or_path": "m"}, "data": data})
+    [problem] = err.value.problems
+    assert problem.where == "data.on_too_long" and needle in problem.message
+
+
 def test_rows_whose_response_is_cut_off_are_left_out_and_counted(tok, tmp_path):
     long_prompt = {"instruction": "Count. " * 60, "input": "", "output": "1 2"}
     p = build(_data(_write(tmp_path / "d.jsonl", ROWS + [long_prompt]), max_seq_len=100), tok)
@@ -422,10 +479,22 @@ def test_flat_token_columns_equal_row_by_row_truncation_and_counts():
     starts = np.concatenate([[0], np.cumsum(lengths)])
     for i in range(len(lengths)):
         row_ids = ids[starts[i] : starts[i + 1]][:max_len].tolist()
-        row_labels = [t if f else IGNORE_INDEX for t, f in zip(row_ids, trained[starts[i] : starts[i + 1]])]
+        # The first token is never a target (in a packed row it would follow another example).
+        row_labels = [t if f and k > 0 else IGNORE_INDEX
+                      for k, (t, f) in enumerate(zip(row_ids, trained[starts[i] : starts[i + 1]]))]
         assert columns["input_ids"][i].as_py() == row_ids
         assert columns["labels"][i].as_py() == row_labels
-        assert columns["trained"][i].as_py() == sum(label != IGNORE_INDEX for label in row_labels[1:])
+        assert columns["trained"][i].as_py() == sum(label != IGNORE_INDEX for label in row_labels)
+
+    # split: rows kept whole, and each max_len block starts without a target.
+    columns = _token_columns(ids, trained, lengths, max_len, split=True)
+    for i in range(len(lengths)):
+        row_ids = ids[starts[i] : starts[i + 1]].tolist()
+        row_labels = [t if f and k % max_len else IGNORE_INDEX
+                      for k, (t, f) in enumerate(zip(row_ids, trained[starts[i] : starts[i + 1]]))]
+        assert columns["input_ids"][i].as_py() == row_ids
+        assert columns["labels"][i].as_py() == row_labels
+        assert columns["trained"][i].as_py() == sum(label != IGNORE_INDEX for label in row_labels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-FORMAT_VERSION = 4  # 2: histogram bins as [lo, hi, count]; trained-token counts exclude position 0
+FORMAT_VERSION = 5  # 2: histogram bins as [lo, hi, count]; trained-token counts exclude position 0
 # 4: the seam policy (tokenize.py), one example per rewritten turn, tool calls; split_rows and notes
+# 5: no label at an example's first token (packed rows); on_too_long: split keeps long rows whole
 # 3: a row with a lone surrogate is a bad row (in a JSON array, ujson had silently deleted the character)
 
 # Data settings that do not change the tokenized rows: toggling them must not cost a rebuild.

@@ -77,6 +77,7 @@ class SourceStats:
     bad_rows: int = 0  # skipped by on_bad_row: skip
     bad_row_examples: list[str] = field(default_factory=list)  # the first few, located
     truncated: int = 0  # longer than max_seq_len, cut to it
+    split_documents: int = 0  # longer than max_seq_len, trained as several blocks (on_too_long: split)
     dropped_too_long: int = 0  # longer than max_seq_len, dropped (on_too_long: drop)
     dropped_no_response: int = 0  # no response token within max_seq_len
     split_rows: int = 0  # conversations trained as one example per rewritten turn (Renderer.examples)
@@ -98,6 +99,8 @@ class DataStats:
     bad_rows: int = 0
     bad_row_examples: list[str] = field(default_factory=list)  # "file line N: reason", the first few
     truncated: int = 0
+    split_documents: int = 0
+    blocks: int = 0  # examples after splitting (on_too_long: split): what packing then bins
     dropped_too_long: int = 0
     dropped_no_response: int = 0
     split_rows: int = 0
@@ -147,8 +150,7 @@ def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, us
             stats = DataStats.from_dict(stats)
             stats.cache, stats.cache_key = "hit", key
             if stats.batching.get("batch_size") != batch_size:  # batch size is not in the key: redo its figures
-                lengths = np.minimum(_column(train, "length"), data.max_seq_len)
-                stats.batching = batching_efficiency(lengths, data.max_seq_len, batch_size, seed)
+                stats.batching = batching_efficiency(trained_lengths(train, data), data.max_seq_len, batch_size, seed)
             return PreparedData(train, val, stats)
 
     check_data_files(data)
@@ -340,9 +342,9 @@ def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inpu
     per_row = Counter(row_of)
     lengths = np.concatenate([encoded.lengths, np.zeros(len(failed), np.int64)])
     for i in np.flatnonzero(lengths > max_seq_len):
-        if status[i] == OK and on_too_long != "truncate":
+        if status[i] == OK and on_too_long not in ("truncate", "split"):
             status[i], reason[i] = TOO_LONG, f"{lengths[i]} tokens, more than max_seq_len={max_seq_len}"
-    columns = _token_columns(encoded.ids, encoded.trained, lengths, max_seq_len)
+    columns = _token_columns(encoded.ids, encoded.trained, lengths, max_seq_len, split=on_too_long == "split")
     for i in np.flatnonzero(columns["trained"].to_numpy() == 0):
         if status[i] == OK:
             status[i] = NO_RESPONSE
@@ -371,21 +373,26 @@ def _check_encodable(text: str) -> None:
         )
 
 
-def _token_columns(ids, trained, lengths, max_seq_len: int) -> dict:
+def _token_columns(ids, trained, lengths, max_seq_len: int, split: bool = False) -> dict:
     """input_ids, labels and trained-token counts of a flat batch, each row cut to max_seq_len.
 
-    Rows longer than max_seq_len are cut whatever the policy: under `drop` or `error` they are removed
-    afterwards anyway. Built as Arrow arrays straight from numpy: converting Python lists of ids to
-    Arrow was a tenth of the whole pipeline's time.
+    Rows longer than max_seq_len are cut whatever the policy (under `drop` or `error` they are removed
+    afterwards anyway), except under `split`: those are kept whole, and TRL's bfd_split packing cuts
+    them into max_seq_len blocks. Built as Arrow arrays straight from numpy: converting Python lists
+    of ids to Arrow was a tenth of the whole pipeline's time.
     """
     rows = np.repeat(np.arange(len(lengths)), lengths)  # the row of each token
     position = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # its place in that row
-    keep = position < max_seq_len
+    keep = position < max_seq_len if not split else np.ones(len(ids), dtype=bool)
     ids, trained, rows, position = ids[keep], trained[keep], rows[keep], position[keep]
+    # Where a sequence starts (each example; under split, each block) its label is never a target:
+    # it would be predicted from whatever precedes it in a packed row, another example's last token.
+    start = position % max_seq_len == 0 if split else position == 0
+    trained = trained & ~start
     labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
-    # position 0 is never a target (each label is predicted from the tokens before it)
-    counts = np.bincount(rows, weights=trained & (position > 0), minlength=len(lengths)).astype(np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(np.minimum(lengths, max_seq_len))]).astype(np.int32))
+    counts = np.bincount(rows, weights=trained, minlength=len(lengths)).astype(np.int32)
+    kept = lengths if split else np.minimum(lengths, max_seq_len)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(kept)]).astype(np.int32))
     return {
         "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
         "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
@@ -475,7 +482,11 @@ def _apply_policies(ds, name: str, source, where: str, data, stats: SourceStats)
     stats.dropped_no_response += counts[NO_RESPONSE]
     lengths = _column(ds, "length")
     ok = np.asarray([s == OK for s in status], dtype=bool)
-    stats.truncated += int(((lengths > data.max_seq_len) & ok).sum())
+    long = int(((lengths > data.max_seq_len) & ok).sum())
+    if data.on_too_long == "split":
+        stats.split_documents += long
+    else:
+        stats.truncated += long
     keep = np.flatnonzero(ok)
     ds = ds.select(keep) if len(keep) < len(ds) else ds
     return ds.remove_columns(["status", "reason", "examples"])
@@ -535,18 +546,32 @@ def _fill_totals(stats: DataStats, train, val, data, batch_size: int, seed: int)
     if not data.val_sources and val is not None:  # validation rows held out of the training sources
         for i, n in Counter(_column(val, "source").tolist()).items():
             stats.sources[i].held_out = n
-    lengths = np.minimum(_column(train, "length"), data.max_seq_len)
+    lengths = trained_lengths(train, data)
     stats.train_tokens = int(lengths.sum())
     stats.trained_tokens = int(_column(train, "trained").sum())
     stats.bad_rows = sum(s.bad_rows for s in all_sources)
     stats.bad_row_examples = [e for s in all_sources for e in s.bad_row_examples][:MAX_REPORTED]
     stats.truncated = sum(s.truncated for s in all_sources)
+    stats.split_documents = sum(s.split_documents for s in all_sources)
+    stats.blocks = len(lengths) if data.on_too_long == "split" else 0
     stats.dropped_too_long = sum(s.dropped_too_long for s in all_sources)
     stats.dropped_no_response = sum(s.dropped_no_response for s in all_sources)
     stats.split_rows = sum(s.split_rows for s in all_sources)
     stats.lengths = length_percentiles(lengths)
     stats.histogram = length_histogram(lengths, data.max_seq_len)
     stats.batching = batching_efficiency(lengths, data.max_seq_len, batch_size, seed)
+
+
+def trained_lengths(train, data) -> np.ndarray:
+    """The length of each sequence the trainer sees: examples cut to max_seq_len, or under
+    on_too_long: split, each example's max_seq_len blocks (where TRL's bfd_split cuts them, so
+    best-fit packing of these lengths gives the trainer's bins)."""
+    lengths = _column(train, "length").astype(np.int64)
+    if data.on_too_long != "split":
+        return np.minimum(lengths, data.max_seq_len)
+    full, rest = np.divmod(lengths, data.max_seq_len)
+    blocks = np.repeat(np.full(len(lengths), data.max_seq_len), full)
+    return np.concatenate([blocks, rest[rest > 0]])
 
 
 def length_percentiles(lengths) -> dict:

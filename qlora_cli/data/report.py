@@ -36,7 +36,12 @@ def data_warnings(stats) -> list[str]:
         out.append(f"dropped {stats.dropped_no_response} example(s) whose response starts after max_seq_len")
     kept = sum(s.kept for s in stats.sources + stats.val_sources) or 1
     if stats.truncated / kept > 0.05:
-        out.append(f"{stats.truncated} of {kept} examples are truncated to max_seq_len (data.on_too_long: truncate)")
+        out.append(f"{stats.truncated} of {kept} examples are truncated to max_seq_len (data.on_too_long: truncate; "
+                   "plain text can be split into max_seq_len blocks instead: on_too_long: split, with packing)")
+    if stats.split_documents:
+        out.append(f"{stats.split_documents} document(s) longer than max_seq_len are split into blocks "
+                   f"({stats.blocks:,} training sequences in all; data.on_too_long: split): every token is trained, "
+                   "and a block sees only its own tokens")
     return out
 
 
@@ -48,7 +53,8 @@ def data_losses(data: dict, max_seq_len: int) -> str | None:
     parts = []
     if data.get("truncated"):
         parts.append(f"{data['truncated']:,} of {seen:,} examples cut to max_seq_len={max_seq_len} (their ends were "
-                     "not trained: raise data.max_seq_len, or set data.on_too_long: drop)")
+                     "not trained: raise data.max_seq_len, set data.on_too_long: drop, or for plain text split "
+                     "with packing)")
     if data.get("dropped_too_long"):
         parts.append(f"{data['dropped_too_long']:,} dropped as longer than max_seq_len (raise data.max_seq_len)")
     if data.get("dropped_no_response"):
@@ -60,8 +66,9 @@ def data_losses(data: dict, max_seq_len: int) -> str | None:
     return "; ".join(parts) or None
 
 
-def example_segments(ds, tokenizer, n: int) -> list[dict]:
-    """The first n rows as runs of text that are trained or not, decoded exactly (special tokens kept)."""
+def example_segments(ds, tokenizer, n: int, block: int | None = None) -> list[dict]:
+    """The first n rows as runs of text that are trained or not, decoded exactly (special tokens kept).
+    `block`: the max_seq_len of on_too_long: split, whose blocks each example reports."""
     out = []
     for i in range(min(n, len(ds))):
         row = ds[i]
@@ -78,6 +85,7 @@ def example_segments(ds, tokenizer, n: int) -> list[dict]:
                 "tokens": len(row["input_ids"]),
                 "trained_tokens": row["trained"],
                 "truncated": row["length"] > len(row["input_ids"]),
+                "blocks": -(-len(row["input_ids"]) // block) if block else 1,
                 "segments": segments,
             }
         )
@@ -112,7 +120,9 @@ def render_example(example: dict, where: str):
 
     header = Text(
         f"{where}  {example['tokens']} tokens, {example['trained_tokens']} trained"
-        + ("  (truncated)" if example["truncated"] else ""),
+        + ("  (truncated)" if example["truncated"] else "")
+        + (f"  (split into {example['blocks']} blocks; each block's first token is masked)"
+           if example.get("blocks", 1) > 1 else ""),
         style="bold",
     )
     body = Text()
@@ -156,6 +166,9 @@ def render_stats(stats, data):
         f"tokens per epoch {stats.train_tokens:,}, trained (with a loss) {stats.trained_tokens:,} "
         f"({stats.trained_tokens / max(stats.train_tokens, 1):.0%})",
     ]
+    if data.on_too_long == "split":
+        lines.append(f"split: {stats.split_documents} document(s) longer than max_seq_len, {stats.blocks:,} "
+                     f"sequences of at most {data.max_seq_len} tokens in all (lengths below are theirs)")
     if stats.lengths:
         q = stats.lengths
         lines.append(

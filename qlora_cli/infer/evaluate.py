@@ -86,7 +86,7 @@ def eval_rows(target, data_path: str | None = None, split: str | None = None, ma
     else:
         dataset = prepared.train
         where = f"train split of {target.path}" if data_path is None else data_path
-    rows = _unique_rows(dataset)
+    rows = _unique_rows(dataset, data.max_seq_len if data.on_too_long == "split" else None)
     if max_samples is not None:
         rows = rows[:max_samples]
     if not rows:
@@ -198,14 +198,19 @@ def _guess_format(path: str, given: str) -> str | None:
     return None
 
 
-def _unique_rows(dataset) -> list[dict]:
-    """Rows in dataset order, each (file, row) once: a weighted source repeats rows in training."""
+def _unique_rows(dataset, block: int | None = None) -> list[dict]:
+    """Rows in dataset order, each (file, row) once: a weighted source repeats rows in training.
+
+    With `block` (on_too_long: split), a long document becomes the max_seq_len blocks training saw
+    (TRL's bfd_split cuts at the same places; the pipeline already masked each block's first label)."""
     seen, rows = set(), []
     for r in dataset.select_columns(["input_ids", "labels", "source", "file", "row"]):
         key = (r["source"], r["file"], r["row"])
         if key not in seen:
             seen.add(key)
-            rows.append({"input_ids": r["input_ids"], "labels": r["labels"]})
+            step = block or len(r["input_ids"])
+            rows.extend({"input_ids": r["input_ids"][i:i + step], "labels": r["labels"][i:i + step]}
+                        for i in range(0, len(r["input_ids"]), step))
     return rows
 
 

@@ -182,11 +182,12 @@ class DataSection(Section):
         "messages -> chatml, prompt_completion -> raw. Not used by the text format.",
     )
     max_seq_len: int = Field(2048, ge=8, le=2**20, description="Longest sequence in tokens. See on_too_long.")
-    on_too_long: Literal["truncate", "drop", "error"] = Field(
+    on_too_long: Literal["truncate", "drop", "error", "split"] = Field(
         "truncate",
-        description="Examples longer than max_seq_len: truncate them (keep the start), drop them, or stop with "
-        "an error naming them. Truncated examples left with no response token are dropped either way. "
-        "Counts go to the run summary.",
+        description="Examples longer than max_seq_len: truncate them (keep the start), drop them, stop with "
+        "an error naming them, or split them into max_seq_len blocks that are all trained (continued "
+        "pre-training on long documents: text format with packing only; TRL's bfd_split packing). "
+        "Truncated examples left with no response token are dropped. Counts go to the run summary.",
     )
     on_bad_row: Literal["skip", "error"] = Field(
         "skip",
@@ -445,6 +446,20 @@ def _rule_text_has_no_template(r: Recipe):
         yield Problem("data.template", "the text format is trained as plain text and uses no template: remove it")
 
 
+def _rule_split_is_for_packed_text(r: Recipe):
+    # Splitting a conversation would train its later blocks without the prompt they answer; and
+    # only packing (TRL's bfd_split) splits: without it TRL truncates every example to max_length.
+    if r.data.on_too_long != "split":
+        return
+    chats = sorted({s.format for s in [*r.data.sources, *r.data.val_sources] if s.format != "text"})
+    if chats:
+        yield Problem("data.on_too_long", f"split is for plain text (format: text), not {', '.join(chats)}: a "
+                      "conversation's later blocks would lose their prompt; use truncate, drop or error")
+    if not r.data.packing:
+        yield Problem("data.on_too_long", "split needs data.packing: true (the blocks are packed; without packing "
+                      "every example is cut to max_seq_len)")
+
+
 def _rule_one_template_family(r: Recipe):
     # One run, one template: generate/eval must render prompts exactly as training did. Mixing
     # plain text with templated rows is fine; mixing two formats with different default
@@ -502,6 +517,7 @@ RULES = [
     _rule_one_warmup,
     _rule_no_adapter_on_output_head,
     _rule_text_has_no_template,
+    _rule_split_is_for_packed_text,
     _rule_one_template_family,
     _rule_dora_bias,
     _rule_fsdp_uniform_dtype,

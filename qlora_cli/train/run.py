@@ -86,7 +86,9 @@ def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template, resu
         # Best-fit-decreasing packing; TRL then runs padding-free, with position ids restarting at
         # each example, which the attention mask is built from, so packed examples stay separate.
         packing=recipe.data.packing,
-        packing_strategy="bfd",
+        # on_too_long: split keeps long documents whole in the dataset; bfd_split cuts them into
+        # max_seq_len blocks and packs those (plain bfd would truncate them).
+        packing_strategy="bfd_split" if recipe.data.on_too_long == "split" else "bfd",
         include_num_input_tokens_seen="non_padding",
         eos_token=template.stop if template and template.stop else None,
         disable_tqdm=True,  # RichProgress replaces tqdm
@@ -360,6 +362,14 @@ def replica_check(recipe, trainer, warn) -> dict:
     return {"replica_fingerprints": prints, "replicas_identical": same}
 
 
+def _long_examples(recipe: Recipe, data_stats) -> str:
+    """What became of the examples longer than max_seq_len, for the start line."""
+    if recipe.data.on_too_long == "split":
+        return (f"{data_stats.split_documents} split into {recipe.data.max_seq_len}-token blocks "
+                f"({data_stats.blocks:,} sequences)")
+    return f"{data_stats.truncated} truncated to max_seq_len {recipe.data.max_seq_len}"
+
+
 def _announce(console, recipe: Recipe, setup: Setup, data_stats) -> None:
     """One paragraph saying what is about to happen, so a wrong setting is caught in the first second."""
     if console is None:
@@ -379,8 +389,8 @@ def _announce(console, recipe: Recipe, setup: Setup, data_stats) -> None:
         f"{' + double quant' if q.double_quant else ''}, {q.compute_dtype} compute, on {model.device}\n"
         f"  LoRA r={lora.r} alpha={lora.alpha:g} on {targets}: {trainable:,} trainable of {total:,} parameters\n"
         f"  data: {data_stats.train_rows} train / {data_stats.val_rows} validation rows, "
-        f"template {template.name if template else 'none (text)'}, {data_stats.truncated} truncated to "
-        f"max_seq_len {recipe.data.max_seq_len}, {data_stats.dropped_too_long + data_stats.dropped_no_response} "
+        f"template {template.name if template else 'none (text)'}, {_long_examples(recipe, data_stats)}, "
+        f"{data_stats.dropped_too_long + data_stats.dropped_no_response} "
         f"dropped, {data_stats.bad_rows} bad rows skipped, packing {'on' if recipe.data.packing else 'off'} "
         f"(cache {data_stats.cache})\n"
         f"  batch: {t.batch_size} per device x {t.gradient_accumulation_steps} accumulation{processes} = "
