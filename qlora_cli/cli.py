@@ -25,6 +25,7 @@ from qlora_cli.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, NothingToDo, 
 from qlora_cli.model.remote_code import (
     FLAG_HELP as REMOTE_CODE_HELP_TEXT,  # a light module: --help stays instant
 )
+from qlora_cli.export.llama_cpp import CONVERTER_TYPES, QUANTIZE_TYPES
 from qlora_cli.recipe.starter import FORMATS as STARTER_FORMATS
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ err = Console(stderr=True)
 
 RESUME_LATEST = "latest"  # what a bare --resume means (see main)
 StarterFormat = Literal[STARTER_FORMATS]  # `qlora init --format`: one per starter recipe
+ExportQuant = Literal[CONVERTER_TYPES + QUANTIZE_TYPES]  # `qlora export --quant`: llama.cpp's names, lower case
 SET_HELP = "Override a recipe key, e.g. --set lora.r=8 --set data.sources[0].path=x.jsonl (repeatable)."
 
 
@@ -243,6 +245,41 @@ def merge(
         err.print(render_fidelity(result.report))
     err.print(f"[green]done[/] merged model in {escape(str(result.output))} ({time.perf_counter() - start:.1f}s)")
     typer.echo(str(result.output))
+
+
+@app.command()
+def export(
+    target: str = typer.Argument(..., help="A run directory (merged first if it has no merged model) or a merged model directory."),
+    fmt: Literal["gguf", "ollama"] = typer.Option("gguf", "--format", help="gguf: one GGUF file; ollama: the GGUF and a Modelfile."),
+    quant: ExportQuant = typer.Option(
+        "q8_0", "--quant", help="GGUF type: f32, f16, bf16, q8_0 (llama.cpp's converter) or a k-quant such as q4_k_m (llama-quantize)."
+    ),
+    output: Optional[str] = typer.Option(None, "--output", help="Folder to write (default: RUN/gguf-QUANT or RUN/ollama-QUANT)."),
+    llama_cpp: Optional[str] = typer.Option(
+        None, "--llama-cpp", help="llama.cpp's source tree (its converter); default $QLORA_LLAMA_CPP, then ./llama.cpp."
+    ),
+    llama_cpp_bin: Optional[str] = typer.Option(
+        None, "--llama-cpp-bin", help="Its built programs; default $QLORA_LLAMA_CPP_BIN, then LLAMA_CPP/build/bin, LLAMA_CPP/bin, $PATH."
+    ),
+    pre_tokenizer: Optional[str] = typer.Option(
+        None, "--pre-tokenizer", help="For a BPE tokenizer llama.cpp does not know: the known one it splits text like (e.g. gpt-2)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export at --output."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the check against the merged model."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=REMOTE_CODE_HELP_TEXT),
+):
+    """Write the run as a GGUF (llama.cpp, LM Studio) or an Ollama model, and check it answers like the merged model."""
+    _quiet_libraries()  # first, so no library this command loads logs its import-time notices
+    from qlora_cli.export.run import export as run_export, render_check, verdict
+
+    report = run_export(target, fmt=fmt, quant=quant, output=output, llama_cpp=llama_cpp, llama_cpp_bin=llama_cpp_bin,
+                        pre_tokenizer=pre_tokenizer, overwrite=overwrite, verify=not no_verify, console=err, trust_remote_code=trust_remote_code)
+    if report.get("check") and "rows" in report["check"]:
+        err.print(render_check(report))
+    line, bad = verdict(report)
+    err.print(f"[{'red' if bad else 'green'}]{'warning' if bad else 'done'}:[/] {escape(line)}")
+    err.print(f"[dim]wrote {escape(report['output'])}: {', '.join(report['files'])} ({report['seconds']:.1f}s)[/]")
+    typer.echo(report["output"])
 
 
 @app.command()

@@ -134,13 +134,25 @@ def _load_run(path: Path, trust_remote_code: bool) -> Target:
 def _load_merged(path: Path, trust_remote_code: bool) -> Target:
     """A merged model (or any saved model). Its run's recipe, when merge_report.json names one,
     gives the template; otherwise the tokenizer's own chat template, if it has one."""
-    from qlora_cli.data.templates import BUILTINS, resolve_template
-    from qlora_cli.model.load import load_tokenizer
     from qlora_cli.model.remote_code import require_consent_for_directory
-    from qlora_cli.recipe.schema import default_template
-    from qlora_cli.recipe.load import load_recipe
 
     require_consent_for_directory(str(path), trust_remote_code)
+    tokenizer, template, recipe = merged_tokenizer(path, trust_remote_code)
+    model = _load_model(_ModelRef(str(path), trust_remote_code=trust_remote_code), "TARGET")
+    # Without a merge report this is some other saved model: treat it as a base (eval writes
+    # nothing into it, and --compare-base has no base to compare with).
+    kind = "merged" if (path / MERGE_REPORT).is_file() else "base"
+    return Target(kind, str(path), model, tokenizer, template, recipe)
+
+
+def merged_tokenizer(path: Path, trust_remote_code: bool = False):
+    """(tokenizer, template, recipe or None) of a merged model directory: the recipe of the run that
+    merge_report.json names, when it is still there, says which template the saved one is."""
+    from qlora_cli.data.templates import BUILTINS, resolve_template
+    from qlora_cli.model.load import load_tokenizer
+    from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.recipe.schema import default_template
+
     recipe = None
     report = path / MERGE_REPORT
     if report.is_file():
@@ -154,11 +166,7 @@ def _load_merged(path: Path, trust_remote_code: bool) -> Target:
         template = None if name is None else BUILTINS.get(name) or resolve_template("tokenizer", tokenizer)
     else:
         template = resolve_template("tokenizer", tokenizer) if tokenizer.chat_template else None
-    model = _load_model(_ModelRef(str(path), trust_remote_code=trust_remote_code), "TARGET")
-    # Without a merge report this is some other saved model: treat it as a base (eval writes
-    # nothing into it, and --compare-base has no base to compare with).
-    kind = "merged" if report.is_file() else "base"
-    return Target(kind, str(path), model, tokenizer, template, recipe)
+    return tokenizer, template, recipe
 
 
 def _load_base(model_id: str, trust_remote_code: bool) -> Target:
