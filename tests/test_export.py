@@ -128,6 +128,10 @@ def test_the_verdict_names_what_differs():
     line, bad = verdict(_report(greedy={"prompts": 8, "identical": 2, "merged_stopped": 8, "llama_cpp_stopped": 3,
                                         "mean_common_prefix": 0.5}))
     assert bad and "did not stop" in line
+    # Answers that part ways under a quantized type are reported, with what the weights cost, not blamed.
+    line, bad = verdict({**_report(greedy={"prompts": 8, "identical": 5, "merged_stopped": 8, "llama_cpp_stopped": 8,
+                                           "mean_common_prefix": 0.8}), "quant": "q4_k_m"})
+    assert not bad and "equal the merged model's on 5 of 8 prompts (q4_k_m weights agree on 99.91%" in line
     line, bad = verdict(_report(metadata={"chat_template_identical": False, "has_chat_template": True}))
     assert bad and "chat template differs" in line
     assert verdict({"check": None})[0].startswith("the export was not checked")
