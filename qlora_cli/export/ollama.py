@@ -49,19 +49,21 @@ def go_template_name(template, tokenizer) -> str | None:
         return None
     if template.name in GO_TEMPLATES:
         return template.name
-    probe = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}]
-    try:
-        theirs = Renderer(template, tokenizer).prompt(probe)
-    except Exception:  # a template that cannot render the probe has no twin  # noqa: BLE001
-        return None
-    for name in GO_TEMPLATES:
+    # With and without a system message: some templates write a default one of their own (SmolLM2's).
+    turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Name a colour."}]
+    probes = [[{"role": "system", "content": "Be brief."}, *turns], turns]
+
+    def rendered(t):
         try:
-            if Renderer(BUILTINS[name], tokenizer).prompt(probe) == theirs:
-                return name
-        except Exception:  # noqa: BLE001 - the tokenizer lacks that built-in's markers
-            continue
-    return None
+            return [Renderer(t, tokenizer).prompt(p) for p in probes]
+        except Exception:  # a template that cannot render a probe (or markers the tokenizer lacks)  # noqa: BLE001
+            return None
+
+    theirs = rendered(template)
+    if theirs is None:
+        return None
+    return next((name for name in GO_TEMPLATES if rendered(BUILTINS[name]) == theirs), None)
 
 
 def stop_strings(template, tokenizer) -> list[str]:
