@@ -116,6 +116,7 @@ def _report(**check):
                                      "eos_matches": True},
             "tokenization": {"texts": 16, "identical": 16, "first_difference": None},
             "greedy": {"prompts": 8, "identical": 8, "merged_stopped": 8, "llama_cpp_stopped": 8, "mean_common_prefix": 1.0},
+            "chat": {"prompts": 3, "identical": 3, "first_difference": None},
             "weights": {"top1_agreement": 0.9991, "positions": 1009, "mean_kl": 1e-6, "max_abs_logit_diff": 0.01}}
     base.update(check)
     return {"gguf": "model-q8_0.gguf", "template": "alpaca", "check": base}
@@ -132,6 +133,10 @@ def test_the_verdict_names_what_differs():
     line, bad = verdict({**_report(greedy={"prompts": 8, "identical": 5, "merged_stopped": 8, "llama_cpp_stopped": 8,
                                            "mean_common_prefix": 0.8}), "quant": "q4_k_m"})
     assert not bad and "equal the merged model's on 5 of 8 prompts (q4_k_m weights agree on 99.91%" in line
+    line, bad = verdict(_report(runtime_error="llama-simple failed: unknown model architecture: 'x'"))
+    assert bad and "runtime failed on the GGUF: llama-simple failed" in line
+    line, bad = verdict(_report(chat={"prompts": 3, "identical": 2, "first_difference": {}}))
+    assert bad and "chat mode builds 1 of 3 prompts otherwise" in line
     line, bad = verdict(_report(metadata={"chat_template_identical": False, "has_chat_template": True}))
     assert bad and "chat template differs" in line
     assert verdict({"check": None})[0].startswith("the export was not checked")
@@ -143,7 +148,8 @@ def test_the_table_shows_every_figure():
     console = Console(width=120, record=True)
     console.print(render_check(_report()))
     text = console.export_text()
-    for needle in ("16/16 (100.0%)", "8/8", "99.91% of 1,009", "identical", "llama-tokenize", "llama-simple"):
+    for needle in ("16/16 (100.0%)", "8/8", "3/3", "99.91% of 1,009", "identical", "llama-tokenize", "llama-simple",
+                   "llama-completion -cnv"):
         assert needle in text, text
 
 

@@ -35,6 +35,7 @@ CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 QUANTIZE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
                   "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
 RUNTIME = ("llama-tokenize", "llama-simple")  # the export check's two programs
+CHAT = "llama-completion"  # llama.cpp's chat mode (-cnv), for the chat-template check when built
 
 HOW_TO_GET = (
     "get llama.cpp's source (git clone https://github.com/ggml-org/llama.cpp) and point --llama-cpp (or "
@@ -135,6 +136,23 @@ class LlamaCpp:
         if match is None:
             raise RuntimeError(f"llama-tokenize printed no id list: {proc.stdout[-300:]!r}")
         return [int(t) for t in match.group(1).replace(",", " ").split()]
+
+    def chat_prompt_ids(self, gguf: Path, user: str) -> list[int]:
+        """The token ids llama.cpp's chat mode builds for one user message: the GGUF's own chat template
+        through llama.cpp's Jinja engine, as `--verbose-prompt` lists them."""
+        # --jinja: without it llama-completion knows only the templates it recognises by heuristics, and
+        # stops on any other ("this custom template is not supported").
+        proc = _run([str(self.program(CHAT)), "-m", str(gguf), "--jinja", "-cnv", "-st", "-p", user, "-n", "1",
+                     "--temp", "0", "--verbose-prompt", "--no-warmup"], timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{CHAT} failed: {_last_error(proc)}")
+        log = proc.stderr + proc.stdout
+        count = re.search(r"number of tokens in prompt = (\d+)", log)
+        if count is None:
+            raise RuntimeError(f"{CHAT} printed no prompt (--verbose-prompt): {_tail(log)}")
+        # Lines such as "0.00.016.971 I    206 -> '###'" (a timestamp and level first, in this version).
+        ids = re.findall(r"^(?:[\d.]+ [A-Z] )?\s*(-?\d+) -> '", log[count.end():], re.M)
+        return [int(i) for i in ids[: int(count.group(1))]]
 
     def complete(self, gguf: Path, text: str, max_new_tokens: int) -> tuple[str, bool]:
         """Greedy continuation of TEXT by llama.cpp's runtime: (the new text, whether it stopped at an

@@ -224,6 +224,11 @@ def render_check(report: dict):
         style = "" if share == 1 else "[red]"
         table.add_row("tokenization identical", f"{style}{tok['identical']}/{tok['texts']} ({share:.1%})",
                       "llama-tokenize")
+    chat = check.get("chat")
+    if chat:
+        style = "" if chat["identical"] == chat["prompts"] else "[red]"
+        table.add_row("chat-mode prompt identical", f"{style}{chat['identical']}/{chat['prompts']}",
+                      "llama-completion -cnv (GGUF template)")
     greedy = check.get("greedy")
     if greedy:
         table.add_row("greedy answer identical", f"{greedy['identical']}/{greedy['prompts']} "
@@ -247,13 +252,17 @@ def verdict(report: dict) -> tuple[str, bool]:
         return "the export was not checked (--no-verify)", False
     if "rows" not in check:
         return f"the export was not checked: {check.get('skipped')}", False
-    problems = []
+    problems = [f"llama.cpp's runtime failed on the GGUF: {check['runtime_error']}"] if check.get("runtime_error") else []
     meta = check.get("metadata") or {}
     if meta and not meta.get("chat_template_identical") and report.get("template"):
         problems.append("the GGUF's chat template differs from the run's")
     tok = check.get("tokenization")
     if tok and tok["identical"] != tok["texts"]:
         problems.append(f"llama.cpp tokenizes {tok['texts'] - tok['identical']} of {tok['texts']} texts differently")
+    chat = check.get("chat")
+    if chat and chat["identical"] != chat["prompts"]:
+        problems.append(f"llama.cpp's chat mode builds {chat['prompts'] - chat['identical']} of {chat['prompts']} "
+                        "prompts otherwise than training")
     greedy = check.get("greedy")
     if greedy and greedy["llama_cpp_stopped"] < greedy["merged_stopped"]:
         problems.append("llama.cpp did not stop where the merged model did")

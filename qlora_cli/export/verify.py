@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_cli.export.llama_cpp import CHAT
 from qlora_cli.merge.fidelity import compare, next_token_logits
 
 N_ROWS = 16  # rows tokenized and scored
@@ -64,8 +65,13 @@ def check_export(cpp, gguf: Path, merged_dir: Path, recipe, tokenizer, template,
     merged = _load(merged_dir)
     if cpp is not None and cpp.has_runtime():
         report["runtime"] = cpp.versions().get("binaries", "unknown")
-        report["tokenization"] = check_tokenization(cpp, gguf, tokenizer, rows)
-        report["greedy"] = check_greedy(cpp, gguf, merged, tokenizer, template, rows[:N_PROMPTS])
+        try:
+            report["tokenization"] = check_tokenization(cpp, gguf, tokenizer, rows)
+            report["greedy"] = check_greedy(cpp, gguf, merged, tokenizer, template, rows[:N_PROMPTS])
+            if template is not None and cpp.program(CHAT) is not None:
+                report["chat"] = check_chat(cpp, gguf, tokenizer, template)
+        except RuntimeError as exc:  # a llama.cpp program that crashed or printed what it should not
+            report["runtime_error"] = str(exc)
     else:
         report["skipped"] = ("llama.cpp's llama-tokenize and llama-simple were not found (--llama-cpp-bin, "
                              "$QLORA_LLAMA_CPP_BIN, LLAMA_CPP/build/bin or $PATH): build them to check tokenization "
@@ -150,6 +156,26 @@ def check_greedy(cpp, gguf: Path, merged, tokenizer, template, rows: list[Probe]
     n = len(rows)
     return {"prompts": n, "identical": same, "merged_stopped": ours_stopped, "llama_cpp_stopped": theirs_stopped,
             "mean_common_prefix": sum(prefix) / n if n else None, "examples": examples}
+
+
+CHAT_PROMPTS = ("What is the opposite of hot?", "Write a haiku about rain.\nKeep it short.", "List three colours: red, ...")
+
+
+def check_chat(cpp, gguf: Path, tokenizer, template) -> dict:
+    """llama.cpp's chat mode (llama-completion -cnv, the GGUF's template in its Jinja engine) builds
+    the same prompt ids for a user message as training's renderer: the training prompt, byte for byte."""
+    from qlora_cli.data.templates import Renderer
+
+    same, first_difference = 0, None
+    for user in CHAT_PROMPTS:
+        text = Renderer(template, tokenizer).prompt([{"role": "user", "content": user}])
+        ours = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        theirs = cpp.chat_prompt_ids(gguf, user)
+        if ours == theirs:
+            same += 1
+        elif first_difference is None:
+            first_difference = {"user": user, "ours": ours, "llama_cpp": theirs}
+    return {"prompts": len(CHAT_PROMPTS), "identical": same, "first_difference": first_difference}
 
 
 def _continuation(tokenizer, prompt_ids: list[int], new: list[int]) -> str:
