@@ -153,6 +153,18 @@ def test_the_table_shows_every_figure():
         assert needle in text, text
 
 
+def test_a_skipped_chat_check_is_shown_as_skipped():
+    from rich.console import Console
+
+    report = _report()
+    del report["check"]["chat"]
+    report["check"]["chat_skipped"] = "llama-completion (llama.cpp's chat mode) was not found: build it"
+    console = Console(width=160, record=True)
+    console.print(render_check(report))
+    text = console.export_text()
+    assert "skipped" in text and "llama-completion (llama.cpp's chat mode) was not found" in text
+
+
 def test_metadata_check_reads_the_template_and_special_ids(tiny, tmp_path):
     import gguf
 

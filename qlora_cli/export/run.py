@@ -229,6 +229,8 @@ def render_check(report: dict):
         style = "" if chat["identical"] == chat["prompts"] else "[red]"
         table.add_row("chat-mode prompt identical", f"{style}{chat['identical']}/{chat['prompts']}",
                       "llama-completion -cnv (GGUF template)")
+    elif check.get("chat_skipped"):
+        table.add_row("chat-mode prompt identical", "skipped", check["chat_skipped"])
     greedy = check.get("greedy")
     if greedy:
         table.add_row("greedy answer identical", f"{greedy['identical']}/{greedy['prompts']} "

@@ -70,6 +70,8 @@ def check_export(cpp, gguf: Path, merged_dir: Path, recipe, tokenizer, template,
             report["greedy"] = check_greedy(cpp, gguf, merged, tokenizer, template, rows[:N_PROMPTS])
             if template is not None and cpp.program(CHAT) is not None:
                 report["chat"] = check_chat(cpp, gguf, tokenizer, template)
+            elif template is not None:
+                report["chat_skipped"] = f"{CHAT} (llama.cpp's chat mode) was not found: build it to check the chat prompt"
         except RuntimeError as exc:  # a llama.cpp program that crashed or printed what it should not
             report["runtime_error"] = str(exc)
     else:
