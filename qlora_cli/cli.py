@@ -143,16 +143,18 @@ def validate(
         f"[green]ok[/] {escape(recipe)}: {coverage.fraction:.1%} of the model's block weights in 4 bits, "
         f"{stats.train_rows} train rows, {stats.val_rows} validation rows, "
         f"template {template.name if template else 'none (text)'}, "
-        f"{stats.truncated} truncated to max_seq_len={r.data.max_seq_len}, "
-        f"{stats.dropped_too_long + stats.dropped_no_response} dropped, {stats.bad_rows} bad rows skipped",
+        + (f"{stats.split_documents} split into {r.data.max_seq_len}-token blocks, " if r.data.on_too_long == "split"
+           else f"{stats.truncated} truncated to max_seq_len={r.data.max_seq_len}, ")
+        + f"{stats.dropped_too_long + stats.dropped_no_response} dropped, {stats.bad_rows} bad rows skipped",
         soft_wrap=True,
     )
     for line in data_warnings(stats):
         err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
-    from qlora_cli.train.preflight import precision_note
+    from qlora_cli.train.preflight import optimizer_note, precision_note
 
-    if note := precision_note(r):  # what the run computes in, when model.dtype and compute_dtype differ
-        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    for note in (precision_note(r), optimizer_note(r)):  # what the run really computes with
+        if note:
+            err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if not quiet:
         # The fully resolved recipe (defaults, overrides and all) on stdout: what `train` would run.
         typer.echo(r.to_yaml(), nl=False)
@@ -536,6 +538,9 @@ def _quiet_libraries() -> None:
     # this tool's developers, not its users; the test suite still shows them.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Raised in the middle of the live display at the first optimizer step; preflight.optimizer_note
+    # says it once, before the run, in words that name the recipe key.
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
 
 
 def _bare_resume_to_latest(args: list[str]) -> list[str]:

@@ -317,6 +317,16 @@ def test_bitsandbytes_import_notice_stays_out_of_the_output(write_recipe, tmp_pa
     assert "kernels" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # a training run in a fresh interpreter (warnings reach stderr only outside pytest)
+def test_a_paged_optimizer_without_a_gpu_is_one_note_before_the_run_not_a_warning_inside_it(write_recipe):
+    recipe = write_recipe({"train": {"optimizer": "paged_adamw_8bit", "max_steps": 2, "eval_steps": None,
+                                     "save_steps": 2, "logging_steps": 1}})
+    proc = run_cli("train", str(recipe), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.optimizer is paged_adamw_8bit: with no GPU, bitsandbytes runs it without paging" in proc.stderr
+    assert "Paged optimizers are not supported" not in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.slow  # two fresh interpreters
 def test_module_help_matches_console_script_help_but_for_the_program_name():
     console = run_qlora("--help", timeout=60)

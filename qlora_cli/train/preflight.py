@@ -64,8 +64,9 @@ def preflight(recipe: Recipe, run: RunDir, overwrite: bool, resume: str | None, 
     check_attention(recipe.model)
     check_trackers(recipe.train)
     check_compute_dtype(recipe.quant)
-    if note := precision_note(recipe):
-        warn(note)
+    for note in (precision_note(recipe), optimizer_note(recipe)):
+        if note:
+            warn(note)
     distributed.check_launch(recipe)
     check_speed_options(recipe.train)
     if remote_code_warning(recipe.model):
@@ -255,6 +256,17 @@ def precision_note(recipe: Recipe) -> str | None:
         return text
     return (f"model.dtype is {model_dtype} and quant.compute_dtype {compute}: the 4-bit matmuls run in {compute}, "
             f"the unquantized layers hold {model_dtype} weights")
+
+
+def optimizer_note(recipe: Recipe) -> str | None:
+    """A paged optimizer without a GPU: bitsandbytes runs it unpaged (it says so in a warning at the
+    first step, which the CLI silences in favour of this line before the run)."""
+    import torch
+
+    if recipe.train.optimizer.startswith("paged_") and not torch.cuda.is_available():
+        return (f"train.optimizer is {recipe.train.optimizer}: with no GPU, bitsandbytes runs it without paging "
+                "(the same updates; paging only moves optimizer state out of GPU memory)")
+    return None
 
 
 def remote_code_warning(model) -> str | None:
