@@ -110,3 +110,42 @@ def test_summary_reports_throughput(tiny_run):
     assert weights["double_quant"] is True and weights["quantized_params"] == 73_728  # 2 layers x (q, k, v, o, gate, up, down)
     assert weights["ratio"] == pytest.approx(1.0, abs=0.03)
     assert weights["bits_per_quantized_param"] == pytest.approx(4.127, abs=0.01)
+
+
+def _trained(tiny, tmp_path, loss_path: str, **train):
+    """Six steps of the tiny recipe with train.loss_path set; (trainer, logged losses, eval losses)."""
+    from qlora_cli.outputs.run_dir import RunDir
+    from qlora_cli.recipe.load import validate_recipe
+    from qlora_cli.train.run import build_trainer
+
+    raw = tiny_recipe(tiny, tmp_path / loss_path)
+    raw["train"].update(max_steps=6, logging_steps=1, eval_steps=3, save_steps=1000, loss_path=loss_path, **train)
+    trainer = build_trainer(validate_recipe(raw), RunDir(tmp_path / loss_path)).trainer
+    trainer.train()
+    history = trainer.state.log_history
+    return trainer, [h["loss"] for h in history if "loss" in h], [h["eval_loss"] for h in history if "eval_loss" in h]
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_plain_loss_path_trains_exactly_as_the_fused_one(tiny, tmp_path, accumulation):
+    """transformers' loss on the full logits and TRL's fused LM head give the same losses, step by
+    step (so the same updates), with and without gradient accumulation; only the fused one logs TRL's
+    token accuracy."""
+    fused, fused_losses, fused_eval = _trained(tiny, tmp_path, "fused", gradient_accumulation_steps=accumulation)
+    plain, plain_losses, plain_eval = _trained(tiny, tmp_path, "plain", gradient_accumulation_steps=accumulation)
+    assert fused.fused_loss and not plain.fused_loss
+    assert len(plain_losses) == 6 and plain_losses == pytest.approx(fused_losses, rel=1e-5)
+    assert plain_eval == pytest.approx(fused_eval, rel=1e-5) and len(plain_eval) == 3  # steps 0, 3, 6
+    assert plain_losses[-1] < plain_losses[0]
+    assert any("mean_token_accuracy" in h for h in fused.state.log_history)
+
+
+def test_auto_takes_the_fused_head_only_where_its_kernel_runs(monkeypatch):
+    import torch
+
+    from qlora_cli.train.trainer import fused_loss_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fused_loss_for("auto") is False and fused_loss_for("fused") is True and fused_loss_for("plain") is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fused_loss_for("auto") is True

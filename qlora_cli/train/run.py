@@ -126,7 +126,7 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
 
     from qlora_cli.train.metrics_log import MetricsLog
     from qlora_cli.train.progress import JsonLines, RichProgress
-    from qlora_cli.train.trainer import CheckpointingTrainer
+    from qlora_cli.train.trainer import CheckpointingTrainer, fused_loss_for
 
     set_seed(recipe.train.seed)
     group = distributed.init_process_group(cuda=torch.cuda.is_available())
@@ -156,6 +156,7 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
         callbacks=[MetricsLog(run), *{"rich": [RichProgress(console)], "json": [JsonLines()], "quiet": []}[display],
                    *callbacks],
         keep_checkpoints=recipe.train.save_total_limit,
+        fused_loss=fused_loss_for(recipe.train.loss_path),
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     keep_adapter_fp32(trainer.model)  # after SFTTrainer, which casts adapters to bf16 for 4-bit models

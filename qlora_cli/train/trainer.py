@@ -22,7 +22,7 @@ import math
 import shutil
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import nested_gather
 from trl import SFTTrainer
 
@@ -64,9 +64,10 @@ class CheckpointingTrainer(SFTTrainer):
     listed in util/libraries.py's PRIVATE_APIS and pinned by tests/test_library_contracts.py.
     """
 
-    def __init__(self, *args, keep_checkpoints: int = 2, **kwargs):
+    def __init__(self, *args, keep_checkpoints: int = 2, fused_loss: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
+        self.fused_loss = fused_loss  # train.loss_path, resolved (fused_loss_for)
         self._staging: Path | None = None
         self._resumed_from: Path | None = None
         self.add_callback(_RestoreLogWindow(self))
@@ -159,6 +160,16 @@ class CheckpointingTrainer(SFTTrainer):
         self._metrics["train"].clear()
         self._metrics["train"].update({key: list(values) for key, values in window["trl_metrics"].items()})
         self._total_train_tokens = window["trl_total_train_tokens"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's fused LM head, or transformers' own loss on the full logits (train.loss_path: plain).
+
+        Both give the loss summed over the trained tokens and divided by their count across the
+        batch and its accumulation steps; the plain path leaves out TRL's entropy and token-accuracy
+        metrics, which the fused head computes from its chunks for free."""
+        if self.fused_loss:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -263,6 +274,17 @@ class DivergenceGuard(TrainerCallback):
         else:
             self.bad.append((step, why))
         return why
+
+
+def fused_loss_for(loss_path: str) -> bool:
+    """train.loss_path resolved: auto takes the fused head where its Triton kernel runs (CUDA), and
+    transformers' plain loss elsewhere, where folding the chunks in plain torch costs more than the
+    full logits (benchmarks/bench_loss_path.py)."""
+    import torch
+
+    if loss_path == "auto":
+        return torch.cuda.is_available()
+    return loss_path == "fused"
 
 
 def _warn(text: str) -> None:
