@@ -263,8 +263,8 @@ class TrainSection(Section):
         description="How the loss is computed from the output layer. fused: TRL's chunked LM head, which never "
         "holds the full (batch, sequence, vocabulary) logits (a Triton kernel on CUDA) and also logs token accuracy "
         "and entropy; plain: transformers' loss on the full logits, faster where the fused head has no kernel (on "
-        "the CPU, 60 tiny-recipe steps take 2.9 s instead of 4.5 s); auto: fused on CUDA, plain elsewhere. The "
-        "loss is the same either way.",
+        "the CPU the fused head makes the tiny recipe's steps 1.6x as long: benchmarks/bench_loss_path.py); auto: "
+        "fused on CUDA, plain elsewhere. The loss is the same either way.",
     )
     torch_compile: bool = Field(
         False,
