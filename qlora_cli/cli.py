@@ -182,7 +182,7 @@ def data(
 
     tokenizer, template = prepare_tokenizer(r)
     prepared = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size)
-    examples = example_segments(prepared.train, tokenizer, n, r.data.max_seq_len if r.data.on_too_long == "split" else None)
+    examples = example_segments(prepared.train, tokenizer, n, r.data.split_block)
     files = [s.files for s in prepared.stats.sources]
     for ex in examples:
         ex["file"] = files[ex["source"]][ex["file"]]

@@ -27,7 +27,7 @@ from pathlib import Path
 from qlora_cli.errors import UserError
 from qlora_cli.export.llama_cpp import CONVERTER_TYPES, QUANTIZE_TYPES, check_converter_needs, find_llama_cpp
 from qlora_cli.outputs.run_dir import MERGE_REPORT, RECIPE
-from qlora_cli.util.files import sha256_file, write_atomically, write_json_atomically
+from qlora_cli.util.files import sha256_file, swap_directory_into_place, write_atomically, write_json_atomically
 
 FORMATS = ("gguf", "ollama")
 QUANTS = CONVERTER_TYPES + QUANTIZE_TYPES
@@ -98,7 +98,7 @@ def export(target: str, *, fmt: str = "gguf", quant: str = "q8_0", output: str |
             "llama_cpp": cpp.versions(), "seconds": round(time.perf_counter() - start, 1), "check": check,
         }
         write_json_atomically(tmp / REPORT, report, indent=2)
-        _into_place(tmp, out)
+        swap_directory_into_place(tmp, out, overwrite, "exporting")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report["output"] = str(out)
@@ -171,8 +171,8 @@ def _convert(cpp, merged_dir: Path, folder: Path, name: str, quant: str, pre_tok
         cpp.convert(merged_dir, target, quant, pre_tokenizer)
         return target
     # k-quants and the like start from a 16-bit GGUF: bf16 for bf16 models (no range lost), else f16.
-    dtype = json.loads((merged_dir / "config.json").read_text(encoding="utf-8")).get("dtype") or \
-        json.loads((merged_dir / "config.json").read_text(encoding="utf-8")).get("torch_dtype")
+    config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+    dtype = config.get("dtype") or config.get("torch_dtype")  # transformers 5 writes dtype, 4 torch_dtype
     middle = "bf16" if dtype == "bfloat16" else "f16"
     intermediate = folder / f".model-{middle}.gguf"
     console.print(f"[bold]converting[/] {merged_dir} to {middle} with llama.cpp's converter, then llama-quantize to {quant}")
@@ -180,23 +180,6 @@ def _convert(cpp, merged_dir: Path, folder: Path, name: str, quant: str, pre_tok
     cpp.quantize(intermediate, target, quant)
     intermediate.unlink()
     return target
-
-
-def _into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder in; an earlier export there (checked by _check_output) is moved
-    aside first and removed only once the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- What the command prints -----------------------------------------------------------------------

@@ -66,8 +66,10 @@ def check_export(cpp, gguf: Path, merged_dir: Path, recipe, tokenizer, template,
     if cpp is not None and cpp.has_runtime():
         report["runtime"] = cpp.versions().get("binaries", "unknown")
         try:
-            report["tokenization"] = check_tokenization(cpp, gguf, tokenizer, rows)
-            report["greedy"] = check_greedy(cpp, gguf, merged, tokenizer, template, rows[:N_PROMPTS])
+            # llama.cpp adds BOS by itself where the model asks for it (it tokenizes "" as [BOS]).
+            adds_bos = tokenizer.bos_token_id is not None and cpp.tokenize(gguf, "") == [tokenizer.bos_token_id]
+            report["tokenization"] = check_tokenization(cpp, gguf, tokenizer, rows, adds_bos)
+            report["greedy"] = check_greedy(cpp, gguf, merged, tokenizer, template, rows[:N_PROMPTS], adds_bos)
             if template is not None and cpp.program(CHAT) is not None:
                 report["chat"] = check_chat(cpp, gguf, tokenizer, template)
             elif template is not None:
@@ -104,29 +106,18 @@ def check_metadata(gguf: Path, tokenizer) -> dict:
     }
 
 
-def llama_text(cpp, gguf: Path, tokenizer, text: str) -> str:
-    """TEXT as llama.cpp should be given it: llama.cpp adds BOS by itself when the model asks for it,
-    and our rendered text already begins with BOS's text (the template writes it)."""
+def llama_text(tokenizer, text: str, adds_bos: bool) -> str:
+    """TEXT as llama.cpp should be given it: our rendered text already begins with BOS's text (the
+    template writes it), and llama.cpp adds BOS by itself when the model asks for it."""
     bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and _adds_bos(cpp, gguf, tokenizer):
-        return text[len(bos):]
-    return text
+    return text[len(bos):] if adds_bos and bos and text.startswith(bos) else text
 
 
-_ADDS_BOS: dict = {}
-
-
-def _adds_bos(cpp, gguf: Path, tokenizer) -> bool:
-    if gguf not in _ADDS_BOS:
-        _ADDS_BOS[gguf] = cpp.tokenize(gguf, "") == [tokenizer.bos_token_id]
-    return _ADDS_BOS[gguf]
-
-
-def check_tokenization(cpp, gguf: Path, tokenizer, rows: list[Probe]) -> dict:
+def check_tokenization(cpp, gguf: Path, tokenizer, rows: list[Probe], adds_bos: bool) -> dict:
     same, first_difference = 0, None
     for probe in rows:
         ours = tokenizer.backend_tokenizer.encode(probe.text, add_special_tokens=False).ids
-        theirs = cpp.tokenize(gguf, llama_text(cpp, gguf, tokenizer, probe.text))
+        theirs = cpp.tokenize(gguf, llama_text(tokenizer, probe.text, adds_bos))
         if ours == theirs:
             same += 1
         elif first_difference is None:
@@ -136,7 +127,7 @@ def check_tokenization(cpp, gguf: Path, tokenizer, rows: list[Probe]) -> dict:
 
 
 @torch.no_grad()
-def check_greedy(cpp, gguf: Path, merged, tokenizer, template, rows: list[Probe]) -> dict:
+def check_greedy(cpp, gguf: Path, merged, tokenizer, template, rows: list[Probe], adds_bos: bool) -> dict:
     stops = {tokenizer.eos_token_id}
     if template is not None and template.stop:
         stops.add(tokenizer.convert_tokens_to_ids(template.stop))
@@ -144,11 +135,12 @@ def check_greedy(cpp, gguf: Path, merged, tokenizer, template, rows: list[Probe]
     for probe in rows:
         ids = tokenizer.backend_tokenizer.encode(probe.prompt, add_special_tokens=False).ids
         out = merged.generate(input_ids=torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                              eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                              eos_token_id=sorted(stops),
+                              pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id)
         new = out[0, len(ids):].tolist()
         stopped = bool(new) and new[-1] in stops
         ours = _continuation(tokenizer, ids, new[:-1] if stopped else new)
-        theirs, their_stop = cpp.complete(gguf, llama_text(cpp, gguf, tokenizer, probe.prompt), NEW_TOKENS)
+        theirs, their_stop = cpp.complete(gguf, llama_text(tokenizer, probe.prompt, adds_bos), NEW_TOKENS)
         same += ours == theirs
         ours_stopped += stopped
         theirs_stopped += their_stop

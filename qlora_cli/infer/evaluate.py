@@ -86,7 +86,7 @@ def eval_rows(target, data_path: str | None = None, split: str | None = None, ma
     else:
         dataset = prepared.train
         where = f"train split of {target.path}" if data_path is None else data_path
-    rows = _unique_rows(dataset, data.max_seq_len if data.on_too_long == "split" else None)
+    rows = _unique_rows(dataset, data.split_block)
     if max_samples is not None:
         rows = rows[:max_samples]
     if not rows:

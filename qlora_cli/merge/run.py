@@ -40,6 +40,7 @@ from qlora_cli.merge.weights import (
 from qlora_cli.outputs.model_card import render_merge_card
 from qlora_cli.outputs.run_dir import MERGE_REPORT, MODEL_CARD, RECIPE, SUMMARY, RunDir
 from qlora_cli.util.dtypes import SHORT, short_name
+from qlora_cli.util.files import swap_directory_into_place
 
 BASE_MODES = ("dequantized", "original")
 # Errors of the output location that the user can fix: full disk, quota, file size limit,
@@ -123,7 +124,7 @@ def merge(
         (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if out.resolve().parent == run.path.resolve():
             run.record(out.name)  # the run's marker: a later `qlora train --overwrite` may replace it
-        swap_into_place(tmp, out, overwrite)
+        swap_directory_into_place(tmp, out, overwrite, "merging")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno in OUTPUT_ERRNOS:
@@ -266,31 +267,6 @@ def write_companions(config, plan, base_folder: Path, tokenizer, folder: Path) -
     # written without generation blocks, so plain Jinja renders it too (serving.portable_jinja).
     save_tokenizer(tokenizer, folder)
     keep_base_tokenizer_files(folder, str(base_folder))  # tokenizer.model, a class llama.cpp's converter knows
-
-
-def swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished directory to its name.
-
-    Without --overwrite a plain rename, which fails rather than replace a directory that appeared
-    meanwhile. With it, the earlier output is moved aside, the new one renamed in, and only then
-    the old one deleted; if the second rename fails, the old output is put back.
-    """
-    if not overwrite or not out.exists():
-        try:
-            tmp.rename(out)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise UserError.single("--output", f"{out} appeared while merging; it was left alone: merge again") from None
-            raise
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_partials(out: Path) -> None:

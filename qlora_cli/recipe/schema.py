@@ -223,6 +223,11 @@ class DataSection(Section):
             raise ValueError("must be a fraction below 1 (e.g. 0.05) or a whole number of rows (e.g. 200)")
         return v
 
+    @property
+    def split_block(self) -> int | None:
+        """The block length long documents are cut into (on_too_long: split), else None."""
+        return self.max_seq_len if self.on_too_long == "split" else None
+
 
 Optimizer = Literal[
     "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"

@@ -261,9 +261,11 @@ def precision_note(recipe: Recipe) -> str | None:
 def optimizer_note(recipe: Recipe) -> str | None:
     """A paged optimizer without a GPU: bitsandbytes runs it unpaged (it says so in a warning at the
     first step, which the CLI silences in favour of this line before the run)."""
-    import torch
+    if not recipe.train.optimizer.startswith("paged_"):
+        return None
+    import torch  # only for a paged optimizer: the question is whether there is a GPU
 
-    if recipe.train.optimizer.startswith("paged_") and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return (f"train.optimizer is {recipe.train.optimizer}: with no GPU, bitsandbytes runs it without paging "
                 "(the same updates; paging only moves optimizer state out of GPU memory)")
     return None

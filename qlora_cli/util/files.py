@@ -4,6 +4,7 @@
     write_json_atomically(path, obj, indent=2)
     sha256_file(path)
     check_output_path(path, overwrite)              # a command's --output, checked before any work
+    swap_directory_into_place(tmp_dir, out, overwrite, "merging")   # a finished output folder, renamed in
 
 A file is written under a hidden temporary name beside its target (same directory, so the same
 file system) and renamed over it: a reader, a crash or a Ctrl-C sees the old file or the new one,
@@ -12,9 +13,11 @@ never a mixture. The temporary is removed when writing fails (a full disk, an in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -59,3 +62,29 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def swap_directory_into_place(tmp: Path, out: Path, overwrite: bool, doing: str) -> None:
+    """Rename a finished output directory (built at TMP, beside OUT) to its name.
+
+    Without overwrite a plain rename, which fails rather than replace a directory that appeared
+    meanwhile. With it, the earlier output is moved aside, the new one renamed in, and only then
+    the old one deleted; if the second rename fails, the old output is put back. DOING names the
+    command's work for the message ("merging", "exporting").
+    """
+    if not overwrite or not out.exists():
+        try:
+            tmp.rename(out)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise UserError.single("--output", f"{out} appeared while {doing}; it was left alone: run again") from None
+            raise
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
