@@ -150,8 +150,12 @@ def disable_cpu_weight_repacking(model) -> None:
 def attach_lora(model, lora, gradient_checkpointing: bool, upcast: bool = True):
     """Prepare the quantized model for training and wrap it with fresh LoRA adapters.
 
-    `prepare_model_for_kbit_training` freezes the base, upcasts the small unquantized layers
-    (norms, embeddings) to fp32 for stable training, and turns on gradient checkpointing.
+    `prepare_model_for_kbit_training` freezes the base, upcasts every unquantized 16-bit layer to
+    fp32 and turns on gradient checkpointing. Where training runs under autocast, the frozen
+    embeddings and unquantized linear layers (lm_head) then go back to the dtype they were loaded
+    in (restore_frozen_dtypes): they train nothing, and autocast casts them to the compute dtype
+    for every matmul anyway. The norms stay fp32; the adapters and modules_to_save copies train
+    in fp32.
 
     upcast=False (FSDP, DeepSpeed): the same without the upcast. FSDP flattens each wrapped
     decoder layer into one tensor of one dtype, so its norms must stay in the dtype the 4-bit
@@ -165,6 +169,7 @@ def attach_lora(model, lora, gradient_checkpointing: bool, upcast: bool = True):
 
     check_target_modules(model, lora)  # PEFT's own message names no module the model has
     check_rank_fits(model, lora)  # before anything is allocated
+    loaded = {id(p): p.dtype for p in model.parameters()}  # before peft's upcast
     if upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
@@ -186,6 +191,9 @@ def attach_lora(model, lora, gradient_checkpointing: bool, upcast: bool = True):
             f"{lora.r} x (its inputs + its outputs) trainable weights: lower lora.r, or list fewer "
             "lora.target_modules; `qlora estimate RECIPE` shows where the memory goes"
         )) from None
+    if upcast and frozen_weights_stay_narrow(compute_dtype(model), torch.cuda.is_available()):
+        # After get_peft_model: its modules_to_save copies are made from the fp32 upcast and train in fp32.
+        restore_frozen_dtypes(peft_model, loaded)
     # PEFT accepts a modules_to_save name that matches nothing and then trains nothing extra.
     trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
     unmatched = [m for m in lora.modules_to_save if not any(f"{m}.modules_to_save." in n for n in trainable)]
@@ -194,6 +202,91 @@ def attach_lora(model, lora, gradient_checkpointing: bool, upcast: bool = True):
             "lora.modules_to_save", f"no module of this model is called {', '.join(map(repr, unmatched))}"
         )
     return peft_model
+
+
+def frozen_weights_stay_narrow(compute: torch.dtype, cuda: bool) -> bool:
+    """Whether training keeps frozen embeddings and unquantized linear layers in the dtype they were
+    loaded in, rather than peft's fp32 upcast: when it runs under autocast in 16 bits, as train/run.py
+    sets it up (`bf16` for bfloat16 compute; `fp16` for float16 compute, on CUDA only).
+
+    Under autocast every matmul casts its weight to the compute dtype, so an fp32 lm_head computes
+    the same bf16 logits as the bf16 one it was upcast from, while holding twice the memory (0.98
+    GiB against 0.49 for Mistral-7B's embeddings and head; 3.9 against 1.96 at Llama 3's 128k
+    vocabulary), and the embedding lookup returns the same values in either dtype. Without
+    autocast (float32 compute, or float16 on the CPU) the matmuls meet fp32 hidden states, so the
+    weights must be fp32: everything stays upcast, as before.
+    """
+    return compute == torch.bfloat16 or (compute == torch.float16 and cuda)
+
+
+def keeps_loaded_dtype(module) -> bool:
+    """The modules whose frozen weights go back to their loaded dtype: embeddings and the linear
+    layers left unquantized (lm_head, and e.g. a mixture-of-experts router). Not the norms: they
+    hold hidden-size vectors (kilobytes a layer), and in fp32 their output, and so the residual
+    stream, stays fp32 as before, where a bf16 norm weight would round each norm's product to bf16."""
+    import bitsandbytes as bnb
+
+    if isinstance(module, torch.nn.Embedding):
+        return True
+    return isinstance(module, torch.nn.Linear) and not isinstance(module, bnb.nn.Linear4bit)
+
+
+def compute_dtype(model) -> torch.dtype | None:
+    """The dtype the model's 4-bit layers compute in (bnb_4bit_compute_dtype), None if it has none."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            return module.compute_dtype
+    return None
+
+
+def restore_frozen_dtypes(model, loaded: dict[int, torch.dtype]) -> None:
+    """Put the frozen weights of embeddings and unquantized linear layers back in the 16-bit dtype
+    they had before peft's upcast (`loaded`: id(parameter) -> dtype).
+
+    peft's prepare_model_for_kbit_training has no option to leave them out of its upcast (0.21), and
+    replicating it would mean following its freeze, input-gradient and checkpointing steps by hand:
+    casting back afterwards keeps its code path. A tied output head is the input embedding's
+    parameter, restored once. Trainable parameters (LoRA factors, modules_to_save copies, which
+    PEFT made from the fp32 upcast) are left fp32, and so are parameters loaded in fp32 (e.g.
+    transformers' _keep_in_fp32_modules).
+    """
+    for module in model.modules():
+        if not keeps_loaded_dtype(module):
+            continue
+        restored = False
+        for param in module.parameters(recurse=False):
+            dtype = loaded.get(id(param))
+            if (not param.requires_grad and dtype in (torch.bfloat16, torch.float16)
+                    and param.dtype == torch.float32):
+                param.data = param.data.to(dtype)
+                restored = True
+        if restored and isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(_input_in_weight_dtype)
+    embeddings = model.get_input_embeddings()
+    if embeddings.weight.dtype != torch.float32:
+        # The hidden states start in fp32, as after the upcast (the values are the same: every 16-bit
+        # number is exact in fp32). In 16 bits, the first layer's residual sum would be rounded to
+        # them, which changes the loss of a bf16 run; the fp32 norms keep it fp32 from there on.
+        embeddings.register_forward_hook(_output_in_fp32)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # as peft does after its upcast: hand back the fp32 copies' memory
+
+
+def _output_in_fp32(module, inputs, output):
+    return output.float()
+
+
+def _input_in_weight_dtype(module, inputs):
+    """Outside autocast (a forward training does not run, e.g. a quick check), an fp32 input meets a
+    16-bit weight: compute in the weight's dtype, as the model loaded for inference does. Under
+    autocast nothing changes: autocast casts both to the compute dtype itself."""
+    x = inputs[0] if inputs else None
+    if (isinstance(x, torch.Tensor) and x.dtype != module.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)):
+        return (x.to(module.weight.dtype), *inputs[1:])
+    return None
 
 
 def check_rank_fits(model, lora) -> None:
