@@ -1,6 +1,6 @@
 """Build the tiny offline model, tokenizer and datasets used by `make demo`, configs/tiny.yaml and the tests.
 
-    python scripts/build_tiny.py            # writes build/tiny/{model,alpaca.jsonl,chat.jsonl}
+    python scripts/build_tiny.py            # writes build/tiny/{model,alpaca.jsonl,chat.jsonl,dpo.jsonl,kto.jsonl}
     python scripts/build_tiny.py --out DIR
 
 No network and no randomness beyond fixed seeds: the same files every time, in about a second.
@@ -71,6 +71,42 @@ def chat_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def preference_rows(rows: list[dict], seed: int) -> list[dict]:
+    """Preference pairs on the same task: the right answer chosen, a plausible wrong one rejected (the
+    question's own word, the list unreversed, the count backwards, the word repeated once too often).
+    ShareGPT-style `conversations` + `chosen` + `rejected`, as LLaMA-Factory writes DPO data. Built from
+    words the tokenizer already knows, so adding them changes nothing else here."""
+    rng = random.Random(seed)
+    pairs = []
+    for row in rows:
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+        out = row["output"]
+        if row["instruction"].startswith("What is the opposite"):
+            wrong = row["instruction"].split()[-1].rstrip("?")
+        elif row["instruction"].startswith("Reverse"):
+            wrong = row["input"]
+        elif row["instruction"].startswith("Count"):
+            wrong = " ".join(reversed(out.split()))
+        else:
+            wrong = " ".join(out.split() + [row["input"]])
+        if wrong == out:
+            continue
+        pairs.append({"conversations": [{"from": "human", "value": prompt}],
+                      "chosen": {"from": "gpt", "value": out}, "rejected": {"from": "gpt", "value": wrong}})
+    rng.shuffle(pairs)
+    return pairs
+
+
+def unpaired_rows(pairs: list[dict]) -> list[dict]:
+    """KTO's unpaired form of the same pairs: each reply alone with a desirable/undesirable label."""
+    out = []
+    for k, pair in enumerate(pairs):
+        reply = pair["chosen"] if k % 2 == 0 else pair["rejected"]
+        out.append({"messages": [{"role": "user", "content": pair["conversations"][0]["value"]},
+                                 {"role": "assistant", "content": reply["value"]}], "label": k % 2 == 0})
+    return out
+
+
 def build_tokenizer(corpus: list[str]):
     """Byte-level BPE trained in memory; deterministic for a fixed corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -110,13 +146,16 @@ def build_model(tokenizer, out: Path) -> None:
 
 
 def build(out: Path) -> Path:
-    """Write model/, alpaca.jsonl and chat.jsonl under `out`. Returns `out`."""
+    """Write model/, alpaca.jsonl, chat.jsonl, dpo.jsonl (preference pairs) and kto.jsonl under `out`."""
     from qlora_cli.data.formats import ALPACA_SYSTEM_NO_INPUT, ALPACA_SYSTEM_WITH_INPUT
 
     out.mkdir(parents=True, exist_ok=True)
     alpaca, chat = alpaca_rows(400, seed=1), chat_rows(60, seed=2)
     _write_jsonl(out / "alpaca.jsonl", alpaca)
     _write_jsonl(out / "chat.jsonl", chat)
+    pairs = preference_rows(alpaca_rows(200, seed=3), seed=3)  # other rows than alpaca.jsonl's, same task
+    _write_jsonl(out / "dpo.jsonl", pairs)
+    _write_jsonl(out / "kto.jsonl", unpaired_rows(pairs))
     corpus = [ALPACA_SYSTEM_NO_INPUT, ALPACA_SYSTEM_WITH_INPUT, "### Instruction: ### Input: ### Response:"]
     corpus += [" ".join(r.values()) for r in alpaca]
     corpus += [m["content"] for r in chat for m in r["messages"]] + ["system user assistant"]

@@ -70,6 +70,13 @@ class ModelSection(Section):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         None, description="Attention kernel. null lets transformers pick (sdpa where available)."
     )
+    adapter: str | None = Field(
+        None,
+        description="Continue training this LoRA adapter instead of a fresh one: a qlora run directory (its "
+        "template is used too, unless data.template is set) or a PEFT adapter directory. The usual start of "
+        "preference tuning (train.method: dpo) is the SFT run's directory. The lora section must match the "
+        "adapter's rank, alpha, target and saved modules.",
+    )
 
 
 class QuantSection(Section):
@@ -119,7 +126,9 @@ class LoraSection(Section):
         return v
 
 
-DataFormat = Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+DataFormat = Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "unpaired"]
+# Formats for preference tuning (train.method dpo, orpo, kto): data/preference.py reads them.
+PREFERENCE_FORMATS = ("preference", "unpaired")
 # The roles a conversation may hold once converted (data/formats.py); `roles:` maps other names onto them.
 CanonicalRole = Literal["system", "user", "assistant", "tool"]
 
@@ -134,7 +143,10 @@ class DataSource(Section):
     format: DataFormat = Field(
         description="Row layout. alpaca: instruction/input/output. sharegpt: conversations of {from, value}. "
         "messages: a list of {role, content}. prompt_completion: prompt/completion strings. "
-        "text: plain text, trained in full."
+        "text: plain text, trained in full. preference (dpo, orpo, kto): a prompt with a chosen and a rejected "
+        "reply, as prompt/chosen/rejected (strings or conversations), or conversations or messages plus "
+        "chosen/rejected. unpaired (kto): messages or conversations ending in the judged reply, plus a boolean "
+        "label (or prompt/completion/label)."
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -238,8 +250,16 @@ Scheduler = Literal[
 
 
 class TrainSection(Section):
-    """The optimisation loop (run by TRL's SFTTrainer)."""
+    """The optimisation loop (run by TRL's SFTTrainer, or its preference trainers)."""
 
+    method: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft",
+        description="What is trained: sft (supervised fine-tuning on replies, TRL's SFTTrainer), or preference "
+        "tuning on preference/unpaired data with the settings of the preference section: dpo (TRL's DPOTrainer), "
+        "orpo (TRL's ORPOTrainer: SFT and preference in one, no reference), kto (TRL's KTOTrainer, unpaired "
+        "good/bad replies). The reference of dpo and kto is the starting adapter frozen (the base itself when "
+        "the adapter is fresh): the base model is never loaded twice.",
+    )
     epochs: float = Field(3.0, gt=0, description="Passes over the training data. Ignored when max_steps is set.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     learning_rate: float = Field(2e-4, gt=0, le=1000, description="Peak learning rate for the adapter weights.")
@@ -291,6 +311,34 @@ class TrainSection(Section):
     )
 
 
+class PreferenceSection(Section):
+    """Preference tuning's settings (train.method dpo, orpo or kto); ignored by sft."""
+
+    beta: float = Field(
+        0.1, gt=0, le=100,
+        description="How far the policy may move from the reference (dpo, kto: the KL weight; orpo: the weight "
+        "of the odds-ratio term, TRL's beta, the ORPO paper's lambda).",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down"] = Field(
+        "sigmoid",
+        description="dpo only: the loss TRL's DPOTrainer computes. sigmoid: the DPO paper's; ipo: IPO (beta is its "
+        "regulariser); hinge: SLiC; robust: noise-robust DPO (with label_smoothing); sigmoid_norm: length-"
+        "normalised; apo_zero/apo_down: anchored preference optimisation.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="dpo with loss_type sigmoid or robust: the assumed share of flipped labels."
+    )
+    rpo_alpha: float | None = Field(
+        None, gt=0, le=100,
+        description="dpo only: also train the chosen reply by negative log-likelihood, weighted by this (RPO; TRL's "
+        "loss_type [sigmoid, sft] with loss_weights [1, rpo_alpha]). null = no such term.",
+    )
+    desirable_weight: float = Field(1.0, gt=0, le=100, description="kto only: weight of the desirable replies' loss.")
+    undesirable_weight: float = Field(
+        1.0, gt=0, le=100, description="kto only: weight of the undesirable replies' loss."
+    )
+
+
 class DistributedSection(Section):
     """How several processes share the work. Used only under a launcher (torchrun, accelerate launch,
     or `qlora train --nproc N`); a single process ignores it apart from validation."""
@@ -331,6 +379,9 @@ class Recipe(Section):
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA adapter settings.")
     data: DataSection = Field(description="Training data: sources, template, sequence length, validation rows.")
     train: TrainSection = Field(default_factory=TrainSection, description="Training loop settings.")
+    preference: PreferenceSection = Field(
+        default_factory=PreferenceSection, description="DPO, ORPO and KTO settings (train.method)."
+    )
     distributed: DistributedSection = Field(
         default_factory=DistributedSection, description="Multi-process training: DDP, FSDP-QLoRA or DeepSpeed."
     )
@@ -373,6 +424,8 @@ class Recipe(Section):
         for source in [*r.data.sources, *r.data.val_sources]:
             if not is_hub_id(source.path):
                 source.path = absolute(source.path)
+        if r.model.adapter and Path(r.model.adapter).expanduser().exists():
+            r.model.adapter = absolute(r.model.adapter)
         if r.data.template and Path(r.data.template).expanduser().is_file():
             r.data.template = absolute(r.data.template)
         if r.distributed.deepspeed_config:
@@ -434,7 +487,7 @@ def _rule_weight_or_samples(r: Recipe):
 def _rule_roles_need_conversations(r: Recipe):
     for key in ("sources", "val_sources"):
         for i, s in enumerate(getattr(r.data, key)):
-            if s.roles and s.format not in ("sharegpt", "messages"):
+            if s.roles and s.format not in ("sharegpt", "messages", *PREFERENCE_FORMATS):
                 yield Problem(f"data.{key}[{i}].roles", f"only sharegpt and messages data have roles, not {s.format}")
 
 
@@ -522,7 +575,48 @@ def _rule_strategy_options(r: Recipe):
                       "remove it, or set distributed.strategy: fsdp")
 
 
+def _rule_method_matches_formats(r: Recipe):
+    # The preference trainers score a chosen against a rejected reply: SFT rows have no rejected one,
+    # and SFT cannot train a rejected reply. KTO alone reads unpaired rows (a pair is two of them).
+    wanted = {"sft": None, "dpo": ("preference",), "orpo": ("preference",), "kto": ("preference", "unpaired")}
+    allowed = wanted[r.train.method]
+    for key in ("sources", "val_sources"):
+        for i, s in enumerate(getattr(r.data, key)):
+            if allowed is None and s.format in PREFERENCE_FORMATS:
+                yield Problem(f"data.{key}[{i}].format", f"{s.format} data is for preference tuning: set "
+                              "train.method to dpo, orpo or kto (or use an SFT format)")
+            elif allowed is not None and s.format not in allowed:
+                yield Problem(f"data.{key}[{i}].format", f"train.method {r.train.method} trains on "
+                              f"{' or '.join(allowed)} data, not {s.format}")
+
+
+def _rule_preference_options(r: Recipe):
+    p, method = r.preference, r.train.method
+    if method == "sft":
+        return
+    given = p.model_fields_set
+    only = {"loss_type": ("dpo",), "label_smoothing": ("dpo",), "rpo_alpha": ("dpo",),
+            "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
+    for key, methods in only.items():
+        if key in given and method not in methods:
+            yield Problem(f"preference.{key}", f"is only used by train.method {' or '.join(methods)}, not {method}: "
+                          "remove it")
+    if p.label_smoothing > 0 and p.loss_type not in ("sigmoid", "robust"):
+        yield Problem("preference.label_smoothing", f"is only used by loss_type sigmoid or robust, not {p.loss_type}")
+    if method == "kto" and r.train.batch_size < 2:
+        yield Problem("train.batch_size", "kto estimates its KL term from the other rows of a batch: set at least 2")
+    if r.data.packing:
+        yield Problem("data.packing", f"train.method {method} scores whole chosen and rejected replies, which TRL "
+                      "does not pack: set data.packing: false")
+    if r.data.train_on_inputs:
+        yield Problem("data.train_on_inputs", f"train.method {method} scores only the replies: remove it")
+    if r.data.on_too_long == "split":
+        yield Problem("data.on_too_long", f"split cuts plain text, not {method} pairs: use truncate, drop or error")
+
+
 RULES = [
+    _rule_method_matches_formats,
+    _rule_preference_options,
     _rule_eval_needs_validation_rows,
     _rule_one_validation_set,
     _rule_weight_or_samples,
@@ -539,7 +633,8 @@ RULES = [
 ]
 
 # Which template each format gets when data.template is null (data/templates.py defines them).
-_DEFAULT_TEMPLATE = {"alpaca": "alpaca", "sharegpt": "chatml", "messages": "chatml", "prompt_completion": "raw"}
+_DEFAULT_TEMPLATE = {"alpaca": "alpaca", "sharegpt": "chatml", "messages": "chatml", "prompt_completion": "raw",
+                     "preference": "chatml", "unpaired": "chatml"}
 
 
 def default_template(recipe: Recipe) -> str | None:

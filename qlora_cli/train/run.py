@@ -22,8 +22,8 @@ import torch
 from qlora_cli.data.pipeline import build_datasets
 from qlora_cli.errors import EXIT_USER_ERROR, StoppedRun
 from qlora_cli.model.architectures import check_vocab_fits
+from qlora_cli.model.adapter import attach_adapter
 from qlora_cli.model.load import (
-    attach_lora,
     is_out_of_memory,
     keep_adapter_fp32,
     load_base_model,
@@ -48,6 +48,22 @@ def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template, resu
     """Recipe -> TRL's SFTConfig. Pure apart from asking whether a GPU is present."""
     from trl import SFTConfig
 
+    args = trainer_arguments(recipe, run, has_eval, resuming)
+    args.update(
+        max_length=recipe.data.max_seq_len,
+        # Best-fit-decreasing packing; TRL then runs padding-free, with position ids restarting at
+        # each example, which the attention mask is built from, so packed examples stay separate.
+        packing=recipe.data.packing,
+        # on_too_long: split keeps long documents whole in the dataset; bfd_split cuts them into
+        # max_seq_len blocks and packs those (plain bfd would truncate them).
+        packing_strategy="bfd_split" if recipe.data.on_too_long == "split" else "bfd",
+        eos_token=template.stop if template and template.stop else None,
+    )
+    return SFTConfig(**args)
+
+
+def trainer_arguments(recipe: Recipe, run: RunDir, has_eval: bool, resuming: bool = False) -> dict:
+    """The TrainingArguments every method shares (SFT here, DPO/ORPO/KTO in train/preference.py)."""
     t, cuda = recipe.train, torch.cuda.is_available()
     args = dict(
         output_dir=str(run.checkpoints),
@@ -82,15 +98,7 @@ def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template, resu
         bf16=recipe.quant.compute_dtype == "bfloat16",
         fp16=recipe.quant.compute_dtype == "float16" and cuda,
         use_cpu=not cuda,
-        max_length=recipe.data.max_seq_len,
-        # Best-fit-decreasing packing; TRL then runs padding-free, with position ids restarting at
-        # each example, which the attention mask is built from, so packed examples stay separate.
-        packing=recipe.data.packing,
-        # on_too_long: split keeps long documents whole in the dataset; bfd_split cuts them into
-        # max_seq_len blocks and packs those (plain bfd would truncate them).
-        packing_strategy="bfd_split" if recipe.data.on_too_long == "split" else "bfd",
         include_num_input_tokens_seen="non_padding",
-        eos_token=template.stop if template and template.stop else None,
         disable_tqdm=True,  # RichProgress replaces tqdm
         dataloader_pin_memory=cuda,
         use_liger_kernel=t.liger_kernel,  # applied by the Trainer (layer kernels; TRL keeps its own fused LM head)
@@ -99,7 +107,7 @@ def build_sft_config(recipe: Recipe, run: RunDir, has_eval: bool, template, resu
     # DDP, FSDP or DeepSpeed settings (distributed.py). use_cpu above is also what makes the Trainer
     # wrap the model in DDP over gloo on the CPU; without it each rank would train alone.
     args.update(distributed.trainer_arguments(recipe))
-    return SFTConfig(**args)
+    return args
 
 
 @dataclass
@@ -113,6 +121,7 @@ class Setup:
     model: object
     parameters: tuple[int, int]  # (trainable, total), counted before FSDP/DeepSpeed shard the model
     process_group: object = None  # accelerate's PartialState under a launcher, else None
+    save_adapter: object = None  # how the final adapter is written, when not model.save_pretrained (preference.py)
 
 
 def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = False, callbacks=(),
@@ -142,8 +151,7 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
     # No KV cache in training: it is useless there, and with one, transformers ignores packed
     # position ids and lets packed examples attend to each other (tests/test_packing.py).
     model.config.use_cache = False
-    model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing,
-                        upcast=not recipe.distributed.sharded)  # sharded: one dtype per FSDP unit
+    model = attach_adapter(model, recipe)  # fresh LoRA, or model.adapter's to continue (model/adapter.py)
 
     # SFTTrainer owns the loop, checkpointing, mixed precision and distributed launch; the
     # subclass only makes checkpoints atomic and stops on a non-finite loss (trainer.py).
@@ -202,16 +210,22 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
     from qlora_cli.train.stopping import GracefulStop, signal_name
     from qlora_cli.train.trainer import Diverged, NonFiniteLoss
 
-    recipe = with_output_dir(recipe, output_dir)
+    from qlora_cli.model.adapter import check_adapter, with_adapter_template
+
+    recipe = with_adapter_template(with_output_dir(recipe, output_dir))  # model.adapter's run's template
     run = RunDir(recipe.output.dir)
     say = (lambda text: console.print(text, highlight=False, soft_wrap=True)) if console is not None else print
     warn = lambda text: say(f"[yellow]warning:[/] {text}")  # noqa: E731
 
     # 1. Checks and loading that can fail on user input: before anything is written.
     checkpoint = preflight(recipe, run, overwrite, resume, warn)
+    check_adapter(recipe)
     # 2. The trainer, built before the run directory, so a setting it rejects leaves nothing behind.
     stop = GracefulStop(say=say, where_to_continue=lambda: f"{_last_checkpoint_text(run)} To continue: {resume_command}")
-    setup = build_trainer(recipe, run, console, resuming=checkpoint is not None, callbacks=[stop], display=display)
+    build = build_trainer
+    if recipe.train.method != "sft":  # DPO, ORPO, KTO: TRL's preference trainers (train/preference.py)
+        from qlora_cli.train.preference import build_preference_trainer as build
+    setup = build(recipe, run, console, resuming=checkpoint is not None, callbacks=[stop], display=display)
     trainer, data_stats = setup.trainer, setup.data.stats
 
     # 3. The run directory, starting with the fully resolved recipe (main process only); then train.
@@ -286,7 +300,7 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
         if not trainer.is_world_process_zero():
             save_adapter(run.final_staging)
     else:
-        save_adapter = trainer.model.save_pretrained
+        save_adapter = setup.save_adapter or trainer.model.save_pretrained
 
     # 4. Artifacts: adapter and tokenizer in the standard layout, then summary.json last.
     if trainer.is_world_process_zero():
@@ -305,6 +319,10 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
             }
             if checkpoint is not None:
                 summary["resumed_from"] = str(checkpoint)
+            if recipe.train.method != "sft":
+                from qlora_cli.train.preference import preference_summary
+
+                summary["preference"] = preference_summary(recipe, run, final_eval)
             write_model_card(run, recipe, summary)  # replaces PEFT's placeholder card
             plot_runs([run.path], run / LOSS_PLOT)
             run.write_summary(summary)

@@ -57,17 +57,18 @@ class Diverged(RuntimeError):
                        if after else "")
 
 
-class CheckpointingTrainer(SFTTrainer):
-    """SFTTrainer whose checkpoints appear atomically and whose loss is checked every micro-step.
+class CheckpointingMixin:
+    """The guarantees above, for any TRL trainer that keeps TRL's `_metrics` and `_total_train_tokens`
+    (SFTTrainer here; DPOTrainer and KTOTrainer in train/preference.py). Listed before the trainer
+    class in the bases, so its overrides wrap the trainer's.
 
-    It overrides and reads private parts of transformers' Trainer and TRL's SFTTrainer; each is
+    It overrides and reads private parts of transformers' Trainer and TRL's trainers; each is
     listed in util/libraries.py's PRIVATE_APIS and pinned by tests/test_library_contracts.py.
     """
 
-    def __init__(self, *args, keep_checkpoints: int = 2, fused_loss: bool = True, **kwargs):
+    def __init__(self, *args, keep_checkpoints: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
-        self.fused_loss = fused_loss  # train.loss_path, resolved (fused_loss_for)
         self._staging: Path | None = None
         self._resumed_from: Path | None = None
         self.add_callback(_RestoreLogWindow(self))
@@ -139,9 +140,13 @@ class CheckpointingTrainer(SFTTrainer):
             # average (exactly the float32 sum when there is one process).
             "loss_sum": nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item(),
             # Already gathered across processes by TRL.
-            "trl_metrics": {key: list(values) for key, values in self._metrics["train"].items()},
-            "trl_total_train_tokens": self._total_train_tokens,
+            "trl_metrics": {key: list(values) for key, values in self._trl_train_metrics().items()},
+            "trl_total_train_tokens": getattr(self, "_total_train_tokens", 0),
         }
+
+    def _trl_train_metrics(self) -> dict:
+        """Where the TRL trainer keeps the training metrics of the current log window."""
+        return self._metrics["train"]
 
     def _restore_log_window(self) -> None:
         """Continue the log window saved with the checkpoint being resumed (see _log_window)."""
@@ -157,9 +162,27 @@ class CheckpointingTrainer(SFTTrainer):
         # The steps before the resume are not part of this call's average `training_loss`
         # (summary.json's mean_train_loss): keep it over this call's steps, as before.
         self._total_loss_scalar -= window["loss_sum"]
-        self._metrics["train"].clear()
-        self._metrics["train"].update({key: list(values) for key, values in window["trl_metrics"].items()})
-        self._total_train_tokens = window["trl_total_train_tokens"]
+        metrics = self._trl_train_metrics()
+        metrics.clear()
+        metrics.update({key: list(values) for key, values in window["trl_metrics"].items()})
+        if hasattr(self, "_total_train_tokens"):
+            self._total_train_tokens = window["trl_total_train_tokens"]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        value = loss.detach().float().item()
+        if not math.isfinite(value):
+            # Raised before the optimizer step that would apply these gradients.
+            raise NonFiniteLoss(self.state.global_step + 1, value)
+        return loss
+
+
+class CheckpointingTrainer(CheckpointingMixin, SFTTrainer):
+    """SFTTrainer whose checkpoints appear atomically and whose loss is checked every micro-step."""
+
+    def __init__(self, *args, fused_loss: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused_loss = fused_loss  # train.loss_path, resolved (fused_loss_for)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's fused LM head, or transformers' own loss on the full logits (train.loss_path: plain).
@@ -171,20 +194,12 @@ class CheckpointingTrainer(SFTTrainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        value = loss.detach().float().item()
-        if not math.isfinite(value):
-            # Raised before the optimizer step that would apply these gradients.
-            raise NonFiniteLoss(self.state.global_step + 1, value)
-        return loss
-
 
 class _RestoreLogWindow(TrainerCallback):
     """Hands the resumed checkpoint's log window to the trainer. on_train_begin is the first moment
     after the loop has reset its accumulators and before the first step adds to them."""
 
-    def __init__(self, trainer: CheckpointingTrainer):
+    def __init__(self, trainer: CheckpointingMixin):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
