@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_cli.recipe.schema import DataSection, DataSource, LoraSection, ModelSection, DistributedSection, OutputSection, QuantSection, Recipe, TrainSection, json_schema
+from qlora_cli.recipe.schema import DataSection, DataSource, LoraSection, ModelSection, DistributedSection, OutputSection, PreferenceSection, QuantSection, Recipe, TrainSection, json_schema
 from qlora_cli.recipe.load import _apply_overrides, load_recipe, validate_recipe
 from qlora_cli.errors import UserError
 
@@ -108,7 +108,7 @@ def test_to_yaml_is_fully_resolved_with_defaults(recipe_file, tmp_path):
     text = recipe.to_yaml()
     # Every section, in schema order, with every default spelled out.
     assert [line.rstrip(":") for line in text.splitlines() if line and not line.startswith(" ")] == [
-        "model", "quant", "lora", "data", "train", "distributed", "output",
+        "model", "quant", "lora", "data", "train", "preference", "distributed", "output",
     ]
     assert "  storage_dtype: uint8" in text
     assert "  save_total_limit: 2" in text
@@ -588,7 +588,7 @@ def test_directory_instead_of_recipe(tmp_path):
 # JSON Schema: the documentation
 
 
-SECTIONS = [ModelSection, QuantSection, LoraSection, DataSource, DataSection, TrainSection, DistributedSection, OutputSection]
+SECTIONS = [ModelSection, QuantSection, LoraSection, DataSource, DataSection, TrainSection, PreferenceSection, DistributedSection, OutputSection]
 
 
 def test_json_schema_is_json_and_covers_every_section():

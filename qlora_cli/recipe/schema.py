@@ -594,11 +594,11 @@ def _rule_preference_options(r: Recipe):
     p, method = r.preference, r.train.method
     if method == "sft":
         return
-    given = p.model_fields_set
+    # A value other than the default, not merely a key written: recipe.yaml writes every key.
     only = {"loss_type": ("dpo",), "label_smoothing": ("dpo",), "rpo_alpha": ("dpo",),
             "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
     for key, methods in only.items():
-        if key in given and method not in methods:
+        if getattr(p, key) != PreferenceSection.model_fields[key].default and method not in methods:
             yield Problem(f"preference.{key}", f"is only used by train.method {' or '.join(methods)}, not {method}: "
                           "remove it")
     if p.label_smoothing > 0 and p.loss_type not in ("sigmoid", "robust"):
