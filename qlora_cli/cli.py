@@ -138,17 +138,25 @@ def validate(
 
     tokenizer, template = prepare_tokenizer(r)
     _, coverage = check_model(r, tokenizer)  # 4-bit coverage and vocabulary, on an empty model
-    stats = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size).stats
-    err.print(
-        f"[green]ok[/] {escape(recipe)}: {coverage.fraction:.1%} of the model's block weights in 4 bits, "
-        f"{stats.train_rows} train rows, {stats.val_rows} validation rows, "
-        f"template {template.name if template else 'none (text)'}, "
-        + (f"{stats.split_documents} split into {r.data.max_seq_len}-token blocks, " if r.data.on_too_long == "split"
-           else f"{stats.truncated} truncated to max_seq_len={r.data.max_seq_len}, ")
-        + f"{stats.dropped_too_long + stats.dropped_no_response} dropped, {stats.bad_rows} bad rows skipped",
-        soft_wrap=True,
-    )
-    for line in data_warnings(stats):
+    if r.train.method != "sft":  # DPO, ORPO, KTO pairs (data/preference_report.py)
+        from qlora_cli.data.preference_report import validate_line
+
+        line, warnings = validate_line(r, tokenizer, template, recipe)
+        err.print(f"[green]ok[/] {escape(recipe)}: {coverage.fraction:.1%} of the model's block weights in 4 bits, "
+                  f"{line}", soft_wrap=True)
+    else:
+        stats = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size).stats
+        err.print(
+            f"[green]ok[/] {escape(recipe)}: {coverage.fraction:.1%} of the model's block weights in 4 bits, "
+            f"{stats.train_rows} train rows, {stats.val_rows} validation rows, "
+            f"template {template.name if template else 'none (text)'}, "
+            + (f"{stats.split_documents} split into {r.data.max_seq_len}-token blocks, "
+               if r.data.on_too_long == "split" else f"{stats.truncated} truncated to max_seq_len={r.data.max_seq_len}, ")
+            + f"{stats.dropped_too_long + stats.dropped_no_response} dropped, {stats.bad_rows} bad rows skipped",
+            soft_wrap=True,
+        )
+        warnings = data_warnings(stats)
+    for line in warnings:
         err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     from qlora_cli.train.preflight import optimizer_note, precision_note
 
@@ -181,6 +189,10 @@ def data(
     from qlora_cli.model.tokenizer import prepare_tokenizer
 
     tokenizer, template = prepare_tokenizer(r)
+    if r.train.method != "sft":  # pairs, chosen and rejected each with its scored tokens marked
+        from qlora_cli.data.preference_report import show_data
+
+        return show_data(r, tokenizer, template, n, as_json, err, typer.echo)
     prepared = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size)
     examples = example_segments(prepared.train, tokenizer, n, r.data.split_block)
     files = [s.files for s in prepared.stats.sources]
@@ -509,10 +521,13 @@ def _checked_recipe(recipe: str, set_, trust_remote_code: bool):
     from qlora_cli.model.remote_code import require_consent
     from qlora_cli.recipe.load import load_recipe
 
-    r = load_recipe(recipe, set_ or [])
+    from qlora_cli.model.adapter import check_adapter, with_adapter_template
+
+    r = with_adapter_template(load_recipe(recipe, set_ or []))  # model.adapter's run's template, if any
     require_consent(r.model, trust_remote_code)  # the tokenizer may bring code too
     check_model_path(r.model)
     check_data_files(r.data)
+    check_adapter(r)
     _quiet_libraries()
     return r
 

@@ -208,8 +208,8 @@ def dpo_run(tiny, tmp_path_factory):
     """20 DPO steps from a fresh adapter; validation = the training pairs themselves, so the figures
     before (step 0) and after are on the pairs it trained on."""
     tmp = tmp_path_factory.mktemp("dpo")
-    path = dpo_recipe(tiny, tmp, data={"val_size": 0, "val_sources": [{"path": str(tiny / "dpo.jsonl"),
-                                                                         "format": "preference"}]},
+    same = shutil.copy(tiny / "dpo.jsonl", tmp / "same_pairs.jsonl")  # a copy: the recipe refuses one file twice
+    path = dpo_recipe(tiny, tmp, data={"val_size": 0, "val_sources": [{"path": str(same), "format": "preference"}]},
                       train={"max_steps": 20, "learning_rate": 5e-3, "eval_steps": 20, "save_steps": 10,
                              "logging_steps": 5, "batch_size": 16})
     return _train(path), path
