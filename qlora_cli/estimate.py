@@ -151,6 +151,11 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
 
     for label, value in activation_parts(recipe, config, linears, quantized_names).items():
         est.parts[label] = value
+    if recipe.train.method in ("dpo", "kto"):
+        # TRL's reference for a PeftModel: a frozen fp32 copy of the starting adapter, never a second base.
+        est.parts["reference adapter (frozen copy of the starting adapter)"] = est.trainable_params * 4
+        est.notes.append(f"{recipe.train.method}: chosen and rejected (or KL) sequences double each micro-batch; "
+                         "the reference is the base with a frozen adapter copy, not a second model")
     if gpu:
         est.parts["runtime overhead (CUDA context, allocator)"] = RUNTIME_OVERHEAD
     if tied:
@@ -182,7 +187,9 @@ def activation_parts(recipe, config, linears: dict, quantized_names: set[str]) -
     from qlora_cli.util.dtypes import bytes_per
 
     t, d, q = recipe.train, recipe.data, recipe.quant
-    tokens = t.batch_size * d.max_seq_len
+    # DPO and ORPO run prompt + chosen and prompt + rejected as one batch of twice the rows; KTO runs
+    # each row with its mismatched KL completion beside it: twice the sequences per micro-batch too.
+    tokens = t.batch_size * d.max_seq_len * SEQUENCES_PER_ROW[t.method]
     r = bytes_per(recipe.model.dtype) if recipe.distributed.sharded else 4
     c = bytes_per(q.compute_dtype)
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
@@ -204,7 +211,14 @@ def activation_parts(recipe, config, linears: dict, quantized_names: set[str]) -
     lm_head_copy = vocab * hidden * c if r == 4 and c < 4 else 0
     parts[LOSS_SAVED] = tokens * vocab * 4 + lm_head_copy
     parts[LOSS_GRADIENTS] = 2 * tokens * vocab * 4
+    # DPO's and KTO's reference pass runs without gradients before the policy's: it keeps nothing for
+    # backward, its peak (one layer's tensors and the batch's log-probabilities) is freed before the
+    # policy's forward begins, and what it hands over is one fp32 per sequence. So it adds no peak here;
+    # the frozen adapter copy it runs through is counted by estimate().
     return parts
+
+
+SEQUENCES_PER_ROW = {"sft": 1, "dpo": 2, "orpo": 2, "kto": 2}
 
 
 def _replicated(est: Estimate, inv: _Inventory, recipe, nproc: int) -> None:

@@ -333,3 +333,17 @@ def test_dpo_continues_an_sft_runs_adapter_with_its_template(tiny, tmp_path):
     with pytest.raises(UserError) as err:
         _train(wrong)
     assert "model.adapter" in str(err.value) and "lora.r is 4 but the adapter has 16" in str(err.value)
+
+
+def test_estimate_counts_both_replies_and_the_reference_adapter(tiny, tmp_path):
+    from qlora_cli.estimate import estimate
+
+    dpo = load_recipe(dpo_recipe(tiny, tmp_path))
+    sft = load_recipe(dpo_recipe(tiny, tmp_path, train={"method": "sft"},
+                                 data={"sources": [{"path": str(tiny / "chat.jsonl"), "format": "messages"}]}))
+    a, b = estimate(dpo, gpu=False), estimate(sft, gpu=False)
+    # Chosen and rejected run as one batch of twice the rows: twice the activations and logits.
+    assert a.parts["activations"] == pytest.approx(2 * b.parts["activations"])
+    assert a.parts["reference adapter (frozen copy of the starting adapter)"] == a.trainable_params * 4
+    assert "reference adapter (frozen copy of the starting adapter)" not in b.parts
+    assert a.total > b.total
