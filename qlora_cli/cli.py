@@ -365,8 +365,13 @@ def eval_(
         typer.echo(json.dumps(results, indent=2))
     else:
         out = Console(highlight=False)
-        out.print(render_table(results))
-        out.print(escape(describe(results)), soft_wrap=True)
+        if "method" in results:  # a preference run (infer/preference_eval.py)
+            from qlora_cli.infer.preference_eval import render_preference_table
+
+            out.print(render_preference_table(results))
+        else:
+            out.print(render_table(results))
+            out.print(escape(describe(results)), soft_wrap=True)
         for path in results.get("written", []):
             err.print(f"[dim]wrote {escape(path)}[/]")
 

@@ -385,6 +385,10 @@ def run_eval(target_path: str, data_path: str | None = None, split: str | None =
     if split is not None and data_path is None:
         check_split(split)  # before loading any model
     target = load_target(target_path, trust_remote_code=trust_remote_code)
+    if target.kind == "run" and target.recipe.train.method != "sft" and data_path is None:
+        from qlora_cli.infer.preference_eval import run_preference_eval  # reward accuracy and margin on pairs
+
+        return run_preference_eval(target, split, compare_base, max_samples, batch_size, console)
     if compare_base and target.kind == "base":
         raise UserError.single("--compare-base", f"{target_path} is a base model already: give a run or merged directory")
     if compare_base and target.kind == "merged" and target.recipe is None:

@@ -110,3 +110,21 @@ def attach_adapter(model, recipe):
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return peft_model
+
+
+def keep_exact_adapter(model):
+    """Returns a function that puts the trainable weights back exactly as they are now, in fp32.
+
+    TRL's trainers cast the trainable weights of a 4-bit model to bf16 when they are built, and
+    keep_adapter_fp32 (model/load.py) only upcasts them again: the bf16 rounding stays. For a fresh
+    adapter that only rounds a random initialisation; for one continued from an earlier run
+    (model.adapter) it would change the trained weights before the first step, and DPO's policy would
+    no longer start equal to its reference (TRL copies the reference adapter before that cast)."""
+    saved = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def restore(trained_model) -> None:
+        for name, p in trained_model.named_parameters():
+            if name in saved:
+                p.data = saved[name].to(p.device)
+
+    return restore

@@ -58,7 +58,7 @@ held in 4-bit {q.quant_type.upper()}{' with double quantization' if q.double_qua
 | train loss, first → last | {num('first_train_loss')} → {num('last_train_loss')} |
 | eval loss, before → after | {num('first_eval_loss')} → {num('eval_loss')} (the trainer's mean over validation batches; `qlora eval` reports the mean per response token) |
 | runtime | {num('runtime_s', '{:.1f}')} s{segments_text(summary)} on {summary.get('device')} |
-
+{_preference_row(summary)}
 The full recipe is in `recipe.yaml`, every logged step in `metrics.jsonl`, and the curves in `loss.png`.
 
 ## Use
@@ -158,3 +158,11 @@ model = AutoModelForCausalLM.from_pretrained("{output}")
 
 `generation_config.json` stops on the template's end of turn. Every figure above is in `merge_report.json`.
 """
+
+
+def _preference_row(summary: dict) -> str:
+    """A DPO/ORPO/KTO run's figures as one more Results row (nothing for SFT)."""
+    from qlora_cli.outputs.preference_figures import preference_line
+
+    line = preference_line(summary.get("preference"))
+    return f"| preference | {line} |\n" if line else ""

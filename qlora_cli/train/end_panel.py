@@ -59,6 +59,10 @@ def render_summary_panel(summary: dict, recipe, run_dir: str) -> Panel:
         f"{_g(summary.get('eval_loss'))} (the trainer's mean over batches; `qlora eval` weighs every response "
         f"token equally); peak memory {_memory(summary.get('peak_memory', {}))}"
     ))
+    from qlora_cli.outputs.preference_figures import preference_line
+
+    if line := preference_line(summary.get("preference")):  # DPO, ORPO, KTO: the method's own figures
+        table.add_row("preference", escape(line))
     weights = summary.get("model_memory") or {}
     if weights.get("measured_bytes"):
         table.add_row("4-bit model", escape(

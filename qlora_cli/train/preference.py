@@ -133,7 +133,7 @@ def build_preference_trainer(recipe, run, console=None, resuming: bool = False, 
     from transformers import PrinterCallback, set_seed
 
     from qlora_cli.data.preference import build_preference_datasets
-    from qlora_cli.model.adapter import attach_adapter
+    from qlora_cli.model.adapter import attach_adapter, keep_exact_adapter
     from qlora_cli.model.architectures import check_vocab_fits
     from qlora_cli.model.load import keep_adapter_fp32, load_base_model
     from qlora_cli.model.tokenizer import prepare_tokenizer
@@ -161,6 +161,7 @@ def build_preference_trainer(recipe, run, console=None, resuming: bool = False, 
     model.config.use_cache = False
     model = attach_adapter(model, recipe)
     trainer_class = {"dpo": QloraDPOTrainer, "kto": QloraKTOTrainer}.get(method) or _orpo_trainer_class()
+    restore_adapter = keep_exact_adapter(model)
     trainer = trainer_class(
         model=model,
         args=build_preference_config(recipe, run, has_eval=eval_ds is not None, resuming=resuming),
@@ -172,7 +173,10 @@ def build_preference_trainer(recipe, run, console=None, resuming: bool = False, 
         keep_checkpoints=recipe.train.save_total_limit,
     )
     trainer.remove_callback(PrinterCallback)
-    keep_adapter_fp32(trainer.model)  # TRL casts trainable weights to bf16 for 4-bit models, as SFTTrainer does
+    # TRL casts trainable weights to bf16 for 4-bit models, as SFTTrainer does: back to the exact fp32
+    # weights (a continued adapter must start as it ended, equal to the reference TRL copied from it).
+    restore_adapter(trainer.model)
+    keep_adapter_fp32(trainer.model)
 
     def save_adapter(path):
         # Only the trained adapter: TRL's frozen "ref" copy is the starting point, not the result.

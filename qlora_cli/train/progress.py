@@ -75,7 +75,7 @@ class RichProgress(TrainerCallback):
         if "eval_loss" in logs:
             line.eval = _fmt(logs["eval_loss"])
         parts = [f"step {state.global_step}/{state.max_steps}"]
-        parts += [f"{k} {_fmt(v)}" for k, v in logs.items() if k in ("loss", "eval_loss", "learning_rate", "grad_norm")]
+        parts += [f"{k} {_fmt(v)}" for k, v in logs.items() if k in PLAIN_LINE_KEYS]
         self.console.print("  ".join(parts), highlight=False)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -195,6 +195,11 @@ class JsonLines(TrainerCallback):
                   "epoch": round(state.epoch or 0.0, 4), **{k: v for k, v in logs.items() if k != "epoch"}}
         record["peak_memory_gib"] = round(peak_memory_gib(), 3)
         print(json.dumps(record, default=str), file=self.stream, flush=True)
+
+
+# What each plain log line shows; the preference methods' reward accuracy and margin (TRL's names) too.
+PLAIN_LINE_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards/margins",
+                   "eval_rewards/accuracies", "eval_rewards/margins")
 
 
 def peak_memory() -> dict:

@@ -22,7 +22,7 @@ import torch
 from qlora_cli.data.pipeline import build_datasets
 from qlora_cli.errors import EXIT_USER_ERROR, StoppedRun
 from qlora_cli.model.architectures import check_vocab_fits
-from qlora_cli.model.adapter import attach_adapter
+from qlora_cli.model.adapter import attach_adapter, keep_exact_adapter
 from qlora_cli.model.load import (
     is_out_of_memory,
     keep_adapter_fp32,
@@ -153,6 +153,7 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
     model.config.use_cache = False
     model = attach_adapter(model, recipe)  # fresh LoRA, or model.adapter's to continue (model/adapter.py)
 
+    restore_adapter = keep_exact_adapter(model) if recipe.model.adapter else None
     # SFTTrainer owns the loop, checkpointing, mixed precision and distributed launch; the
     # subclass only makes checkpoints atomic and stops on a non-finite loss (trainer.py).
     trainer = CheckpointingTrainer(
@@ -167,6 +168,8 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
         fused_loss=fused_loss_for(recipe.train.loss_path),
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
+    if restore_adapter is not None:  # a continued adapter keeps its trained weights exactly (model/adapter.py)
+        restore_adapter(trainer.model)
     keep_adapter_fp32(trainer.model)  # after SFTTrainer, which casts adapters to bf16 for 4-bit models
     return Setup(trainer=trainer, tokenizer=tokenizer, template=template, data=prepared, model=model,
                  parameters=parameter_counts(model), process_group=group)
