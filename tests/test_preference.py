@@ -331,8 +331,9 @@ def test_dpo_continues_an_sft_runs_adapter_with_its_template(tiny, tmp_path):
 
     wrong = dpo_recipe(tiny, tmp_path, model={"adapter": str(sft_run.run_dir.path)}, lora={"r": 4})
     with pytest.raises(UserError) as err:
-        _train(wrong)
+        _train(wrong, output_dir=str(tmp_path / "wrong"))
     assert "model.adapter" in str(err.value) and "lora.r is 4 but the adapter has 16" in str(err.value)
+    assert not (tmp_path / "wrong").exists()  # refused before anything was written
 
 
 def test_estimate_counts_both_replies_and_the_reference_adapter(tiny, tmp_path):

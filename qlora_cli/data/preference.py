@@ -84,6 +84,9 @@ def to_pair(row: dict, roles: dict | None = None) -> tuple[list[dict], dict, dic
     for field in ("chosen", "rejected"):
         if row.get(field) in (None, "", [], {}):
             raise BadRow(f"field '{field}' is missing or empty")
+    if all(isinstance(row[f], list) and len(row[f]) > 1 for f in ("chosen", "rejected")):
+        # Whole conversations (UltraFeedback's binarized sets also give the prompt text beside them).
+        return _implicit_prompt(row["chosen"], row["rejected"], roles, tools)
     if row.get("prompt") is None and row.get("conversations") is None and row.get("messages") is None:
         if isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
             return _implicit_prompt(row["chosen"], row["rejected"], roles, tools)
