@@ -348,3 +348,25 @@ def test_estimate_counts_both_replies_and_the_reference_adapter(tiny, tmp_path):
     assert a.parts["reference adapter (frozen copy of the starting adapter)"] == a.trainable_params * 4
     assert "reference adapter (frozen copy of the starting adapter)" not in b.parts
     assert a.total > b.total
+
+
+@pytest.mark.slow
+def test_a_dpo_run_merges_generates_and_evaluates_like_any_run(dpo_run, tmp_path, qlora_main):
+    result, _ = dpo_run
+    run = tmp_path / "run"
+    shutil.copytree(result.run_dir.path, run)  # the module's run is shared: work on a copy
+    merged = qlora_main("merge", str(run), "--output", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report  # the fidelity check ran on the run's own pairs (chosen replies), rendered as trained
+    answer = qlora_main("generate", str(run), "--prompt", "What is the opposite of hot?", "--greedy",
+                        "--max-new-tokens", "4")
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    scored = qlora_main("eval", str(run), "--split", "train", "--compare-base", "--max-samples", "32", "--json")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    figures = json.loads(scored.stdout)
+    assert figures["reference"] == "base (adapter disabled)"
+    # Trained on these pairs: the run ranks chosen above rejected more often than the base does.
+    assert figures["metrics"]["reward_accuracy"] > 0.8 and figures["metrics"]["reward_margin"] > 0
+    assert figures["delta"]["logp_margin"] > 0
+    assert json.loads((run / "eval_results.json").read_text())["metrics"] == figures["metrics"]

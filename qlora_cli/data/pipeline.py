@@ -139,6 +139,10 @@ def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, us
 
     `batch_size` (examples per step) is only used for the padding-efficiency statistics.
     """
+    if any(s.format in ("preference", "unpaired") for s in [*data.sources, *data.val_sources]):
+        from qlora_cli.data.preference import as_sft_prepared  # a DPO/ORPO/KTO run's rows, chosen replies scored
+
+        return as_sft_prepared(data, tokenizer, template, seed, batch_size)
     use_cache = data.cache if use_cache is None else use_cache
     renderer = Renderer(template, tokenizer) if template is not None else None
     key = None

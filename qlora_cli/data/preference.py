@@ -430,3 +430,31 @@ def _unpair(rows: list[dict]) -> list[dict]:
         out.append({**base, "completion_ids": r["rejected_ids"], "label": False,
                     "length": len(r["prompt_ids"]) + len(r["rejected_ids"])})
     return out
+
+
+def as_sft_prepared(data, tokenizer, template, seed: int, batch_size: int = 8):
+    """Preference data as SFT's pipeline gives it (pipeline.PreparedData: input_ids and labels, the chosen
+    or desirable reply scored), for what reads a run's rows as SFT rows: merge's and export's fidelity
+    checks and `qlora eval --data`. The prompt and reply tokens are the ones preference training scored."""
+    from datasets import Dataset
+
+    from qlora_cli.data.pipeline import PreparedData
+
+    method = "kto" if all(s.format == "unpaired" for s in [*data.sources, *data.val_sources]) else "dpo"
+    prepared = build_preference_datasets(data, tokenizer, template, seed=seed, method=method, batch_size=batch_size)
+
+    def rows(ds):
+        if ds is None:
+            return None
+        out = []
+        for r in ds:
+            if method == "kto" and not r["label"]:
+                continue  # an undesirable reply is not one to reproduce
+            reply = r["completion_ids"] if method == "kto" else r["chosen_ids"]
+            ids = (r["prompt_ids"] + reply)[: data.max_seq_len]
+            labels = ([-100] * len(r["prompt_ids"]) + reply)[: data.max_seq_len]
+            out.append({"input_ids": ids, "labels": labels, "source": r["source"], "file": r["file"], "row": r["row"],
+                        "length": len(r["prompt_ids"]) + len(reply), "trained": sum(x != -100 for x in labels)})
+        return Dataset.from_list(out) if out else None
+
+    return PreparedData(rows(prepared.train), rows(prepared.val), prepared.stats)
