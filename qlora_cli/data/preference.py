@@ -384,12 +384,15 @@ def build_preference_datasets(data, tokenizer, template, seed: int, method: str,
     stats.train_rows, stats.val_rows = len(train), len(val)
     lengths = np.asarray([min(r["length"], data.max_seq_len) for r in train], dtype=np.int64)
     stats.train_tokens = int(lengths.sum())
+    def scored(r, key):  # what fits in max_seq_len after the prompt (TRL's collator keeps the start)
+        return min(len(r[key]), data.max_seq_len - len(r["prompt_ids"]))
+
     if method == "kto":
-        stats.trained_tokens = sum(len(r["completion_ids"]) for r in train)
+        stats.trained_tokens = sum(scored(r, "completion_ids") for r in train)
         desirable = sum(bool(r["label"]) for r in train)
         stats.notes.append(f"{desirable} desirable and {len(train) - desirable} undesirable replies")
     else:
-        stats.trained_tokens = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in train)
+        stats.trained_tokens = sum(scored(r, "chosen_ids") + scored(r, "rejected_ids") for r in train)
     all_sources = stats.sources + stats.val_sources
     stats.bad_rows = sum(s.bad_rows for s in all_sources)
     stats.bad_row_examples = [e for s in all_sources for e in s.bad_row_examples][:MAX_REPORTED]

@@ -12,16 +12,19 @@ from rich.markup import escape
 from qlora_cli.data.report import _decoded_runs, data_warnings, render_example
 
 
-def _example(tokenizer, prompt: list[int], reply: list[int], where: dict) -> dict:
+def _example(tokenizer, prompt: list[int], reply: list[int], where: dict, max_len: int) -> dict:
+    """One sequence as the trainer sees it: cut to max_seq_len (TRL's collator keeps the start)."""
+    truncated = len(prompt) + len(reply) > max_len
+    reply = reply[: max(0, max_len - len(prompt))]
     ids = prompt + reply
     bounds = [0, len(prompt), len(ids)] if prompt else [0, len(ids)]
     texts = _decoded_runs(tokenizer, ids, bounds)
     flags = [False, True] if prompt else [True]
-    return {**where, "tokens": len(ids), "trained_tokens": len(reply), "truncated": False,
+    return {**where, "tokens": len(ids), "trained_tokens": len(reply), "truncated": truncated,
             "segments": [{"text": t, "trained": f} for t, f in zip(texts, flags) if t]}
 
 
-def pair_examples(prepared, tokenizer, n: int) -> list[dict]:
+def pair_examples(prepared, tokenizer, n: int, max_len: int) -> list[dict]:
     """The first n training rows: {"file", "row", "source", "chosen": example, "rejected": example}, or
     for KTO {"...", "label", "completion": example}; examples as data/report.py's example_segments."""
     files = [s.files for s in prepared.stats.sources]
@@ -32,10 +35,10 @@ def pair_examples(prepared, tokenizer, n: int) -> list[dict]:
         where = {"source": row["source"], "file": files[row["source"]][row["file"]], "row": row["row"]}
         if "completion_ids" in row:
             out.append({**where, "label": bool(row["label"]),
-                        "completion": _example(tokenizer, row["prompt_ids"], row["completion_ids"], where)})
+                        "completion": _example(tokenizer, row["prompt_ids"], row["completion_ids"], where, max_len)})
         else:
-            out.append({**where, "chosen": _example(tokenizer, row["prompt_ids"], row["chosen_ids"], where),
-                        "rejected": _example(tokenizer, row["prompt_ids"], row["rejected_ids"], where)})
+            out.append({**where, "chosen": _example(tokenizer, row["prompt_ids"], row["chosen_ids"], where, max_len),
+                        "rejected": _example(tokenizer, row["prompt_ids"], row["rejected_ids"], where, max_len)})
     return out
 
 
@@ -48,7 +51,7 @@ def show_data(r, tokenizer, template, n: int, as_json: bool, err, echo) -> None:
 
     prepared = build_preference_datasets(r.data, tokenizer, template, seed=r.train.seed, method=r.train.method,
                                          batch_size=r.train.batch_size)
-    examples = pair_examples(prepared, tokenizer, n)
+    examples = pair_examples(prepared, tokenizer, n, r.data.max_seq_len)
     for line in data_warnings(prepared.stats):
         err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if as_json:
@@ -80,8 +83,8 @@ def validate_line(r, tokenizer, template, recipe_path: str) -> tuple[str, list[s
     stats = build_preference_datasets(r.data, tokenizer, template, seed=r.train.seed, method=r.train.method,
                                       batch_size=r.train.batch_size).stats
     kind = "rows" if r.train.method == "kto" else "pairs"
-    start = f"continuing {escape(r.model.adapter)}" if r.model.adapter else "a fresh adapter"
-    line = (f"{r.train.method} from {start}: {stats.train_rows} train {kind}, {stats.val_rows} validation {kind}, "
+    start = f"continuing {escape(r.model.adapter)}" if r.model.adapter else "from a fresh adapter"
+    line = (f"{r.train.method} {start}: {stats.train_rows} train {kind}, {stats.val_rows} validation {kind}, "
             f"template {template.name}, {stats.truncated} truncated to max_seq_len={r.data.max_seq_len}, "
             f"{stats.dropped_too_long + stats.dropped_no_response} dropped, {stats.bad_rows} bad rows skipped")
     return line, data_warnings(stats)

@@ -127,6 +127,8 @@ def run_preference_eval(target, split: str | None, compare_base: bool, max_sampl
         "batch_size": batch_size, "method": recipe.train.method, "beta": recipe.preference.beta,
         "reference": "base (adapter disabled)" if reference == BASE else f"starting adapter {recipe.model.adapter}",
         "metrics": metrics,
+        # The model before this run's training (its reference): the same pairs' log-prob figures.
+        "reference_metrics": pair_figures(ref, None, recipe.preference.beta),
         "base": base and {"label": "base (4-bit, no adapter)", "metrics": base},
         "delta": base and {k: metrics[k] - base[k] for k in keys},
     }
@@ -144,6 +146,10 @@ def render_preference_table(results: dict):
     if base:
         table.add_column("base", justify="right")
         table.add_column("delta", justify="right")
+    ref = results.get("reference_metrics") or {}
+    if ref:
+        table.caption = ("before training (the reference): log-prob accuracy "
+                         f"{ref['logp_accuracy']:.4g}, log-prob margin {ref['logp_margin']:.4g}")
     for key, value in results["metrics"].items():
         if key.endswith("_per_s"):
             continue
