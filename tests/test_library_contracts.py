@@ -29,7 +29,8 @@ def test_the_registry_lists_exactly_the_private_names_the_package_reads():
     package = Path(__file__).resolve().parents[1] / "qlora_cli"
     registered = {name.removeprefix("self.").split("(")[0] for _, _, name, _ in PRIVATE_APIS}
     private_names = {"_save_checkpoint", "_get_output_dir", "_tr_loss", "_globalstep_last_logged",
-                     "_total_loss_scalar", "_metrics", "_total_train_tokens", "_indices", "_fingerprint"}
+                     "_total_loss_scalar", "_metrics", "_total_train_tokens", "_indices", "_fingerprint",
+                     "_prepare_dataset", "_stored_metrics"}
     assert registered == private_names
     used = set()
     for path in package.rglob("*.py"):

@@ -35,6 +35,14 @@ PRIVATE_APIS = [
     ("transformers", "Trainer", "self._total_loss_scalar", "train/trainer.py: keeps summary.json's mean loss per call"),
     ("trl", "SFTTrainer", "self._metrics", "train/trainer.py: TRL's per-step metrics in the same window"),
     ("trl", "SFTTrainer", "self._total_train_tokens", "train/trainer.py: TRL's running token count"),
+    ("trl", "DPOTrainer", "self._metrics", "train/preference.py: the same log window, for DPO's figures"),
+    ("trl", "DPOTrainer", "self._total_train_tokens", "train/preference.py: the same token count"),
+    ("trl", "DPOTrainer", "_prepare_dataset(dataset, processing_class, args, dataset_name)",
+     "train/preference.py: rows arrive tokenized with the run's template, so TRL's tokenization is skipped"),
+    ("trl", "KTOTrainer", "self._metrics", "train/preference.py: the same log window, for KTO's figures"),
+    ("trl", "KTOTrainer", "_prepare_dataset(dataset, processing_class, args, dataset_name)",
+     "train/preference.py: the same, and KTO's KL completions built as TRL builds them"),
+    ("trl", "ORPOTrainer", "self._stored_metrics", "train/preference.py: experimental ORPO's name for _metrics"),
     ("datasets", "Dataset", "_indices", "data/pipeline.py: a column in row order with one Arrow take"),
     ("datasets", "Dataset", "_fingerprint", "data/cache.py: a hub dataset's identity in the cache key"),
 ]
@@ -55,9 +63,16 @@ def private_apis_missing() -> list[str]:
 
     from datasets import Dataset
     from transformers import Trainer
-    from trl import SFTTrainer
+    import warnings
 
-    owners = {"Trainer": Trainer, "SFTTrainer": SFTTrainer}
+    from trl import DPOTrainer, KTOTrainer, SFTTrainer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TRL warns that its experimental trainers may change
+        from trl.experimental.orpo import ORPOTrainer
+
+    owners = {"Trainer": Trainer, "SFTTrainer": SFTTrainer, "DPOTrainer": DPOTrainer, "KTOTrainer": KTOTrainer,
+              "ORPOTrainer": ORPOTrainer}
     missing = []
     probe = Dataset.from_dict({"x": [0, 1]}).select([1, 0])
     for library, owner, name, _ in PRIVATE_APIS:
