@@ -261,30 +261,35 @@ def test_dpo_changes_the_adapter_not_the_base_and_saves_only_the_policy(dpo_run)
 
 
 @pytest.mark.slow
-def test_dpo_resumed_after_a_stop_equals_the_uninterrupted_run(dpo_run, tmp_path):
+def test_dpo_killed_and_resumed_equals_the_uninterrupted_run(dpo_run, tmp_path):
+    """SIGKILL through the real CLI once checkpoint-10 is whole, then --resume: the same adapter and the
+    same logged losses and figures as the uninterrupted run (the reference adapter is in the checkpoint)."""
     from safetensors.torch import load_file
+    from test_resume import _start, _wait_for_checkpoint
 
     result, path = dpo_run
-    # The checkpoint at step 10 is where a killed run resumes from: copy the run as it was then.
+    killed = tmp_path / "killed"
+    proc = _start(path, killed)
+    try:
+        _wait_for_checkpoint(proc, killed, 10)
+        proc.kill()
+    finally:
+        proc.communicate()
+    assert not (killed / "summary.json").exists(), "the run finished before it was killed"
+    resumed = _train(path, output_dir=str(killed), resume="latest")
     run = Path(result.run_dir.path)
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    (partial / "checkpoints").mkdir()
-    shutil.copytree(run / "checkpoints" / "checkpoint-10", partial / "checkpoints" / "checkpoint-10")
-    for name in ("recipe.yaml", ".qlora-run.json"):
-        if (run / name).exists():
-            shutil.copy(run / name, partial / name)
-    metrics = [m for m in result.run_dir.read_metrics() if m.get("step", 0) <= 10]
-    (partial / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    resumed = _train(path, output_dir=str(partial), resume="latest")
     a = load_file(str(run / "adapter_model.safetensors"))
-    b = load_file(str(partial / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]), key
-    logged = {m["step"]: m["loss"] for m in result.run_dir.read_metrics() if "loss" in m}
-    again = {m["step"]: m["loss"] for m in resumed.run_dir.read_metrics() if "loss" in m}
-    assert logged == again
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7, msg=key)
+
+    def logged(records):
+        return [(m["step"], m.get("loss"), m.get("rewards/margins"), m.get("eval_rewards/accuracies"))
+                for m in records if not m.get("resumed")]
+
+    assert logged(resumed.run_dir.read_metrics()) == logged(result.run_dir.read_metrics())
+    assert resumed.summary["steps"] == 20 and resumed.summary["resumed_from"].endswith("checkpoint-10")
 
 
 @pytest.mark.slow
@@ -370,3 +375,21 @@ def test_a_dpo_run_merges_generates_and_evaluates_like_any_run(dpo_run, tmp_path
     assert figures["metrics"]["reward_accuracy"] > 0.8 and figures["metrics"]["reward_margin"] > 0
     assert figures["delta"]["logp_margin"] > 0
     assert json.loads((run / "eval_results.json").read_text())["metrics"] == figures["metrics"]
+
+
+def test_kto_reads_pairs_as_a_desirable_and_an_undesirable_reply(tiny, tmp_path):
+    from qlora_cli.data.preference import build_preference_datasets
+    from qlora_cli.model.tokenizer import prepare_tokenizer
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", (tiny / "dpo.jsonl").read_text().splitlines()[:5])
+    unpaired = write_jsonl(tmp_path / "kto.jsonl", (tiny / "kto.jsonl").read_text().splitlines()[:3])
+    recipe = load_recipe(dpo_recipe(tiny, tmp_path, train={"method": "kto", "eval_steps": None}, data={
+        "sources": [{"path": str(pairs), "format": "preference"}, {"path": str(unpaired), "format": "unpaired"}],
+        "val_size": 0}))
+    tokenizer, template = prepare_tokenizer(recipe)
+    prepared = build_preference_datasets(recipe.data, tokenizer, template, seed=1, method="kto")
+    assert prepared.stats.train_rows == 2 * 5 + 3
+    labels = prepared.train["label"]
+    assert sum(labels) == 5 + sum(json.loads(line)["label"] for line in unpaired.read_text().splitlines())
+    train, _ = prepared.for_trainer()
+    assert train.column_names == ["prompt_ids", "completion_ids", "label"]

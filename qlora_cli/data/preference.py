@@ -379,8 +379,11 @@ def build_preference_datasets(data, tokenizer, template, seed: int, method: str,
         val = [everything[k] for k in order[:n_val]]
         everything = [everything[k] for k in order[n_val:]]
         for row in val:
-            stats.sources[row["source"]].held_out += 1
+            stats.sources[row["source"]].held_out += 1  # pairs, before KTO unpairs them
     train = [everything[k] for k in rng.permutation(len(everything))]
+    if method == "kto" and any(s.format == "preference" for s in [*data.sources, *data.val_sources]):
+        train, val = _unpair(train), _unpair(val)
+        stats.notes.append("each pair is trained as a desirable (chosen) and an undesirable (rejected) reply")
     stats.train_rows, stats.val_rows = len(train), len(val)
     lengths = np.asarray([min(r["length"], data.max_seq_len) for r in train], dtype=np.int64)
     stats.train_tokens = int(lengths.sum())
@@ -402,10 +405,6 @@ def build_preference_datasets(data, tokenizer, template, seed: int, method: str,
     stats.lengths = length_percentiles(lengths)
     stats.histogram = length_histogram(lengths, data.max_seq_len)
     stats.batching = {"batch_size": batch_size, "batches_per_epoch": int(np.ceil(len(train) / batch_size))}
-    if method == "kto" and data.sources and all(s.format == "preference" for s in data.sources):
-        train, val = _unpair(train), _unpair(val)
-        stats.notes.append("each pair is trained as a desirable (chosen) and an undesirable (rejected) reply")
-        stats.train_rows, stats.val_rows = len(train), len(val)
     return PreparedPreference(Dataset.from_list(train) if train else None,
                               Dataset.from_list(val) if val else None, stats, method)
 
@@ -427,6 +426,9 @@ def _unpair(rows: list[dict]) -> list[dict]:
     """KTO from pairs: the chosen reply is a desirable example, the rejected one an undesirable one."""
     out = []
     for r in rows:
+        if "completion_ids" in r:  # an unpaired row already (a source of format unpaired)
+            out.append(r)
+            continue
         base = {k: v for k, v in r.items() if k not in ("chosen_ids", "rejected_ids", "length")}
         out.append({**base, "completion_ids": r["chosen_ids"], "label": True,
                     "length": len(r["prompt_ids"]) + len(r["chosen_ids"])})
