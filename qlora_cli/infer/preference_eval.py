@@ -38,7 +38,11 @@ def pair_rows(target, split: str, max_samples: int | None) -> tuple[list[dict], 
         ds, where = prepared.val, f"validation pairs of {target.path}"
     else:
         ds, where = prepared.train, f"training pairs of {target.path}"
-    rows = [r for r in ds if "chosen_ids" in r]
+    # Cut to max_seq_len as TRL's collator cut them in training (keeping the start): the figures are
+    # those of the tokens training scored, and no position lies beyond the model's context.
+    limit = recipe.data.max_seq_len
+    rows = [{**r, "chosen_ids": r["chosen_ids"][: limit - len(r["prompt_ids"])],
+             "rejected_ids": r["rejected_ids"][: limit - len(r["prompt_ids"])]} for r in ds if "chosen_ids" in r]
     if not rows:
         raise UserError.single("--split", f"{where}: no chosen/rejected pairs (unpaired KTO rows have no pair to rank)")
     return rows[:max_samples] if max_samples else rows, where
@@ -46,7 +50,8 @@ def pair_rows(target, split: str, max_samples: int | None) -> tuple[list[dict], 
 
 @torch.no_grad()
 def reply_logps(target, rows: list[dict], batch_size: int, adapter: str | None) -> torch.Tensor:
-    """(pairs, 2): summed log-probabilities of the chosen and rejected reply tokens."""
+    """(pairs, 2): summed log-probabilities of the chosen and rejected reply tokens (rows already cut to
+    max_seq_len, as training scored them)."""
     from torch.nn.utils.rnn import pad_sequence
 
     from qlora_cli.infer.generate import using_adapter
