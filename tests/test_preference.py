@@ -261,9 +261,13 @@ def test_dpo_changes_the_adapter_not_the_base_and_saves_only_the_policy(dpo_run)
 
 
 @pytest.mark.slow
-def test_dpo_killed_and_resumed_equals_the_uninterrupted_run(dpo_run, tmp_path):
-    """SIGKILL through the real CLI once checkpoint-10 is whole, then --resume: the same adapter and the
-    same logged losses and figures as the uninterrupted run (the reference adapter is in the checkpoint)."""
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_dpo_stopped_and_resumed_equals_the_uninterrupted_run(dpo_run, tmp_path, sig):
+    """SIGKILL (or Ctrl-C, which saves where it stops and exits 130) through the real CLI once
+    checkpoint-10 is whole, then --resume: the same adapter and the same logged losses and figures as
+    the uninterrupted run (the frozen reference adapter is in the checkpoint too)."""
+    import signal
+
     from safetensors.torch import load_file
     from test_resume import _start, _wait_for_checkpoint
 
@@ -272,10 +276,15 @@ def test_dpo_killed_and_resumed_equals_the_uninterrupted_run(dpo_run, tmp_path):
     proc = _start(path, killed)
     try:
         _wait_for_checkpoint(proc, killed, 10)
-        proc.kill()
+        proc.send_signal(getattr(signal, sig))
     finally:
-        proc.communicate()
-    assert not (killed / "summary.json").exists(), "the run finished before it was killed"
+        _, stderr = proc.communicate(timeout=300)
+    assert not (killed / "summary.json").exists(), "the run finished before it was stopped"
+    if sig == "SIGINT":
+        assert proc.returncode == 130 and "Traceback" not in stderr and "--resume" in stderr, stderr[-2000:]
+        saved = sorted(int(c.name.split("-")[1]) for c in (killed / "checkpoints").glob("checkpoint-*"))
+        assert saved[-1] > 10  # saved where it stopped
+        assert (killed / "checkpoints" / f"checkpoint-{saved[-1]}" / "ref").is_dir()
     resumed = _train(path, output_dir=str(killed), resume="latest")
     run = Path(result.run_dir.path)
     a = load_file(str(run / "adapter_model.safetensors"))
@@ -393,3 +402,17 @@ def test_kto_reads_pairs_as_a_desirable_and_an_undesirable_reply(tiny, tmp_path)
     assert sum(labels) == 5 + sum(json.loads(line)["label"] for line in unpaired.read_text().splitlines())
     train, _ = prepared.for_trainer()
     assert train.column_names == ["prompt_ids", "completion_ids", "label"]
+
+
+@pytest.mark.slow
+def test_dpo_trains_in_two_processes_on_the_cpu(tiny, tmp_path):
+    from conftest import run_cli
+
+    path = dpo_recipe(tiny, tmp_path, train={"max_steps": 3, "eval_steps": 3, "save_steps": 3, "batch_size": 4,
+                                             "logging_steps": 1})
+    proc = run_cli("train", str(path), "--nproc", "2", "--quiet", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["distributed"]["world_size"] == 2 and summary["distributed"]["replicas_identical"]
+    assert summary["distributed"]["global_batch"] == 8
+    assert "rewards/margins" in summary["preference"]["eval_after"]
