@@ -418,3 +418,25 @@ def test_dpo_trains_in_two_processes_on_the_cpu(tiny, tmp_path):
     assert summary["distributed"]["world_size"] == 2 and summary["distributed"]["replicas_identical"]
     assert summary["distributed"]["global_batch"] == 8
     assert "rewards/margins" in summary["preference"]["eval_after"]
+
+
+@pytest.mark.slow
+def test_sft_continues_an_earlier_adapter_exactly_where_it_ended(tiny, tmp_path):
+    first = tiny_recipe(tiny, tmp_path / "first")
+    first["train"].update(max_steps=4, eval_steps=4, save_steps=100, logging_steps=2)
+    first_path = tmp_path / "first.yaml"
+    first_path.write_text(yaml.safe_dump(first))
+    before = _train(first_path)
+
+    second = tiny_recipe(tiny, tmp_path / "second")
+    second["model"]["adapter"] = str(before.run_dir.path)
+    second["data"]["template"] = None  # taken from the first run
+    second["train"].update(max_steps=2, eval_steps=2, save_steps=100, logging_steps=1)
+    second_path = tmp_path / "second.yaml"
+    second_path.write_text(yaml.safe_dump(second))
+    after = _train(second_path)
+    # The same validation rows, the same weights (fp32, not rounded by TRL's bf16 cast): the same loss.
+    assert after.summary["first_eval_loss"] == before.summary["eval_loss"]
+    assert after.summary["eval_loss"] < after.summary["first_eval_loss"]
+    assert yaml.safe_load((Path(after.run_dir.path) / "recipe.yaml").read_text())["model"]["adapter"] == str(
+        Path(before.run_dir.path).absolute())
