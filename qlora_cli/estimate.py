@@ -198,9 +198,9 @@ def fused_loss(loss_path: str, gpu: bool) -> bool:
 
 LOSS_SAVED = "loss: fp32 log-probabilities (saved)"
 LOSS_GRADIENTS = "loss: gradients of the logits (fp32, in backward)"
-FUSED_SAVED = "loss: fused LM head, saved (last hidden states, per-token statistics)"
-FUSED_TILE = "loss: fused LM head's logits tile (4,096 tokens x 32,768 vocabulary at most)"
-FUSED_GRADIENTS = "loss: fused LM head's backward (fp32 gradient of the hidden states)"
+FUSED_SAVED = "loss: fused LM head, saved (last hidden states)"
+FUSED_TILE = "loss: fused LM head's tile (4,096 x 32,768 logits at most)"
+FUSED_GRADIENTS = "loss: fused LM head's backward (fp32, hidden states)"
 # TRL's ChunkedLogProbFunction (trl/kernels/chunked_logprob.py, TRL 1.16) projects TOKEN_CHUNK_SIZE
 # tokens onto _CHUNKED_LOGPROB_CHUNK_SIZE vocabulary entries at a time (trl/trainer/utils.py), into
 # one buffer in the compute dtype; tests/test_frozen_dtype.py pins both against the installed TRL.
