@@ -15,7 +15,15 @@ a large tokenizer. Measured, with time.perf_counter around build_datasets only (
   - the tokenizer alone on 5,000 rendered rows, in CPU seconds: the tiny tokenizer, the Mistral-style
     one, and byte-level BPEs trained on the same rows with up to 8k and 32k entries (a realistic
     number of tokens per row; the rows hold fewer distinct pairs than 32k, so the larger learns
-    fewer: see "vocab").
+    fewer: see "vocab");
+  - the ceiling, for both the tiny and the Mistral-style tokenizer: rows/s of the tokenizer alone
+    (encode_batch with offsets, batches of 500 rows as the pipeline's map) on all --rows rows as the
+    pipeline renders them, in the same number of processes (forked, started before the clock), run
+    alternately with the cold pipeline run; the pipeline's rows/s over it is the "ratio";
+  - peak RSS of build_datasets as `qlora data` runs it (cache on, a miss: build and store) in a fresh
+    process, at each of --rss-rows (default 20,000 and 1,000,000): the process's own peak (VmHWM)
+    and the peak of it and its map workers together, and the ratio of the largest size to the smallest (target <= 1.5). A smaller
+    pair (--rss-rows 20000 200000) is a quicker check; --rss-rows with no value skips it.
 Both caches live in a temporary directory: QLORA_CACHE_DIR (ours) and HF_DATASETS_CACHE (the Arrow
 copy `datasets` makes of each JSON file). Both are emptied before every cold run, so "cold" means
 what a first run sees, and your own caches are never read or written.
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -37,6 +46,55 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TARGET_ROWS_PER_S, TARGET_HIT_S = 5000, 2.0
+TARGET_CEILING_RATIO, TARGET_RSS_RATIO = 0.7, 1.5
+MAP_BATCH = 500  # rows per encode_batch call, as the pipeline's map (pipeline._tokenize_file)
+
+# Peak RSS of one cold build, as `qlora data` runs it (cache on: built, then stored), in a fresh
+# interpreter so nothing earlier in this process counts. The process's own peak is its VmHWM (kept
+# by the kernel, reset by exec; ru_maxrss is not: a child inherits its parent's). The map's worker
+# processes come and go, so the whole tree (the process and every descendant, summed) is sampled
+# every 20 ms; its peak can miss a spike shorter than that.
+PEAK_RSS = """
+import json, os, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import bench_data
+from qlora_cli.data.pipeline import build_datasets
+
+def kb(pid, field):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return 0
+
+def tree(pid):
+    try:
+        kids = [int(c) for t in os.listdir(f"/proc/{pid}/task")
+                for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+    except OSError:
+        kids = []
+    return [pid] + [p for k in kids for p in tree(k)]
+
+tree_peak, done = [0], threading.Event()
+def sample():
+    while not done.is_set():
+        tree_peak[0] = max(tree_peak[0], sum(kb(p, "VmRSS") for p in tree(os.getpid())))
+        time.sleep(0.02)
+
+a = json.loads(sys.argv[2])
+tokenizer, template = bench_data.load(a["model"])
+data = bench_data.data_section(a["data"], a["procs"], cache=True)
+before = kb("self", "VmRSS")
+threading.Thread(target=sample, daemon=True).start()
+t0 = time.perf_counter()
+p = build_datasets(data, tokenizer, template, seed=0, use_cache=True)
+seconds = time.perf_counter() - t0
+done.set()
+print(json.dumps({"seconds": seconds, "rows": p.stats.train_rows, "truncated": p.stats.truncated,
+                  "train_tokens": p.stats.train_tokens, "trained_tokens": p.stats.trained_tokens,
+                  "before_build_mb": before / 1024, "peak_mb": kb("self", "VmHWM") / 1024,
+                  "tree_peak_mb": tree_peak[0] / 1024}))
+"""
 
 # Run in a fresh interpreter: a cache hit as `qlora train` sees it, with nothing imported or warm
 # (the import of `datasets` and the OS page cache state are part of what a user waits for).
@@ -92,6 +150,60 @@ def rendered_rows(rows_file: Path, tokenizer, template, n: int = 5000) -> list[s
     renderer = Renderer(template, tokenizer)
     lines = rows_file.read_text(encoding="utf-8").splitlines()[:n]
     return [renderer.examples(to_canonical(json.loads(line), "alpaca", {})["messages"])[0][0] for line in lines]
+
+
+_ALONE: dict = {}  # what forked workers of tokenizer_alone read: the texts and the Rust tokenizer
+
+
+def _encode_share(bounds: tuple[int, int]) -> float:
+    """CPU seconds (all threads) to encode texts[bounds[0]:bounds[1]]."""
+    texts, backend = _ALONE["texts"], _ALONE["backend"]
+    t0 = time.process_time()
+    for start in range(bounds[0], bounds[1], MAP_BATCH):
+        backend.encode_batch(texts[start : min(start + MAP_BATCH, bounds[1])], add_special_tokens=False)
+    return time.process_time() - t0
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process and of its children that have ended (the map's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _started(_) -> int:
+    return os.getpid()
+
+
+def tokenizer_alone(texts: list[str], tokenizer, procs: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) the Rust tokenizer alone takes on TEXTS in PROCS processes: the ceiling.
+
+    Each process encodes a contiguous share in batches of MAP_BATCH, with offsets (encode_batch always
+    computes them; the masks need them) and without special tokens, as the pipeline does. The
+    processes are forked and started before the clock starts, and the texts are inherited, not sent:
+    only the tokenizer's own work is timed, so no pipeline in as many processes can beat it.
+    """
+    _ALONE.update(texts=texts, backend=tokenizer.backend_tokenizer)
+    n = len(texts)
+    if procs == 1:
+        t0 = time.perf_counter()
+        cpu = _encode_share((0, n))
+        return time.perf_counter() - t0, cpu
+    shares = [(n * i // procs, n * (i + 1) // procs) for i in range(procs)]
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        while len(set(pool.map(_started, range(4 * procs), chunksize=1))) < procs:
+            pass  # every worker up
+        t0 = time.perf_counter()
+        cpu = sum(pool.map(_encode_share, shares, chunksize=1))
+        seconds = time.perf_counter() - t0
+    return seconds, cpu
+
+
+def peak_rss(model_dir: str, rows_file: Path, procs: int) -> dict:
+    child = json.dumps({"model": model_dir, "data": str(rows_file), "procs": procs})
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(HERE), child], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"peak RSS run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def sentencepiece_style(texts: list[str], out: Path, vocab: int = 32000) -> str:
@@ -168,6 +280,8 @@ def main() -> None:
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="data.num_proc values (default 1 2)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement (default 3)")
     ap.add_argument("--tiny", help="an existing build_tiny.py output directory (default: build one)")
+    ap.add_argument("--rss-rows", type=int, nargs="*", default=[20_000, 1_000_000],
+                    help="row counts for the peak-RSS runs (default 20000 1000000; none: skip them)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -196,8 +310,9 @@ def main() -> None:
 
         def timed(procs: int, use_cache: bool, tok=tokenizer, tpl=template):
             data = data_section(str(rows_file), procs, cache=use_cache)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), cpu_seconds()
             prepared = build_datasets(data, tok, tpl, seed=0, use_cache=use_cache)
+            timed.cpu = cpu_seconds() - cpu0
             return time.perf_counter() - t0, prepared.stats
 
         def warm_up(tok, tpl):
@@ -206,18 +321,31 @@ def main() -> None:
             build_datasets(data_section(str(tmp / "warmup.jsonl"), 1, False), tok, tpl, seed=0, use_cache=False)
 
         def cold(procs_list, tok=tokenizer, tpl=template) -> dict:
+            # Each pipeline run is followed by the tokenizer alone on the same rows in as many
+            # processes (the ceiling), so that load from others on a shared machine hits both alike.
+            texts = rendered_rows(rows_file, tok, tpl, args.rows)
             out = {}
             for procs in procs_list:
-                times = []
+                times, alone, cpu, alone_cpu = [], [], [], []
                 for _ in range(args.repeats):
                     clear(ours, hf)
                     seconds, stats = timed(procs, use_cache=False, tok=tok, tpl=tpl)
                     times.append(seconds)
+                    cpu.append(timed.cpu)
+                    wall, used = tokenizer_alone(texts, tok, procs)
+                    alone.append(wall)
+                    alone_cpu.append(used)
                 # every row must survive, or the rows/s would flatter a pipeline that drops rows
                 assert stats.train_rows == args.rows, f"{stats.train_rows} of {args.rows} rows kept"
                 s = summary(times)
                 s["rows_per_s"] = args.rows / s["median"]
                 s["truncated"] = stats.truncated
+                s["tokenizer_alone_s"] = summary(alone)
+                s["ceiling_rows_per_s"] = args.rows / s["tokenizer_alone_s"]["median"]
+                s["ratio"] = s["rows_per_s"] / s["ceiling_rows_per_s"]
+                # The same in CPU seconds, which load from other processes on a shared machine barely moves.
+                s["cpu_s"], s["tokenizer_alone_cpu_s"] = summary(cpu), summary(alone_cpu)
+                s["cpu_ratio"] = s["tokenizer_alone_cpu_s"]["median"] / s["cpu_s"]["median"]
                 out[procs] = s
             return out
 
@@ -228,7 +356,7 @@ def main() -> None:
 
         # The same cold run with a tokenizer of the flagship recipe's family (Mistral / Llama 2
         # layout) trained on these rows: what the pipeline does when the tokenizer is a real one's shape.
-        texts = rendered_rows(rows_file, tokenizer, template)
+        texts = rendered_rows(rows_file, tokenizer, template, 5000)
         sp_tokenizer, sp_template = load(sentencepiece_style(texts, tmp / "sentencepiece"))
         warm_up(sp_tokenizer, sp_template)
         results["cold_sentencepiece"] = cold([max(args.procs)], sp_tokenizer, sp_template)
@@ -259,6 +387,15 @@ def main() -> None:
         results["cache"] = {"procs": procs, "miss_s": summary(misses), "hit_s": summary(hits),
                             "fresh_hit_s": summary(fresh), "fresh_process_wall_s": summary(fresh_wall)}
         results["tokenizer_alone"] = tokenizer_cost(texts, {"tiny": tokenizer, "sentencepiece_bpe_32000": sp_tokenizer})
+        # Peak memory at two sizes, each in a fresh process, cold (both caches emptied first).
+        results["peak_rss"] = {}
+        for n in args.rss_rows or []:
+            clear(ours, hf)
+            big = tmp / f"rss_{n}.jsonl"
+            replicate(Path(args.data), n, big)
+            results["peak_rss"][n] = peak_rss(model_dir, big, max(args.procs))
+            big.unlink()
+        clear(ours, hf)
         results["machine"] = {
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "datasets": datasets.__version__, "tokenizers": tokenizers.__version__,
@@ -270,11 +407,19 @@ def main() -> None:
     m = results["machine"]
     print(f"{args.rows} rows of {args.data}; {m['cpu_count']} CPUs, {m['platform']}")
     print(f"datasets {m['datasets']}, tokenizers {m['tokenizers']}, transformers {m['transformers']}")
-    print(f"\n{'cold, cache off':<26}{'median s':>10}{'rows/s':>10}   all runs (s)")
+    print(f"\n{'cold, cache off':<26}{'median s':>10}{'rows/s':>10}{'ceiling':>10}{'ratio':>7}   all runs (s)")
     for label, key in [("", "cold"), (", Mistral-style", "cold_sentencepiece")]:
         for procs, s in results[key].items():
             ok = "ok" if s["rows_per_s"] >= TARGET_ROWS_PER_S else f"below {TARGET_ROWS_PER_S}"
-            print(f"{f'num_proc={procs}{label}':<26}{s['median']:>10.3f}{s['rows_per_s']:>10.0f}   {s['values']} {ok}")
+            ok += "; ratio " + ("ok" if s["ratio"] >= TARGET_CEILING_RATIO else f"below {TARGET_CEILING_RATIO}")
+            print(f"{f'num_proc={procs}{label}':<26}{s['median']:>10.3f}{s['rows_per_s']:>10.0f}"
+                  f"{s['ceiling_rows_per_s']:>10.0f}{s['ratio']:>7.2f}   {s['values']} {ok}")
+    print("in CPU seconds, tokenizer alone / pipeline: " + "; ".join(
+        f"{key} {procs}: {s['tokenizer_alone_cpu_s']['median']:.2f} / {s['cpu_s']['median']:.2f} = {s['cpu_ratio']:.2f}"
+        for key in ("cold", "cold_sentencepiece") for procs, s in results[key].items()))
+    print("ceiling: the tokenizer alone on the same rendered rows in as many processes; tokenizer-alone runs (s): "
+          + "; ".join(f"{key} {procs}: {s['tokenizer_alone_s']['values']}"
+                      for key in ("cold", "cold_sentencepiece") for procs, s in results[key].items()))
     c = results["cache"]
     print(f"\n{f'cache (num_proc={procs})':<26}{'median s':>10}{'':>10}   all runs (s)")
     for label, name in [("miss (build + store)", "miss_s"), ("hit, same process", "hit_s"),
@@ -288,6 +433,21 @@ def main() -> None:
         if name != "rows":
             ceiling = m["cpu_count"] * t["rows"] / v["cpu_s"]
             print(f"{name:<30}{v['vocab']:>8}{v['cpu_s']:>8.3f}{v['tokens_per_row']:>13.0f}{ceiling:>12.0f}")
+    rss = results["peak_rss"]
+    if rss:
+        print(f"\npeak RSS, build_datasets cold with cache store, fresh process, num_proc={max(args.procs)}")
+        print(f"{'rows':>10}{'s':>8}{'rows/s':>9}{'before MB':>11}{'peak MB':>9}{'tree MB':>9}   "
+              "train_tokens / trained_tokens / truncated")
+        for n, r in rss.items():
+            print(f"{n:>10}{r['seconds']:>8.1f}{n / r['seconds']:>9.0f}{r['before_build_mb']:>11.0f}{r['peak_mb']:>9.0f}"
+                  f"{r['tree_peak_mb']:>9.0f}   {r['train_tokens']} / {r['trained_tokens']} / {r['truncated']}")
+        if len(rss) > 1:
+            lo, hi = rss[min(rss)], rss[max(rss)]
+            ratio = hi["peak_mb"] / lo["peak_mb"]
+            results["peak_rss_ratio"] = ratio
+            ok = "ok" if ratio <= TARGET_RSS_RATIO else f"above {TARGET_RSS_RATIO}"
+            print(f"peak RSS at {max(rss)} rows / at {min(rss)} rows: {ratio:.2f} ({ok}); "
+                  f"the process with its workers: {hi['tree_peak_mb'] / lo['tree_peak_mb']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.json}")

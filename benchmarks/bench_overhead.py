@@ -1,24 +1,30 @@
-"""Tool overhead: `qlora train RECIPE` against a hand-written SFTTrainer script (baseline_sft.py).
+"""Tool overhead: `qlora train RECIPE` against two hand-written scripts on the same recipe.
 
     .venv/bin/python benchmarks/bench_overhead.py [--recipe configs/tiny.yaml] [--repeats 5] [--json OUT]
     .venv/bin/python benchmarks/bench_overhead.py --no-data-cache   # the tool tokenizes on every run
 
-Both train the same recipe with the same libraries: benchmarks/baseline_sft.py reads the same resolved
-settings (load_recipe) but uses transformers/bitsandbytes/peft/TRL directly, with none of qlora's
-own code. Each is a fresh process, and runs are interleaved (python -c pass, qlora, baseline,
-then baseline first the next time) so changes in machine load hit both alike. One warm-up run of each comes first and is not counted
-(it fills the OS file cache and, with the default data cache on, qlora's tokenized-data cache in a
-private QLORA_CACHE_DIR: the measured tool runs are cache hits, as a user's second run is).
+The baselines use the same libraries with none of qlora's own code; both read the same resolved
+settings (load_recipe, a pure pydantic/YAML reader):
+  - trainer: benchmarks/baseline_trainer.py, a plain `transformers.Trainer` (no TRL): tokenized by
+    hand, padded by DataCollatorForSeq2Seq, transformers' own loss. The floor.
+  - sft: benchmarks/baseline_sft.py, TRL's SFTTrainer on prompt/completion pairs, as TRL's docs
+    write it (with TRL's defaults, e.g. its fused LM head for the loss).
+Each run is a fresh process, and runs are interleaved (python -c pass, then the three programs in
+an order that rotates every repeat) so changes in machine load hit all alike. One warm-up run of
+each comes first and is not counted (it fills the OS file cache and, with the default data cache
+on, qlora's tokenized-data cache in a private QLORA_CACHE_DIR: the measured tool runs are cache
+hits, as a user's second run is).
 
-Measured, medians over --repeats:
+Measured, medians over --repeats, for qlora against each baseline:
   - wall: each process's wall time minus the median wall time of `python -c pass` measured in the
     same run (interpreter start excluded);
-  - train: the time inside trainer.train() (qlora: `runtime_s` in RUN/summary.json; baseline: its
-    own train_s);
+  - train: the time inside trainer.train() (qlora: `runtime_s` in RUN/summary.json; baselines:
+    their own train_s);
   - cpu: user + system CPU seconds of each process (corroboration: less sensitive to other load);
   - paired: the same three as the median (and quartiles) of each repeat's qlora/baseline ratio,
-    whose two runs were back to back.
-Target: tool/baseline <= 1.05 for wall and train. Also checks that both trained the same tokens.
+    whose runs were back to back.
+Target: qlora/baseline <= 1.05 for wall and train, against either. Also checks that all trained
+the same tokens.
 
 Other processes on a small machine can slow one run by several times, which no number of repeats
 averages away. So before each run the script waits (up to --max-wait s) until the machine is idle,
@@ -27,11 +33,11 @@ they averaged more than --max-foreign cores are left out of the medians when at 
 each kind are clean (all runs are in the JSON, with their foreign load).
 
 Even on an idle machine, one process can train the tiny recipe 10-20% slower than the next, for
-either program, so 5 repeats resolve differences of about 10%, not 5%. Part of it is memory:
+any of the programs, so 5 repeats resolve differences of about 10%, not 5%. Part of it is memory:
 each step allocates and frees tens of MB, and glibc's dynamic mmap threshold decides per process
 how much of it is mmapped afresh every step (about 3.7 M page faults and 8 s of system time per
-run). --malloc-mmap-threshold 268435456 fixes the threshold for both (MALLOC_MMAP_THRESHOLD_):
-about 1.1 M faults and 3 s, and about 20% less time in trainer.train() for both.
+run). --malloc-mmap-threshold 268435456 fixes the threshold for all (MALLOC_MMAP_THRESHOLD_):
+about 1.1 M faults and 3 s, and about 20% less time in trainer.train() for each.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QLORA = Path(sys.executable).with_name("qlora")
-BASELINE = ROOT / "benchmarks" / "baseline_sft.py"
+BASELINES = {"trainer": ROOT / "benchmarks" / "baseline_trainer.py", "sft": ROOT / "benchmarks" / "baseline_sft.py"}
 TARGET = 1.05
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -100,10 +106,10 @@ def run_qlora(recipe: str, out: Path, env: dict, extra: list[str]) -> dict:
             "first_eval_loss": summary["first_eval_loss"], "eval_loss": summary["eval_loss"]}
 
 
-def run_baseline(recipe: str, out: Path, env: dict) -> dict:
+def run_baseline(script: Path, recipe: str, out: Path, env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     result = out.with_suffix(".json")
-    t = timed([sys.executable, str(BASELINE), recipe, "--output-dir", str(out), "--json", str(result)], env)
+    t = timed([sys.executable, str(script), recipe, "--output-dir", str(out), "--json", str(result)], env)
     return {**t, **json.loads(result.read_text())}
 
 
@@ -159,47 +165,49 @@ def main() -> None:
     extra = ["--set", "data.cache=false"] if args.no_data_cache else []
     python_pass = [sys.executable, "-c", "pass"]
 
-    run_qlora(args.recipe, work / "qlora", env, extra)  # warm-up: file cache, qlora's data cache
-    run_baseline(args.recipe, work / "baseline", env)
-    tool, base, interp, waited = [], [], [], 0.0
-    runners = {"qlora": lambda: tool.append(run_qlora(args.recipe, work / "qlora", env, extra)),
-               "baseline": lambda: base.append(run_baseline(args.recipe, work / "baseline", env))}
+    runs: dict[str, list[dict]] = {"qlora": [], **{name: [] for name in BASELINES}}
+    runners = {"qlora": lambda: run_qlora(args.recipe, work / "qlora", env, extra),
+               **{name: (lambda script=script, name=name: run_baseline(script, args.recipe, work / name, env))
+                  for name, script in BASELINES.items()}}
+    for run in runners.values():  # warm-up: file cache, qlora's data cache
+        run()
+    interp, waited, order = [], 0.0, list(runners)
     for i in range(args.repeats):
-        # Interleaved, in ABBA order (qlora first, then baseline first), so drifts in load and
-        # whatever one run leaves behind for the next (page cache, dirty pages) hit both alike.
+        # Interleaved, in an order that rotates each repeat, so drifts in load and whatever one run
+        # leaves behind for the next (page cache, dirty pages) hit all programs alike.
         interp += [timed(python_pass, env)["wall_s"] for _ in range(3)]
-        for name in (("qlora", "baseline") if i % 2 == 0 else ("baseline", "qlora")):
+        for name in order[i % len(order):] + order[:i % len(order)]:
             waited += wait_until_idle(args.max_wait, args.max_foreign)
-            runners[name]()
+            runs[name].append(runners[name]())
         print(f"repeat {i + 1}/{args.repeats}: " + "; ".join(
-            f"{name} {r['wall_s']:.2f} s wall, {r['train_s']:.2f} s train, {r['cpu_s']:.1f} s CPU, "
-            f"other load {r['foreign_cores']:.2f} cores" for name, r in (("qlora", tool[-1]), ("baseline", base[-1]))),
-            flush=True)
+            f"{name} {r[-1]['wall_s']:.2f} s wall, {r[-1]['train_s']:.2f} s train, {r[-1]['cpu_s']:.1f} s CPU, "
+            f"other load {r[-1]['foreign_cores']:.2f} cores" for name, r in runs.items()), flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
-    summary = summarise(tool, base, interp, args.max_foreign)
-    tokens = {name: {k: runs[0][k] for k in ("tokens_seen", "tokens_per_epoch", "trained_tokens_per_epoch")}
-              for name, runs in (("qlora", tool), ("baseline", base))}
-    met = {k: summary["ratio"][k] <= TARGET for k in ("wall", "train")}
+    against = {name: summarise(runs["qlora"], runs[name], interp, args.max_foreign) for name in BASELINES}
+    tokens = {name: {k: r[0][k] for k in ("tokens_seen", "tokens_per_epoch", "trained_tokens_per_epoch")}
+              for name, r in runs.items()}
+    met = {name: {k: s["ratio"][k] <= TARGET for k in ("wall", "train")} for name, s in against.items()}
     result = {"recipe": args.recipe, "repeats": args.repeats, "data_cache": not args.no_data_cache,
               "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_"),
-              "waited_for_idle_s": round(waited, 1), **summary, "target_ratio": TARGET, "met": met, "tokens": tokens,
-              "eval_loss": {"qlora": tool[0]["eval_loss"], "baseline": base[0]["eval_loss"]},
-              "runs": {"qlora": tool, "baseline": base, "python_pass_s": interp}}
+              "waited_for_idle_s": round(waited, 1), "against": against, "target_ratio": TARGET, "met": met,
+              "tokens": tokens, "eval_loss": {name: r[0]["eval_loss"] for name, r in runs.items()},
+              "runs": {**runs, "python_pass_s": interp}}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
-    print(f"tokens trained: qlora {tokens['qlora']['tokens_seen']:,}, baseline {tokens['baseline']['tokens_seen']:,} "
-          f"(per epoch {tokens['qlora']['tokens_per_epoch']:,} vs {tokens['baseline']['tokens_per_epoch']:,}); "
-          f"medians of {summary['runs_used']['which']}")
+    print("tokens trained over the run: " + ", ".join(f"{n} {t['tokens_seen']:,}" for n, t in tokens.items())
+          + "; per epoch: " + ", ".join(f"{n} {t['tokens_per_epoch']:,}" for n, t in tokens.items()))
     labels = {"wall": "wall time excluding interpreter start", "train": "time inside trainer.train()",
               "cpu": "CPU time (corroboration, no target)"}
-    for key, label in labels.items():
-        q, b = summary[f"{key}_s"]["qlora"], summary[f"{key}_s"]["baseline"]
-        verdict = f" (target <= {TARGET}): {'met' if met[key] else 'NOT met'}" if key in met else ""
-        pr = summary["paired_ratio"][key]
-        print(f"{label}: qlora {q:.2f} s, baseline {b:.2f} s: ratio {q / b:.3f}{verdict}; "
-              f"per-repeat ratios: median {pr['median']:.3f}, quartiles {pr['quartiles']}")
+    for name, summary in against.items():
+        print(f"qlora against {name} ({BASELINES[name].name}), medians of {summary['runs_used']['which']}:")
+        for key, label in labels.items():
+            q, b = summary[f"{key}_s"]["qlora"], summary[f"{key}_s"]["baseline"]
+            verdict = f" (target <= {TARGET}): {'met' if met[name][key] else 'NOT met'}" if key in met[name] else ""
+            pr = summary["paired_ratio"][key]
+            print(f"  {label}: qlora {q:.2f} s, {name} {b:.2f} s: ratio {q / b:.3f}{verdict}; "
+                  f"per-repeat ratios: median {pr['median']:.3f}, quartiles {pr['quartiles']}")
 
 
 if __name__ == "__main__":

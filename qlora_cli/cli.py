@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from typing import List, Literal, Optional
 
 import typer
@@ -91,25 +92,27 @@ def train(
     checked = with_output_dir(recipe_obj, output_dir)
     run = RunDir(checked.output.dir)
     check_inputs(checked, run, overwrite, resume, warn=lambda text: None, hashes=False, recipe_file=recipe)
-    _quiet_libraries()
-    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
-        # Check everything that needs no model before starting N processes, so a bad recipe or
-        # path is reported once, plainly, instead of by every rank and then by the launcher.
-        from qlora_cli.train.distributed import launch
-
-        args = [recipe, *overrides, *(["--output-dir", output_dir] if output_dir else []),
-                *(["--overwrite"] if overwrite else []), *(["--resume", resume] if resume else []),
-                *(["--quiet"] if quiet else []), *(["--trust-remote-code"] if trust_remote_code else []),
-                "--log-format", log_format]
-        with run.lock():  # this process writes nothing, but holds the run for the ones it launches
-            preflight(checked, run, overwrite, resume, warn=lambda text: None)
-            raise typer.Exit(launch(nproc, args))
-    from qlora_cli.train.run import train as run_training
-
     display = "json" if log_format == "json" else ("quiet" if quiet else "rich")
-    result = run_training(recipe_obj, output_dir=output_dir, overwrite=overwrite, resume=resume,
-                          resume_command=command, console=err, display=display,
-                          estimate_command=shlex.join(["qlora", "estimate", recipe, *overrides]))
+    with _loading_status(display == "rich" and os.environ.get("RANK", "0") == "0") as phase:
+        _quiet_libraries()
+        if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+            # Check everything that needs no model before starting N processes, so a bad recipe or
+            # path is reported once, plainly, instead of by every rank and then by the launcher.
+            from qlora_cli.train.distributed import launch
+
+            args = [recipe, *overrides, *(["--output-dir", output_dir] if output_dir else []),
+                    *(["--overwrite"] if overwrite else []), *(["--resume", resume] if resume else []),
+                    *(["--quiet"] if quiet else []), *(["--trust-remote-code"] if trust_remote_code else []),
+                    "--log-format", log_format]
+            with run.lock():  # this process writes nothing, but holds the run for the ones it launches
+                preflight(checked, run, overwrite, resume, warn=lambda text: None)
+                phase(None)  # the launched processes print for themselves
+                raise typer.Exit(launch(nproc, args))
+        from qlora_cli.train.run import train as run_training
+
+        result = run_training(recipe_obj, output_dir=output_dir, overwrite=overwrite, resume=resume,
+                              resume_command=command, console=err, display=display,
+                              estimate_command=shlex.join(["qlora", "estimate", recipe, *overrides]), phase=phase)
     s = result.summary
     if not s:  # a non-zero rank of a distributed run: rank 0 reports
         return
@@ -120,6 +123,26 @@ def train(
 
     err.print(render_summary_panel(s, recipe_obj, str(result.run_dir.path)))
     typer.echo(str(result.run_dir.path))
+
+
+@contextmanager
+def _loading_status(show: bool):
+    """A spinner on the terminal from the moment the recipe checks out until training starts, naming
+    what is being loaded: importing torch, transformers, PEFT and TRL, tokenizing and quantizing take
+    seconds to minutes before the first line that train.run prints. Yields `phase(text)`, which
+    names the next step; phase(None) ends the spinner (train.run calls it before its own display).
+    Nothing is shown off a terminal, with --quiet or --log-format json, or on a rank other than 0."""
+    if not show:
+        yield lambda text: None
+        return
+    status = err.status("loading torch, transformers, PEFT and TRL", spinner="dots")
+    status.start()
+    try:
+        # Naming the spinner again is what makes rich draw the new text at once: otherwise it waits
+        # for its refresh thread, which a step holding the GIL (loading a tokenizer) can starve.
+        yield lambda text: status.update(text, spinner="dots") if text else status.stop()
+    finally:
+        status.stop()
 
 
 @app.command()

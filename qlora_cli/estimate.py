@@ -11,14 +11,18 @@ The parts, in bytes:
   - NF4 weights: 4 bits per parameter, plus one absmax per 64-weight block, which double
     quantization stores in 8 bits with an fp32 constant per 256 blocks (4.127 bits per parameter
     in all; 4.5 without double quantization);
-  - the rest of the base (embeddings, norms, lm_head), in fp32: peft's
-    `prepare_model_for_kbit_training` upcasts them;
+  - the rest of the base: the embeddings and lm_head (and any linear layer left unquantized) in
+    model.dtype, the norms in fp32. peft's `prepare_model_for_kbit_training` upcasts all of them to
+    fp32; training puts the frozen embeddings and head back where it runs under autocast (bf16, or
+    fp16 on a GPU: model/load.py frozen_weights_stay_narrow), else all of them stay fp32;
   - LoRA (and modules_to_save) parameters in fp32, their gradients, and the optimizer state
     (8 bytes per parameter for 32-bit Adam, 2 for 8-bit Adam, 0 for SGD);
   - activations for batch x sequence: with gradient checkpointing, one hidden state per layer is
     kept plus one layer's working set being recomputed; without, every layer's working set. The
-    loss's fp32 log-probabilities and the logits' gradients come on top (large for big
-    vocabularies). See activation_parts for what is counted;
+    loss comes on top, by train.loss_path: the plain loss holds fp32 log-probabilities over the
+    whole (batch, seq, vocab) logits and their gradients (large for big vocabularies); TRL's fused
+    LM head holds one tile of logits at a time. `auto` takes the fused head on a GPU (CUDA), so an
+    estimate for a GPU counts it. See activation_parts for what is counted;
   - a fixed runtime overhead (CUDA context and allocator slack).
 
 With `nproc` GPUs the figures are per GPU. Under DDP each GPU holds all of the above, plus the
@@ -58,6 +62,7 @@ class Estimate:
     trainable_params: int = 0
     quantized_fraction: float = 1.0  # of the transformer blocks' matrix weights (architectures.py)
     refused: str | None = None  # why `qlora train` would refuse this model (too little of it in 4 bits)
+    fused_saving: float = 0.0  # bytes TRL's fused LM head would hold less than the plain loss counted
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -85,6 +90,7 @@ class _Inventory:
     quantized: int = 0  # parameters held in 4 bits
     matrices: int = 0  # how many weight matrices hold them (each has its own lookup tables)
     other: int = 0  # parameters kept in full precision (embeddings, norms, lm_head)
+    narrow: int = 0  # of those, the ones training keeps in model.dtype (embeddings, lm_head: keeps_loaded_dtype)
     per_layer: dict = field(default_factory=dict)  # decoder layer index -> [quantized, other]
 
     def largest_layer(self) -> tuple[int, int]:
@@ -104,7 +110,8 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
     from qlora_cli.errors import UserError
     from qlora_cli.model.meta import quantized_meta_model
     from qlora_cli.model.architectures import quantized_fraction, require_4bit
-    from qlora_cli.util.dtypes import torch_dtype
+    from qlora_cli.model.load import frozen_weights_stay_narrow, keeps_loaded_dtype
+    from qlora_cli.util.dtypes import bytes_per, torch_dtype
 
     m, q = recipe.model, recipe.quant
     config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
@@ -121,6 +128,8 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
     # A model built from its config is not tied yet (from_pretrained ties it), so both names still
     # hold a parameter of their own here: count the source only, as the loaded model stores it.
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    narrow_names = {f"{n}.{pn}" for n, mod in model.named_modules() if keeps_loaded_dtype(mod)
+                    for pn, _ in mod.named_parameters(recurse=False)}
     est = Estimate()
     inv = _Inventory()
     seen = set()
@@ -134,22 +143,35 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
             inv.matrices += 1
         else:
             inv.other += p.numel()
+            inv.narrow += p.numel() if name in narrow_names else 0
         layer = _layer_index(name)
         if layer is not None:
             inv.per_layer.setdefault(layer, [0, 0])[0 if quantized else 1] += p.numel()
     est.quantized_params, est.other_params = inv.quantized, inv.other
     est.quantized_fraction, est.refused = coverage.fraction, refused
-    # One process: peft's prepare_model_for_kbit_training upcasts the unquantized layers to fp32.
-    est.weights = nf4_bytes(inv.quantized, q.double_quant, inv.matrices) + inv.other * 4
+    # One process: peft's prepare_model_for_kbit_training upcasts the unquantized layers to fp32, and
+    # under 16-bit autocast training puts the frozen embeddings and lm_head back (model/load.py).
+    narrow_bytes = bytes_per(m.dtype) if frozen_weights_stay_narrow(torch_dtype(q.compute_dtype), cuda=gpu) else 4
+    est.weights = (nf4_bytes(inv.quantized, q.double_quant, inv.matrices) + inv.narrow * narrow_bytes
+                   + (inv.other - inv.narrow) * 4)
     linears = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
     est.trainable_params = _trainable_params(recipe, model, linears, quantized_names)
 
     if recipe.distributed.sharded:  # even in one process: no fp32 upcast, weights in the storage dtype
         _sharded(est, inv, recipe, nproc)
+        head_bytes = bytes_per(m.dtype)
     else:
-        _replicated(est, inv, recipe, nproc)
+        _replicated(est, inv, recipe, nproc, narrow_bytes)
+        head_bytes = narrow_bytes
+    head = model.get_output_embeddings()
+    head_name = next((n for n, mod in model.named_modules() if mod is head), "lm_head").split(".")[-1]
+    head_trains = head_name in recipe.lora.modules_to_save
+    if head_trains:
+        head_bytes = 4  # the loss runs through the trained fp32 copy
+    fused = fused_loss(recipe.train.loss_path, gpu)
 
-    for label, value in activation_parts(recipe, config, linears, quantized_names).items():
+    for label, value in activation_parts(recipe, config, linears, quantized_names, fused=fused,
+                                         head_bytes=head_bytes, head_trains=head_trains).items():
         est.parts[label] = value
     if recipe.train.method in ("dpo", "kto"):
         # TRL's reference for a PeftModel: a frozen fp32 copy of the starting adapter, never a second base.
@@ -160,29 +182,68 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
         est.parts["runtime overhead (CUDA context, allocator)"] = RUNTIME_OVERHEAD
     if tied:
         est.notes.append("tied input/output embeddings are counted once")
+    other = activation_parts(recipe, config, linears, quantized_names, fused=not fused, head_bytes=head_bytes,
+                             head_trains=head_trains)
+    more = sum(v for k, v in other.items() if k.startswith("loss")) - sum(
+        v for k, v in est.parts.items() if k.startswith("loss"))
+    if not fused:
+        est.fused_saving = -more
+    if recipe.train.loss_path == "auto" and fused:  # (an estimate for a GPU, as `qlora estimate` makes)
+        est.notes.append(
+            "train.loss_path auto: counted with TRL's fused LM head, which training takes on a CUDA GPU; "
+            f"without one it takes the plain loss over the full logits, {more / GIB:.2f} GiB more")
     return est
+
+
+def fused_loss(loss_path: str, gpu: bool) -> bool:
+    """train.loss_path resolved for the machine estimated: auto is the fused head on a GPU, as
+    train/trainer.py fused_loss_for decides where training runs (CUDA available)."""
+    return loss_path == "fused" or (loss_path == "auto" and gpu)
 
 
 LOSS_SAVED = "loss: fp32 log-probabilities (saved)"
 LOSS_GRADIENTS = "loss: gradients of the logits (fp32, in backward)"
+FUSED_SAVED = "loss: fused LM head, saved (last hidden states)"
+FUSED_TILE = "loss: fused LM head's tile (4,096 x 32,768 logits at most)"
+FUSED_GRADIENTS = "loss: fused LM head's backward (fp32, hidden states)"
+# TRL's ChunkedLogProbFunction (trl/kernels/chunked_logprob.py, TRL 1.16) projects TOKEN_CHUNK_SIZE
+# tokens onto _CHUNKED_LOGPROB_CHUNK_SIZE vocabulary entries at a time (trl/trainer/utils.py), into
+# one buffer in the compute dtype; tests/test_frozen_dtype.py pins both against the installed TRL.
+FUSED_TOKEN_CHUNK = 4096
+FUSED_VOCAB_CHUNK = 32768
 
 
-def activation_parts(recipe, config, linears: dict, quantized_names: set[str]) -> dict[str, float]:
+def activation_parts(recipe, config, linears: dict, quantized_names: set[str], fused: bool = False,
+                     head_bytes: int | None = None, head_trains: bool = False) -> dict[str, float]:
     """What one micro-batch of batch_size x max_seq_len tokens adds, the same on every GPU.
 
     The tensors a Llama-style decoder layer keeps for the backward pass, per token (checked against
     autograd's saved tensors on the CPU by benchmarks/bench_activations.py and tests/test_estimate.py):
-      - the residual stream in its dtype r: peft's prepare_model_for_kbit_training upcasts the
-        embeddings to fp32, so the hidden states are fp32 (and bitsandbytes returns each 4-bit
-        layer's output in its input's dtype); under fsdp/deepspeed there is no upcast. Two sums
+      - the residual stream in its dtype r: fp32 in one process or under DDP (the embeddings'
+        output is upcast to fp32, and the fp32 norms keep it there: model/load.py attach_lora;
+        bitsandbytes returns each 4-bit layer's output in its input's dtype); under
+        fsdp/deepspeed there is no upcast. Two sums
         feed the two norms (2 x hidden), and the gated MLP keeps gate, up and act(gate) (3 x intermediate);
       - attention in the compute dtype c: q and the output (2 x hidden), k and v (2 x kv width);
       - each LoRA module keeps its input cast to c (a frozen 4-bit matmul keeps nothing), plus a
         one-byte dropout mask when lora.dropout > 0; attention keeps an fp32 logsumexp per head;
       - per layer, not per token: the c copies autocast makes of the fp32 LoRA factors.
     With gradient checkpointing only each layer's input is kept, plus one layer being recomputed.
-    The loss keeps fp32 log-probabilities over the vocabulary and, when lm_head is fp32 and c is
-    narrower, the copy of lm_head autocast made for the matmul; backward adds the fp32 gradients.
+
+    The loss, by path (`fused`; head_bytes: the dtype size lm_head is held in, None for the fp32
+    upcast, or the storage dtype under sharding; head_trains: lm_head is in modules_to_save):
+      - both: the final norm keeps its input (r);
+      - plain: fp32 log-probabilities over the vocabulary for every token and, when lm_head is
+        wider than c, the copy of it autocast made for the matmul (when it trains, also its c
+        input); backward adds the fp32 gradients of the logits (twice tokens x vocab x 4 bytes);
+      - fused (TRL's add_fused_lm_head): the (batch, seq, vocab) logits are never held. Saved for
+        backward: the last hidden states it scores (a copy: it gathers the positions with a
+        label) and per token the target (int64), log-normalizer and entropy (fp32), the label
+        mask; its outputs are per token too. Working: one tile of at most 4,096 tokens x 32,768 vocabulary entries
+        in c (the same buffer again in backward), with a c copy of the tile's hidden states and
+        of lm_head's rows when they are wider. Backward: the fp32 gradient of the hidden states,
+        and an fp32 gradient for all of lm_head when it trains (modules_to_save). Counted for
+        every position; the GPU kernel scores only those with a label.
     """
     from qlora_cli.util.dtypes import bytes_per
 
@@ -192,6 +253,7 @@ def activation_parts(recipe, config, linears: dict, quantized_names: set[str]) -
     tokens = t.batch_size * d.max_seq_len * SEQUENCES_PER_ROW[t.method]
     r = bytes_per(recipe.model.dtype) if recipe.distributed.sharded else 4
     c = bytes_per(q.compute_dtype)
+    head_bytes = r if head_bytes is None else head_bytes
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     inter = getattr(config, "intermediate_size", 4 * hidden)
     heads = config.num_attention_heads
@@ -208,8 +270,22 @@ def activation_parts(recipe, config, linears: dict, quantized_names: set[str]) -
         parts["activations (checkpointed)"] = layers * tokens * r * hidden + tokens * per_token + per_layer
     else:
         parts["activations"] = layers * (tokens * per_token + per_layer)
-    lm_head_copy = vocab * hidden * c if r == 4 and c < 4 else 0
-    parts[LOSS_SAVED] = tokens * vocab * 4 + lm_head_copy
+    final_norm_input = tokens * hidden * r  # saved by the final norm, on either path
+    if fused:
+        rows, columns = min(tokens, FUSED_TOKEN_CHUNK), min(vocab, FUSED_VOCAB_CHUNK)
+        # Saved per token: the gathered last hidden state, the target (int64), the log-normalizer
+        # and the entropy (fp32), the label mask.
+        parts[FUSED_SAVED] = final_norm_input + tokens * (hidden * r + 8 + 4 + 4 + 1)
+        # Working: the tile and the casts made for it; per token, the forward's 7 fp32 running
+        # statistics and the outputs (log-prob and entropy in fp32, top-1 as bool), also as the
+        # copies scattered back to (batch, seq).
+        parts[FUSED_TILE] = (rows * columns * c + (rows * hidden * c if r != c else 0)
+                             + (columns * hidden * c if head_bytes != c else 0) + tokens * (7 * 4 + 2 * 9))
+        parts[FUSED_GRADIENTS] = tokens * hidden * 4 + (vocab * hidden * 4 if head_trains else 0)
+        return parts
+    lm_head_copy = vocab * hidden * c if head_bytes > c else 0
+    head_input = tokens * hidden * c if head_trains and c < 4 else 0  # kept for the head's own gradient
+    parts[LOSS_SAVED] = tokens * vocab * 4 + lm_head_copy + final_norm_input + head_input
     parts[LOSS_GRADIENTS] = 2 * tokens * vocab * 4
     # DPO's and KTO's reference pass runs without gradients before the policy's: it keeps nothing for
     # backward, its peak (one layer's tensors and the batch's log-probabilities) is freed before the
@@ -221,12 +297,18 @@ def activation_parts(recipe, config, linears: dict, quantized_names: set[str]) -
 SEQUENCES_PER_ROW = {"sft": 1, "dpo": 2, "orpo": 2, "kto": 2}
 
 
-def _replicated(est: Estimate, inv: _Inventory, recipe, nproc: int) -> None:
-    """One process, or DDP: every GPU holds the whole 4-bit model, adapters and optimizer state."""
+def _replicated(est: Estimate, inv: _Inventory, recipe, nproc: int, narrow_bytes: int = 4) -> None:
+    """One process, or DDP: every GPU holds the whole 4-bit model, adapters and optimizer state.
+
+    narrow_bytes: the size the frozen embeddings and lm_head are held in (4: peft's fp32 upcast)."""
     q, t = recipe.quant, recipe.train
     trainable = est.trainable_params
     est.parts["NF4 weights + quantization constants"] = nf4_bytes(inv.quantized, q.double_quant, inv.matrices)
-    est.parts["unquantized base weights (fp32)"] = inv.other * 4
+    if narrow_bytes == 4:
+        est.parts["unquantized base weights (fp32)"] = inv.other * 4
+    else:
+        est.parts[f"unquantized base weights ({recipe.model.dtype}: embeddings, lm_head)"] = inv.narrow * narrow_bytes
+        est.parts["unquantized base weights (fp32: norms)"] = (inv.other - inv.narrow) * 4
     est.parts["trainable parameters (fp32)"] = trainable * 4
     est.parts["gradients (fp32)"] = trainable * 4
     est.parts[f"optimizer state ({t.optimizer})"] = trainable * OPTIMIZER_BYTES[t.optimizer]
@@ -325,6 +407,9 @@ def suggestions(recipe, est: Estimate, nproc: int = 1) -> list[str]:
     if nproc > 1 and recipe.distributed.strategy == "ddp":
         out.append(f"distributed.strategy: fsdp (shards the weights, adapters and optimizer state across the {nproc} GPUs)")
     act = sum(v for k, v in est.parts.items() if k.startswith(("activations", "loss")))
+    if t.loss_path == "plain" and est.fused_saving > 0:
+        out.append(f"train.loss_path: auto (TRL's fused LM head on a CUDA GPU never holds the full logits: "
+                   f"about {est.fused_saving / GIB:.1f} GiB less)")
     if not t.gradient_checkpointing:
         out.append("train.gradient_checkpointing: true (keeps one hidden state per layer instead of all activations)")
     if t.batch_size > 1:

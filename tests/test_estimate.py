@@ -94,8 +94,10 @@ def test_sharded_storage_weights_match_a_real_load_without_the_fp32_upcast(tiny,
                + est.parts["unquantized base weights (bfloat16)"])
     assert abs(weights / measured - 1) < 0.01, (weights, measured)
     assert abs(est.parts["quantization constants (every GPU)"] / quant_state_bytes(base) - 1) < 0.01
-    # ... which is well under the one-process figure with the fp32 upcast
-    assert weights < 0.8 * est.weights
+    # ... which is under the one-process figure, where the norms are fp32 (the embeddings and
+    # lm_head are bf16 in both: model/load.py attach_lora), by 2 bytes a norm weight
+    norms = (2 * base.config.num_hidden_layers + 1) * base.config.hidden_size
+    assert est.weights - weights == 2 * norms > 0
 
 
 def test_fsdp_shards_weights_adapters_and_optimizer_but_not_activations(tiny, tmp_path):
@@ -188,6 +190,10 @@ def test_whole_estimate_is_within_15_percent_of_a_training_step_peak(checkpointi
     # estimate may err high (it adds peaks that do not coincide), not low.
     import bench_activations  # benchmarks/ is on the path (conftest)
 
+    # With checkpointing the estimate sums the recomputed layer's working set and the loss's
+    # saved and backward parts, which do not peak together: 2.7 MB over on this toy shape, the same
+    # as when lm_head was fp32, but the measured peak is 6.1 MB smaller since the frozen embeddings
+    # and head are bf16 (issue 27): 1.21 of it now, 1.14 then; without checkpointing 1.04.
     result = bench_activations.step_peak(batch=2, seq=64, dtype_name="bfloat16", checkpointing=checkpointing,
                                          shape=SMALL)
-    assert 0.98 < result["ratio"] < 1.15, result
+    assert 0.98 < result["ratio"] < (1.25 if checkpointing else 1.1), result

@@ -237,8 +237,6 @@ def test_length_histogram_caps_at_max_seq_len_and_handles_few_lengths():
 def test_plot_legend_of_several_runs_is_outside_the_curves(tmp_path):
     import json
 
-    import matplotlib.pyplot as plt
-
     from qlora_cli.outputs.plots import draw_runs, plot_runs
 
     runs = []
@@ -250,12 +248,58 @@ def test_plot_legend_of_several_runs_is_outside_the_curves(tmp_path):
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         runs.append(run)
     fig = draw_runs(runs)
-    try:
-        renderer = fig.canvas.get_renderer()
-        ax = fig.axes[0]
-        legend, axes_box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
-        assert legend.x0 >= axes_box.x1  # beside the axes, so it covers no curve
-    finally:
-        plt.close(fig)
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend, axes_box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert legend.x0 >= axes_box.x1  # beside the axes, so it covers no curve
     out = plot_runs(runs, tmp_path / "compare.png")
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+# --- Issue 27, startup: something on the terminal before the libraries load -----------------------
+
+
+def _run_on_a_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]:
+    """Run `python -m qlora_cli ARGS` with stdout and stderr on a pseudo-terminal, as a user's shell
+    gives it; return its exit code and everything it wrote there, in order."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_cli", *args], stdin=subprocess.DEVNULL,
+                            stdout=child_fd, stderr=child_fd, env={**os.environ, "COLUMNS": "200"})
+    os.close(child_fd)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([main_fd], [], [], 0.5)[0]:
+            try:
+                data = os.read(main_fd, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(main_fd)
+    return proc.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.slow  # a 2-step training run in a fresh process
+def test_train_names_what_it_loads_before_its_first_line(write_recipe, tmp_path):
+    """The libraries, data and 4-bit model take seconds (minutes for a 7B) before train.run can say
+    anything: a spinner names each step meanwhile, and it is gone before the announcement."""
+    recipe = write_recipe({"train": {"max_steps": 2, "eval_steps": 2, "save_steps": 2}})
+    code, out = _run_on_a_terminal(["train", str(recipe), "--output-dir", str(tmp_path / "run")])
+    assert code == 0, out[-3000:]
+    announcement = out.index("LoRA r=")
+    phases = ["loading torch, transformers, PEFT and TRL", "loading the tokenizer", "tokenizing the data",
+              "in 4 bits", "attaching LoRA adapters"]
+    where = [out.find(p) for p in phases]
+    assert all(0 <= w < announcement for w in where), dict(zip(phases, where))
+    assert where == sorted(where)  # in the order they happen
+    assert out.index(phases[0]) < 50  # the first thing written (after at most a cursor control)

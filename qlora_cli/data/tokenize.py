@@ -85,21 +85,33 @@ def encode(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]], trai
             parts[k] = []
         for enc, (k, *where) in zip(backend.encode_batch(pieces, add_special_tokens=False), owners):
             parts[k].append((enc, *where))
-    rows, flags = [], []
+    # The batch's ids one list per piece, and the trained tokens as [first, end) ranges of positions in
+    # the flat batch (a piece's anchor tokens dropped), turned into per-token flags by one cumsum.
+    pieces_ids, lengths, first, end_ = [], [], [], []
+    at = 0  # where the current piece's kept tokens begin in the flat batch
     for row_parts, row_spans in zip(parts, spans):
-        row, row_flags = [], []
+        row_start = at
         for enc, start, end, shift, drop in row_parts:
-            trained = np.full(len(enc.ids), train_on_inputs, dtype=bool)
+            ids = enc.ids
             if not train_on_inputs:
                 inside = [(s - shift, e - shift) for s, e in row_spans if start <= s and e <= end]
-                for first, last in _token_ranges(enc, inside):
-                    trained[first : last + 1] = True
-            row += enc.ids[drop:]
-            row_flags.append(trained[drop:])
-        rows.append(row)
-        flags.append(np.concatenate(row_flags))
-    ids, lengths = _flatten(rows)
-    return Encoded(ids, np.concatenate(flags) if flags else np.zeros(0, bool), lengths, np.asarray(source, np.int64))
+                for a, b in _token_ranges(enc, inside):
+                    a = max(a, drop)  # tokens before `drop` are the anchor's, dropped
+                    if b + 1 > a:
+                        first.append(at + a - drop)
+                        end_.append(at + b + 1 - drop)
+            pieces_ids.append(ids[drop:] if drop else ids)
+            at += len(ids) - drop
+        lengths.append(at - row_start)
+    ids = np.fromiter(chain.from_iterable(pieces_ids), dtype=np.int32, count=at)
+    if train_on_inputs:
+        trained = np.ones(at, dtype=bool)
+    else:
+        edges = np.zeros(at + 1, dtype=np.int32)
+        np.add.at(edges, np.asarray(first, dtype=np.int64), 1)
+        np.add.at(edges, np.asarray(end_, dtype=np.int64), -1)
+        trained = np.cumsum(edges[:-1]) > 0
+    return Encoded(ids, trained, np.asarray(lengths, dtype=np.int64), np.asarray(source, np.int64))
 
 
 def _one_per_reply_where_history_straddles(backend, texts, spans, whole):
@@ -135,7 +147,9 @@ def _one_per_reply_where_history_straddles(backend, texts, spans, whole):
 def _straddles(enc, char: int) -> bool:
     """Whether one token holds both the character before CHAR and CHAR itself."""
     token = enc.char_to_token(char)
-    return token is not None and enc.offsets[token][0] < char
+    # token_to_chars, not enc.offsets[token]: `offsets` builds a Python list of every token's pair on
+    # each access, which cost more than the rest of the masking together.
+    return token is not None and enc.token_to_chars(token)[0] < char
 
 
 def _anchor(tokenizer) -> tuple[str, int]:

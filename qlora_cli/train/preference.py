@@ -128,8 +128,10 @@ def build_preference_config(recipe, run, has_eval: bool, resuming: bool = False)
     return ORPOConfig(**args)
 
 
-def build_preference_trainer(recipe, run, console=None, resuming: bool = False, callbacks=(), display: str = "rich"):
-    """Tokenizer, preference data, 4-bit model, LoRA (fresh or model.adapter's) and TRL's trainer."""
+def build_preference_trainer(recipe, run, console=None, resuming: bool = False, callbacks=(), display: str = "rich",
+                             phase=lambda text: None):
+    """Tokenizer, preference data, 4-bit model, LoRA (fresh or model.adapter's) and TRL's trainer.
+    phase(text) names each loading step as it starts, as build_trainer's does (train/run.py)."""
     from transformers import PrinterCallback, set_seed
 
     from qlora_cli.data.preference import build_preference_datasets
@@ -144,10 +146,12 @@ def build_preference_trainer(recipe, run, console=None, resuming: bool = False, 
 
     set_seed(recipe.train.seed)
     group = distributed.init_process_group(cuda=torch.cuda.is_available())
+    phase("loading the tokenizer")
     tokenizer, template = prepare_tokenizer(recipe)
     if tokenizer.pad_token is None:  # TRL's collators pad with it; the padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     method = recipe.train.method
+    phase("tokenizing the preference data")
     with distributed.main_process_first(group):
         prepared = build_preference_datasets(recipe.data, tokenizer, template, seed=recipe.train.seed,
                                              method=method, batch_size=recipe.train.batch_size)
@@ -156,9 +160,11 @@ def build_preference_trainer(recipe, run, console=None, resuming: bool = False, 
         train_ds = orpo_rows(train_ds)
         eval_ds = orpo_rows(eval_ds) if eval_ds is not None else None
     distributed.prepare_loading(recipe)
+    phase(f"loading {recipe.model.name_or_path} in 4 bits")
     model = load_base_model(recipe.model, recipe.quant, place=not recipe.distributed.sharded)
     check_vocab_fits(tokenizer, model.get_input_embeddings().num_embeddings)
     model.config.use_cache = False
+    phase("attaching LoRA adapters" if recipe.model.adapter is None else f"loading the adapter of {recipe.model.adapter}")
     model = attach_adapter(model, recipe)
     trainer_class = {"dpo": QloraDPOTrainer, "kto": QloraKTOTrainer}.get(method) or _orpo_trainer_class()
     restore_adapter = keep_exact_adapter(model)

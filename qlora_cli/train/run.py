@@ -125,11 +125,12 @@ class Setup:
 
 
 def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = False, callbacks=(),
-                  display: str = "rich") -> Setup:
+                  display: str = "rich", phase=lambda text: None) -> Setup:
     """Tokenizer, data, 4-bit model, LoRA and the SFTTrainer, from a validated recipe.
 
     display: "rich" (the live progress display on `console`), "json" (one JSON line per log on
-    stdout) or "quiet" (nothing while training).
+    stdout) or "quiet" (nothing while training). phase(text) names each step as it starts (the
+    CLI's spinner shows it).
     """
     from transformers import PrinterCallback, set_seed
 
@@ -139,18 +140,22 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
 
     set_seed(recipe.train.seed)
     group = distributed.init_process_group(cuda=torch.cuda.is_available())
+    phase("loading the tokenizer")
     tokenizer, template = prepare_tokenizer(recipe)
+    phase("tokenizing the data")
     with distributed.main_process_first(group):  # rank 0 prepares and caches; the others read the cache
         prepared = build_datasets(
             recipe.data, tokenizer, template, seed=recipe.train.seed, batch_size=recipe.train.batch_size
         )
     train_ds, eval_ds = prepared.for_trainer()
     distributed.prepare_loading(recipe)
+    phase(f"loading {recipe.model.name_or_path} in 4 bits")
     model = load_base_model(recipe.model, recipe.quant, place=not recipe.distributed.sharded)
     check_vocab_fits(tokenizer, model.get_input_embeddings().num_embeddings)
     # No KV cache in training: it is useless there, and with one, transformers ignores packed
     # position ids and lets packed examples attend to each other (tests/test_packing.py).
     model.config.use_cache = False
+    phase("attaching LoRA adapters" if recipe.model.adapter is None else f"loading the adapter of {recipe.model.adapter}")
     model = attach_adapter(model, recipe)  # fresh LoRA, or model.adapter's to continue (model/adapter.py)
 
     restore_adapter = keep_exact_adapter(model) if recipe.model.adapter else None
@@ -196,20 +201,23 @@ def _per_machine_checkpoints_unless_shared(run: RunDir, trainer, checkpoint, ove
 
 def train(recipe: Recipe, output_dir: str | None = None, overwrite: bool = False, resume: str | None = None,
           resume_command: str = "qlora train RECIPE --resume", console=None, display: str = "rich",
-          estimate_command: str = "qlora estimate RECIPE") -> TrainResult:
+          estimate_command: str = "qlora estimate RECIPE", phase=lambda text: None) -> TrainResult:
     """Run one QLoRA fine-tune as the recipe describes and write the run directory.
 
     `resume` ("latest" or a checkpoint path) continues the run in the run directory from a whole
-    checkpoint; `resume_command` is what to tell the user if this run is interrupted.
+    checkpoint; `resume_command` is what to tell the user if this run is interrupted. `phase(text)`
+    is told each loading step as it starts, and phase(None) once training is about to start.
     """
     # One writer per run directory: the lock is taken before the checks, so a second `qlora train`
     # into the same directory is refused at once, and held until the last file is written.
     with RunDir(with_output_dir(recipe, output_dir).output.dir).lock():
         with distributed.leaving_together():  # under a launcher: every rank leaves the process group cleanly
-            return _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command)
+            return _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command,
+                          phase)
 
 
-def _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command) -> TrainResult:
+def _train(recipe, output_dir, overwrite, resume, resume_command, console, display, estimate_command,
+           phase) -> TrainResult:
     from qlora_cli.train.stopping import GracefulStop, signal_name
     from qlora_cli.train.trainer import Diverged, NonFiniteLoss
 
@@ -228,8 +236,10 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
     build = build_trainer
     if recipe.train.method != "sft":  # DPO, ORPO, KTO: TRL's preference trainers (train/preference.py)
         from qlora_cli.train.preference import build_preference_trainer as build
-    setup = build(recipe, run, console, resuming=checkpoint is not None, callbacks=[stop], display=display)
+    setup = build(recipe, run, console, resuming=checkpoint is not None, callbacks=[stop], display=display,
+                  phase=phase)
     trainer, data_stats = setup.trainer, setup.data.stats
+    phase(None)  # the loading spinner ends; the announcement and the progress display follow
 
     # 3. The run directory, starting with the fully resolved recipe (main process only); then train.
     if distributed.is_main_process():
