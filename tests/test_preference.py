@@ -73,6 +73,9 @@ def test_preference_keys_are_checked_per_method(tiny, tmp_path):
     with pytest.raises(UserError) as err:
         load_recipe(dpo_recipe(tiny, tmp_path, data={"packing": True}))
     assert "data.packing" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_recipe(dpo_recipe(tiny, tmp_path, distributed={"strategy": "fsdp"}))
+    assert "distributed.strategy" in str(err.value) and "use ddp" in str(err.value)
     recipe = load_recipe(dpo_recipe(tiny, tmp_path, preference={"rpo_alpha": 0.5}))
     from qlora_cli.outputs.run_dir import RunDir
     from qlora_cli.train.preference import build_preference_config
@@ -177,6 +180,20 @@ def test_unpaired_rows_need_a_boolean_label(tiny, tmp_path):
     assert "label' is missing" in prepared.stats.bad_row_examples[0]
     assert "must be true or false" in prepared.stats.bad_row_examples[1]
     assert sorted(prepared.train["label"]) == sorted(r["label"] for r in good)
+
+
+def test_truncated_pairs_are_told_to_raise_max_seq_len_or_drop_not_to_split(tiny, tmp_path):
+    from qlora_cli.data.preference import build_preference_datasets
+    from qlora_cli.data.report import data_warnings
+    from qlora_cli.model.tokenizer import prepare_tokenizer
+
+    recipe = load_recipe(dpo_recipe(tiny, tmp_path, data={"max_seq_len": 24, "val_size": 0},
+                                    train={"eval_steps": None}))
+    tokenizer, template = prepare_tokenizer(recipe)
+    stats = build_preference_datasets(recipe.data, tokenizer, template, seed=1, method="dpo").stats
+    assert stats.truncated > 0.05 * stats.train_rows
+    (warning,) = [w for w in data_warnings(stats, pairs=True) if "truncated" in w]
+    assert "raise data.max_seq_len" in warning and "on_too_long: drop" in warning and "split" not in warning
 
 
 def test_a_file_of_only_bad_pairs_stops_with_the_reasons(tiny, tmp_path):

@@ -52,7 +52,7 @@ def show_data(r, tokenizer, template, n: int, as_json: bool, err, echo) -> None:
     prepared = build_preference_datasets(r.data, tokenizer, template, seed=r.train.seed, method=r.train.method,
                                          batch_size=r.train.batch_size)
     examples = pair_examples(prepared, tokenizer, n, r.data.max_seq_len)
-    for line in data_warnings(prepared.stats):
+    for line in data_warnings(prepared.stats, pairs=True):
         err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
     if as_json:
         echo(json.dumps({"method": r.train.method, "template": template.name, "examples": examples,
@@ -87,4 +87,4 @@ def validate_line(r, tokenizer, template, recipe_path: str) -> tuple[str, list[s
     line = (f"{r.train.method} {start}: {stats.train_rows} train {kind}, {stats.val_rows} validation {kind}, "
             f"template {template.name}, {stats.truncated} truncated to max_seq_len={r.data.max_seq_len}, "
             f"{stats.dropped_too_long + stats.dropped_no_response} dropped, {stats.bad_rows} bad rows skipped")
-    return line, data_warnings(stats)
+    return line, data_warnings(stats, pairs=True)

@@ -18,8 +18,9 @@ TRAINED_STYLE = "bold green"
 MASKED_STYLE = "dim"
 
 
-def data_warnings(stats) -> list[str]:
-    """Things a user should hear about before training on this data."""
+def data_warnings(stats, pairs: bool = False) -> list[str]:
+    """Things a user should hear about before training on this data. pairs: preference data
+    (data/preference.py), where on_too_long: split does not apply."""
     out = list(stats.notes)
     if stats.split_rows:
         out.append(
@@ -36,8 +37,11 @@ def data_warnings(stats) -> list[str]:
         out.append(f"dropped {stats.dropped_no_response} example(s) whose response starts after max_seq_len")
     kept = sum(s.kept for s in stats.sources + stats.val_sources) or 1
     if stats.truncated / kept > 0.05:
+        remedy = ("the prompt and each reply's first tokens are kept: raise data.max_seq_len, or leave these pairs "
+                  "out with on_too_long: drop" if pairs else
+                  "plain text can be split into max_seq_len blocks instead: on_too_long: split, with packing")
         out.append(f"{stats.truncated} of {kept} examples are truncated to max_seq_len (data.on_too_long: truncate; "
-                   "plain text can be split into max_seq_len blocks instead: on_too_long: split, with packing)")
+                   f"{remedy})")
     if stats.split_documents:
         out.append(f"{stats.split_documents} document(s) longer than max_seq_len are split into blocks "
                    f"({stats.blocks:,} training sequences in all; data.on_too_long: split): every token is trained, "

@@ -61,7 +61,9 @@ class ModelSection(Section):
     revision: str | None = Field(None, description="Hub branch, tag or commit to load. Ignored for local paths.")
     dtype: DType = Field(
         "bfloat16",
-        description="dtype of the layers that are not quantized (embeddings, norms, lm_head).",
+        description="dtype of the layers that are not quantized (embeddings, norms, lm_head). Under bf16 (or, on "
+        "a GPU, fp16) compute, training keeps the frozen embeddings and lm_head in it (half the memory of fp32; "
+        "autocast computes the same logits); norms, adapters and modules_to_save train in fp32.",
     )
     trust_remote_code: bool = Field(
         False, description="Declare that the model needs the Python code shipped inside its repository. The code "
@@ -612,6 +614,12 @@ def _rule_preference_options(r: Recipe):
         yield Problem("data.train_on_inputs", f"train.method {method} scores only the replies: remove it")
     if r.data.on_too_long == "split":
         yield Problem("data.on_too_long", f"split cuts plain text, not {method} pairs: use truncate, drop or error")
+    if r.distributed.sharded:
+        # TRL keeps the reference as a second adapter ("ref") beside the policy: FSDP would shard and
+        # gather both, and its checkpoints would hold both; that path is not built or tested here.
+        yield Problem("distributed.strategy", f"{r.distributed.strategy} is not supported with train.method "
+                      f"{method}: use ddp (each GPU holds the 4-bit model; preference runs fit where SFT fits "
+                      "with twice the sequences per batch)")
 
 
 RULES = [

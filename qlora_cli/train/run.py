@@ -431,7 +431,7 @@ def _announce(console, recipe: Recipe, setup: Setup, data_stats) -> None:
         highlight=False,
         soft_wrap=True,
     )
-    for line in data_warnings(data_stats):
+    for line in data_warnings(data_stats, pairs=recipe.train.method != "sft"):
         console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
