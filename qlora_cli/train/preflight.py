@@ -232,9 +232,11 @@ def precision_note(recipe: Recipe) -> str | None:
 
     bitsandbytes (0.50) runs a 4-bit layer's matmul in quant.compute_dtype, dequantizing the 4-bit
     weights at that precision, but hands its result back in the dtype of its input, which is the
-    dtype of the layers around it. Training upcasts those (embeddings, norms, head) to fp32 (peft's
-    prepare_model_for_kbit_training); loading the run for generation, evaluation, the merge's check
-    or a plain PeftModel keeps them in model.dtype. (tests/test_merge_floor.py checks both facts.)
+    dtype of the layers around it. With float32 compute, training upcasts those (embeddings, norms,
+    head) to fp32 (peft's prepare_model_for_kbit_training; under 16-bit autocast only the norms stay
+    upcast: model/load.py frozen_weights_stay_narrow); loading the run for generation, evaluation, the
+    merge's check or a plain PeftModel keeps them in model.dtype. (tests/test_merge_floor.py checks
+    both facts.)
     """
     model_dtype, compute = recipe.model.dtype, recipe.quant.compute_dtype
     if model_dtype == compute:
