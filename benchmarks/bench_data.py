@@ -9,14 +9,18 @@ a large tokenizer. Measured, with time.perf_counter around build_datasets only (
   - cold: cache off, for each --procs value (data.num_proc), in rows/s. Target: >= 5,000 rows/s on 2 cores;
   - cold again at the most processes with a Mistral/Llama 2-style tokenizer (sentencepiece_style:
     "▁" normalizer, BPE with byte fallback, 32k entries) trained on the same rows: the same pipeline
-    with a tokenizer of the flagship recipe's family instead of the tiny byte-level one;
+    with a tokenizer of the flagship recipe's family instead of the tiny byte-level one. This one
+    learns merges across the newline before each reply, so every row is tokenized a second time in
+    pieces at the seam (data/tokenize.py): a worst case, said with the count of such rows;
+  - cold again with a real tokenizer (--tokenizer, default ../shared/tokenizers/mistral-v1, Mistral
+    v0.2's 32k SentencePiece vocabulary) where it exists;
   - cache miss: a cold run that also stores the result in the cache;
   - cache hit, in this process and in a fresh one (python -c). Target: < 2 s;
   - the tokenizer alone on 5,000 rendered rows, in CPU seconds: the tiny tokenizer, the Mistral-style
     one, and byte-level BPEs trained on the same rows with up to 8k and 32k entries (a realistic
     number of tokens per row; the rows hold fewer distinct pairs than 32k, so the larger learns
     fewer: see "vocab");
-  - the ceiling, for both the tiny and the Mistral-style tokenizer: rows/s of the tokenizer alone
+  - the ceiling, for each of those tokenizers: rows/s of the tokenizer alone
     (encode_batch with offsets, batches of 500 rows as the pipeline's map) on all --rows rows as the
     pipeline renders them, in the same number of processes (forked, started before the clock), run
     alternately with the cold pipeline run; the pipeline's rows/s over it is the "ratio";
@@ -206,6 +210,25 @@ def peak_rss(model_dir: str, rows_file: Path, procs: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def straddled_rows(rows_file: Path, tokenizer, template, n: int = 2000) -> str:
+    """How many of the first n rows have a token across a reply's start, which data/tokenize.py then
+    tokenizes again in pieces (prompt, reply): "k of n"."""
+    from qlora_cli.data.tokenize import _straddles
+
+    texts_spans = [_one_example(line, tokenizer, template) for line in rows_file.read_text(encoding="utf-8").splitlines()[:n]]
+    encodings = tokenizer.backend_tokenizer.encode_batch([t for t, _ in texts_spans], add_special_tokens=False)
+    k = sum(any(_straddles(e, c) for span in spans for c in span if 0 < c < len(text))
+            for e, (text, spans) in zip(encodings, texts_spans))
+    return f"{k} of {len(texts_spans)}"
+
+
+def _one_example(line: str, tokenizer, template):
+    from qlora_cli.data.formats import to_canonical
+    from qlora_cli.data.templates import Renderer
+
+    return Renderer(template, tokenizer).examples(to_canonical(json.loads(line), "alpaca", {})["messages"])[0]
+
+
 def sentencepiece_style(texts: list[str], out: Path, vocab: int = 32000) -> str:
     """A tokenizer laid out like Mistral's and Llama 2's (the flagship recipe's family), trained on texts.
 
@@ -282,6 +305,9 @@ def main() -> None:
     ap.add_argument("--tiny", help="an existing build_tiny.py output directory (default: build one)")
     ap.add_argument("--rss-rows", type=int, nargs="*", default=[20_000, 1_000_000],
                     help="row counts for the peak-RSS runs (default 20000 1000000; none: skip them)")
+    ap.add_argument("--tokenizer", default="../shared/tokenizers/mistral-v1",
+                    help="a real tokenizer directory, run cold beside the others (default: Mistral v0.2's, where "
+                         "../shared has it; skipped when the directory does not exist)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -360,6 +386,16 @@ def main() -> None:
         sp_tokenizer, sp_template = load(sentencepiece_style(texts, tmp / "sentencepiece"))
         warm_up(sp_tokenizer, sp_template)
         results["cold_sentencepiece"] = cold([max(args.procs)], sp_tokenizer, sp_template)
+        results["sentencepiece_straddled_rows"] = straddled_rows(rows_file, sp_tokenizer, sp_template)
+        # A real tokenizer of that family. The trained one above learns merges across the newline
+        # before each reply ("\nThe" as one token), so every row is tokenized again in pieces at the
+        # seam (data/tokenize.py); SentencePiece's real vocabularies keep "\n" a byte token, and do not.
+        if args.tokenizer and Path(args.tokenizer, "tokenizer.json").exists():
+            real_tokenizer, real_template = load(args.tokenizer)
+            warm_up(real_tokenizer, real_template)
+            results["cold_real"] = cold([max(args.procs)], real_tokenizer, real_template)
+            results["cold_real"]["tokenizer"] = args.tokenizer
+            results["real_straddled_rows"] = straddled_rows(rows_file, real_tokenizer, real_template)
 
         # Cache miss then hits, with the most processes asked for (num_proc is not part of the cache key).
         procs = max(args.procs)
@@ -408,18 +444,22 @@ def main() -> None:
     print(f"{args.rows} rows of {args.data}; {m['cpu_count']} CPUs, {m['platform']}")
     print(f"datasets {m['datasets']}, tokenizers {m['tokenizers']}, transformers {m['transformers']}")
     print(f"\n{'cold, cache off':<26}{'median s':>10}{'rows/s':>10}{'ceiling':>10}{'ratio':>7}   all runs (s)")
-    for label, key in [("", "cold"), (", Mistral-style", "cold_sentencepiece")]:
+    colds = [("", "cold"), (", Mistral-style", "cold_sentencepiece")] + (
+        [(", " + Path(results["cold_real"]["tokenizer"]).name, "cold_real")] if "cold_real" in results else [])
+    for label, key in colds:
         for procs, s in results[key].items():
+            if procs == "tokenizer":
+                continue
             ok = "ok" if s["rows_per_s"] >= TARGET_ROWS_PER_S else f"below {TARGET_ROWS_PER_S}"
             ok += "; ratio " + ("ok" if s["ratio"] >= TARGET_CEILING_RATIO else f"below {TARGET_CEILING_RATIO}")
             print(f"{f'num_proc={procs}{label}':<26}{s['median']:>10.3f}{s['rows_per_s']:>10.0f}"
                   f"{s['ceiling_rows_per_s']:>10.0f}{s['ratio']:>7.2f}   {s['values']} {ok}")
     print("in CPU seconds, tokenizer alone / pipeline: " + "; ".join(
         f"{key} {procs}: {s['tokenizer_alone_cpu_s']['median']:.2f} / {s['cpu_s']['median']:.2f} = {s['cpu_ratio']:.2f}"
-        for key in ("cold", "cold_sentencepiece") for procs, s in results[key].items()))
+        for _, key in colds for procs, s in results[key].items() if procs != "tokenizer"))
     print("ceiling: the tokenizer alone on the same rendered rows in as many processes; tokenizer-alone runs (s): "
           + "; ".join(f"{key} {procs}: {s['tokenizer_alone_s']['values']}"
-                      for key in ("cold", "cold_sentencepiece") for procs, s in results[key].items()))
+                      for _, key in colds for procs, s in results[key].items() if procs != "tokenizer"))
     c = results["cache"]
     print(f"\n{f'cache (num_proc={procs})':<26}{'median s':>10}{'':>10}   all runs (s)")
     for label, name in [("miss (build + store)", "miss_s"), ("hit, same process", "hit_s"),
