@@ -705,6 +705,7 @@ def batching_efficiency(lengths, max_seq_len: int, batch_size: int, seed: int) -
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     shapes = pa.LargeListArray.from_arrays(pa.array(offsets), pa.nulls(int(offsets[-1])))
     packed = pack_dataset(Dataset(pa.table({"input_ids": shapes})), max_seq_len, "bfd")
+    pa.default_memory_pool().release_unused()  # the packing's freed buffers, back from pyarrow's allocator
     return {
         "batch_size": batch_size,
         "padding_efficiency": round(float(lengths.sum()) / padded, 4),

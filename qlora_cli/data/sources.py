@@ -219,6 +219,11 @@ def load_file(path: Path, source, where: str):
         if builder != "json":
             raise UserError.single(f"{where}.path", f"could not read {path}: {_reason(exc)}") from None
         return _load_json_rows(path, where, deep)
+    # The JSON reader's buffers are freed but stay with pyarrow's allocator (mimalloc) until asked:
+    # hand them back, so that they do not sit under every later step's peak (30 MB at 20,000 rows).
+    import pyarrow
+
+    pyarrow.default_memory_pool().release_unused()
     if len(ds) == 0:
         raise UserError.single(f"{where}.path", f"{path} has no rows")
     return ds.add_column(ROW_COLUMN, _row_numbers(path, len(ds)))
