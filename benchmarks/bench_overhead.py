@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_overhead.py [--recipe configs/tiny.yaml] [--repeats 5] [--json OUT]
     .venv/bin/python benchmarks/bench_overhead.py --no-data-cache   # the tool tokenizes on every run
+    .venv/bin/python benchmarks/bench_overhead.py --baselines trainer --repeats 10   # one baseline, more repeats
 
 The baselines use the same libraries with none of qlora's own code; both read the same resolved
 settings (load_recipe, a pure pydantic/YAML reader):
@@ -155,6 +156,9 @@ def main() -> None:
                         help="a run is clean when other processes used at most this many cores on average")
     parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
                         help="set MALLOC_MMAP_THRESHOLD_ for both (e.g. 268435456): a fixed glibc threshold")
+    parser.add_argument("--baselines", nargs="+", choices=sorted(BASELINES), default=sorted(BASELINES),
+                        help="which hand-written scripts to run beside qlora (default: both); one alone leaves "
+                             "time for more repeats")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -165,10 +169,11 @@ def main() -> None:
     extra = ["--set", "data.cache=false"] if args.no_data_cache else []
     python_pass = [sys.executable, "-c", "pass"]
 
-    runs: dict[str, list[dict]] = {"qlora": [], **{name: [] for name in BASELINES}}
+    chosen = {name: BASELINES[name] for name in args.baselines}
+    runs: dict[str, list[dict]] = {"qlora": [], **{name: [] for name in chosen}}
     runners = {"qlora": lambda: run_qlora(args.recipe, work / "qlora", env, extra),
                **{name: (lambda script=script, name=name: run_baseline(script, args.recipe, work / name, env))
-                  for name, script in BASELINES.items()}}
+                  for name, script in chosen.items()}}
     for run in runners.values():  # warm-up: file cache, qlora's data cache
         run()
     interp, waited, order = [], 0.0, list(runners)
@@ -184,7 +189,7 @@ def main() -> None:
             f"other load {r[-1]['foreign_cores']:.2f} cores" for name, r in runs.items()), flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
-    against = {name: summarise(runs["qlora"], runs[name], interp, args.max_foreign) for name in BASELINES}
+    against = {name: summarise(runs["qlora"], runs[name], interp, args.max_foreign) for name in chosen}
     tokens = {name: {k: r[0][k] for k in ("tokens_seen", "tokens_per_epoch", "trained_tokens_per_epoch")}
               for name, r in runs.items()}
     met = {name: {k: s["ratio"][k] <= TARGET for k in ("wall", "train")} for name, s in against.items()}
