@@ -102,12 +102,13 @@ def add_lora(model, recipe):
     ))
 
 
-def sft_config(recipe, output_dir: str, has_eval: bool):
+def trainer_arguments(recipe, output_dir: str, has_eval: bool) -> dict:
+    """The recipe's training settings as transformers.TrainingArguments keywords, shared by this script
+    and baseline_trainer.py (SFTConfig takes the same ones), so both baselines train alike."""
     import torch
-    from trl import SFTConfig
 
     t, cuda = recipe.train, torch.cuda.is_available()
-    return SFTConfig(
+    return dict(
         output_dir=output_dir,
         max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs,
@@ -131,13 +132,18 @@ def sft_config(recipe, output_dir: str, has_eval: bool):
         bf16=recipe.quant.compute_dtype == "bfloat16",
         fp16=recipe.quant.compute_dtype == "float16" and cuda,
         use_cpu=not cuda,
-        max_length=recipe.data.max_seq_len,
-        packing=recipe.data.packing,
         # Only so that the token count can be compared with qlora's summary (tokens_seen).
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,  # as `qlora train --quiet`: nothing printed per step
     )
+
+
+def sft_config(recipe, output_dir: str, has_eval: bool):
+    from trl import SFTConfig
+
+    return SFTConfig(**trainer_arguments(recipe, output_dir, has_eval),
+                     max_length=recipe.data.max_seq_len, packing=recipe.data.packing)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baseline_sft import add_lora, load_model, load_rows  # noqa: E402  (the same model and rows as the SFT baseline)
+from baseline_sft import add_lora, load_model, load_rows, trainer_arguments  # noqa: E402  (the same model and rows as the SFT baseline)
 
 
 def tokenize(pairs, tokenizer, max_len: int):
@@ -42,39 +42,10 @@ def tokenize(pairs, tokenizer, max_len: int):
 
 
 def training_args(recipe, output_dir: str, has_eval: bool):
-    import torch
     from transformers import TrainingArguments
 
-    t, cuda = recipe.train, torch.cuda.is_available()
-    return TrainingArguments(
-        output_dir=output_dir,
-        max_steps=t.max_steps or -1,
-        num_train_epochs=t.epochs,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        optim=t.optimizer,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
-        seed=t.seed,
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if has_eval and t.eval_steps else "no",
-        eval_steps=t.eval_steps,
-        eval_on_start=has_eval and t.eval_on_start,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        bf16=recipe.quant.compute_dtype == "bfloat16",
-        fp16=recipe.quant.compute_dtype == "float16" and cuda,
-        use_cpu=not cuda,
-        include_num_input_tokens_seen="non_padding",  # only to compare token counts with qlora's summary
-        remove_unused_columns=False,
-        report_to="none",
-        disable_tqdm=True,
-    )
+    # The same settings as baseline_sft.py's SFTConfig; the collator needs the labels column kept.
+    return TrainingArguments(**trainer_arguments(recipe, output_dir, has_eval), remove_unused_columns=False)
 
 
 def main() -> None:

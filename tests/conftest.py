@@ -41,6 +41,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch):
+    """A tokenized-data cache of the test's own (QLORA_CACHE_DIR); returns where the data entries go."""
+    monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "data"
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """Directory with model/, alpaca.jsonl and chat.jsonl (see scripts/build_tiny.py)."""

@@ -16,10 +16,8 @@ from qlora_cli.model.load import load_tokenizer
 ROWS = [{"instruction": f"Say apple {i}.", "input": "x" if i % 2 else "", "output": f"apple {i}"} for i in range(12)]
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "data"
+# Every test here gets a cache directory of its own (conftest.py's cache_dir).
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 @pytest.fixture()

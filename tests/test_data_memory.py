@@ -18,10 +18,8 @@ from qlora_cli.recipe.schema import DataSection, ModelSection
 COLUMNS = ["input_ids", "labels", "row", "length", "trained", "source", "file"]
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "data"
+# Every test here gets a cache directory of its own (conftest.py's cache_dir).
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 @pytest.fixture()
