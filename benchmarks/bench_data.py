@@ -396,6 +396,9 @@ def main() -> None:
             results["cold_real"] = cold([max(args.procs)], real_tokenizer, real_template)
             results["cold_real"]["tokenizer"] = args.tokenizer
             results["real_straddled_rows"] = straddled_rows(rows_file, real_tokenizer, real_template)
+        elif args.tokenizer:
+            print(f"--tokenizer {args.tokenizer}: no tokenizer.json there, so no real tokenizer is measured",
+                  file=sys.stderr)
 
         # Cache miss then hits, with the most processes asked for (num_proc is not part of the cache key).
         procs = max(args.procs)

@@ -196,8 +196,9 @@ def estimate(recipe, gpu: bool = True, nproc: int = 1) -> Estimate:
 
 
 def fused_loss(loss_path: str, gpu: bool) -> bool:
-    """train.loss_path resolved for the machine estimated: auto is the fused head on a GPU, as
-    train/trainer.py fused_loss_for decides where training runs (CUDA available)."""
+    """train.loss_path resolved: auto is the fused head on a GPU (CUDA), where its Triton kernel runs.
+    Training asks it about the machine it runs on (train/trainer.py fused_loss_for), `qlora
+    estimate` about the GPU it sizes."""
     return loss_path == "fused" or (loss_path == "auto" and gpu)
 
 

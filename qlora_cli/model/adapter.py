@@ -86,10 +86,12 @@ def check_adapter(recipe) -> None:
             "section to the adapter's (its run's recipe.yaml has it)"))
 
 
-def attach_adapter(model, recipe):
-    """Fresh LoRA adapters (attach_lora), or model.adapter's weights made trainable, on a prepared base."""
+def attach_adapter(model, recipe, phase=lambda text: None):
+    """Fresh LoRA adapters (attach_lora), or model.adapter's weights made trainable, on a prepared base.
+    phase(text) is told which of the two it is doing (the loading spinner of `qlora train`)."""
     from qlora_cli.model.load import attach_lora
 
+    phase("attaching LoRA adapters" if recipe.model.adapter is None else f"loading the adapter of {recipe.model.adapter}")
     if recipe.model.adapter is None:
         return attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing,
                            upcast=not recipe.distributed.sharded)  # sharded: one dtype per FSDP unit

@@ -164,8 +164,7 @@ def build_preference_trainer(recipe, run, console=None, resuming: bool = False, 
     model = load_base_model(recipe.model, recipe.quant, place=not recipe.distributed.sharded)
     check_vocab_fits(tokenizer, model.get_input_embeddings().num_embeddings)
     model.config.use_cache = False
-    phase("attaching LoRA adapters" if recipe.model.adapter is None else f"loading the adapter of {recipe.model.adapter}")
-    model = attach_adapter(model, recipe)
+    model = attach_adapter(model, recipe, phase)
     trainer_class = {"dpo": QloraDPOTrainer, "kto": QloraKTOTrainer}.get(method) or _orpo_trainer_class()
     restore_adapter = keep_exact_adapter(model)
     trainer = trainer_class(

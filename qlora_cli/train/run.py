@@ -155,8 +155,7 @@ def build_trainer(recipe: Recipe, run: RunDir, console=None, resuming: bool = Fa
     # No KV cache in training: it is useless there, and with one, transformers ignores packed
     # position ids and lets packed examples attend to each other (tests/test_packing.py).
     model.config.use_cache = False
-    phase("attaching LoRA adapters" if recipe.model.adapter is None else f"loading the adapter of {recipe.model.adapter}")
-    model = attach_adapter(model, recipe)  # fresh LoRA, or model.adapter's to continue (model/adapter.py)
+    model = attach_adapter(model, recipe, phase)  # fresh LoRA, or model.adapter's to continue (model/adapter.py)
 
     restore_adapter = keep_exact_adapter(model) if recipe.model.adapter else None
     # SFTTrainer owns the loop, checkpointing, mixed precision and distributed launch; the

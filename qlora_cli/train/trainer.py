@@ -297,9 +297,9 @@ def fused_loss_for(loss_path: str) -> bool:
     full logits (benchmarks/bench_loss_path.py)."""
     import torch
 
-    if loss_path == "auto":
-        return torch.cuda.is_available()
-    return loss_path == "fused"
+    from qlora_cli.estimate import fused_loss  # the one rule, which `qlora estimate` applies to the GPU it sizes
+
+    return fused_loss(loss_path, gpu=torch.cuda.is_available())
 
 
 def _warn(text: str) -> None:
