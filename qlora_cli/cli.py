@@ -216,7 +216,9 @@ def data(
         from qlora_cli.data.preference_report import show_data
 
         return show_data(r, tokenizer, template, n, as_json, err, typer.echo)
-    prepared = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size)
+    # With packing's figures whether or not the recipe packs: the preview compares the two.
+    prepared = build_datasets(r.data, tokenizer, template, seed=r.train.seed, batch_size=r.train.batch_size,
+                              packing_figures=True)
     examples = example_segments(prepared.train, tokenizer, n, r.data.split_block)
     files = [s.files for s in prepared.stats.sources]
     for ex in examples:

@@ -152,3 +152,18 @@ def test_a_hit_with_another_batch_size_recomputes_the_padding_figures(tiny, data
     hit = build_datasets(data, tok, t, seed=0, batch_size=8)
     assert hit.stats.cache == "hit" and hit.stats.batching["batch_size"] == 8
     assert hit.stats.batching["batches_per_epoch"] == 2 and first.stats.batching["batches_per_epoch"] == 5
+
+
+def test_a_hit_asked_for_packing_figures_works_them_out(tiny, data_file):
+    """An entry stored by a run that does not pack has no packing figures; `qlora data` (or a run
+    that packs) reading it gets them, the same as a cold build that asked for them."""
+    tok, t = tokenizer(tiny)
+    data = DataSection(sources=[{"path": str(data_file), "format": "alpaca"}], val_size=2)
+    first = build_datasets(data, tok, t, seed=0)
+    assert first.stats.cache == "miss" and "packed_rows" not in first.stats.batching
+    hit = build_datasets(data, tok, t, seed=0, packing_figures=True)
+    cold = build_datasets(data, tok, t, seed=0, use_cache=False, packing_figures=True)
+    assert hit.stats.cache == "hit" and hit.stats.batching == cold.stats.batching
+    assert hit.stats.batching["packed_rows"] > 0
+    packs = build_datasets(data.model_copy(update={"packing": True}), tok, t, seed=0)
+    assert packs.stats.cache == "hit" and packs.stats.batching == cold.stats.batching

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -33,10 +34,10 @@ def tokenizer(tiny, template: str):
     return t
 
 
-def build(data: DataSection, tok, seed: int = 0, template: str | None = "alpaca"):
+def build(data: DataSection, tok, seed: int = 0, template: str | None = "alpaca", **kw):
     """build_datasets without the cache (tests/test_cache.py covers it)."""
     t = resolve_template(template, tok) if template else None
-    return build_datasets(data, tok, t, seed=seed, use_cache=False)
+    return build_datasets(data, tok, t, seed=seed, use_cache=False, **kw)
 
 
 def _write(path, rows):
@@ -419,7 +420,13 @@ def test_nothing_left_to_train_is_a_user_error(tok, tmp_path):
 
 
 def test_length_and_batching_statistics(tok, tmp_path):
-    p = build(_data(_many(tmp_path, "d.jsonl", 30, "apple"), max_seq_len=128), tok)
+    data = _data(_many(tmp_path, "d.jsonl", 30, "apple"), max_seq_len=128)
+    # A run that does not pack is not given packing's figures (TRL's packing of every length is the
+    # slowest statistic); `qlora data` asks for them, to compare.
+    plain = build(data, tok).stats.batching
+    assert "packed_rows" not in plain and plain["batches_per_epoch"] == 4  # 30 rows in batches of 8
+    p = build(data, tok, packing_figures=True)
+    assert {k: p.stats.batching[k] for k in plain} == plain
     lengths = sorted(len(ids) for ids in col(p.train))
     assert p.stats.lengths["min"] == lengths[0] and p.stats.lengths["max"] == lengths[-1]
     assert sum(c for *_, c in p.stats.histogram) == 30
@@ -439,7 +446,7 @@ def test_packing_statistics_equal_what_trl_packs_from_the_real_token_ids(tok, tm
 
     rows = [{"instruction": "Say " + " ".join(["apple"] * (1 + i % 40)), "input": "", "output": f"apple {i}"}
             for i in range(2300)]
-    data = _data(_write(tmp_path / "d.jsonl", rows), max_seq_len=128, val_size=0.1)
+    data = _data(_write(tmp_path / "d.jsonl", rows), max_seq_len=128, val_size=0.1, packing=True)
     p = build(data, tok)
     lengths = _column(p.train, "length")
     assert lengths.min() < 48 < lengths.max()  # at 48, some rows are cut (TRL truncates them when packing)
@@ -464,7 +471,8 @@ def test_a_column_is_read_in_the_order_select_and_shuffle_set():
     assert _column(chunked, "n").tolist() == chunked["n"][:]
 
 
-def test_flat_token_columns_equal_row_by_row_truncation_and_counts():
+@pytest.mark.parametrize("max_len", [8, 30])  # rows to cut in the batch; none (the batch's own path)
+def test_flat_token_columns_equal_row_by_row_truncation_and_counts(max_len):
     """The vectorized batch step against the plain per-row rule, with empty, short and cut rows."""
     from qlora_cli.data.pipeline import _token_columns
 
@@ -473,7 +481,7 @@ def test_flat_token_columns_equal_row_by_row_truncation_and_counts():
     ids = rng.integers(0, 500, lengths.sum()).astype(np.int32)
     trained = rng.random(lengths.sum()) < 0.5
     trained[np.cumsum(lengths)[1] - 1] = True  # a one-token row whose only token is flagged: still 0 trained
-    max_len = 8
+    flags = trained.copy()
     columns = _token_columns(ids, trained, lengths, max_len)
 
     starts = np.concatenate([[0], np.cumsum(lengths)])
@@ -495,6 +503,58 @@ def test_flat_token_columns_equal_row_by_row_truncation_and_counts():
         assert columns["input_ids"][i].as_py() == row_ids
         assert columns["labels"][i].as_py() == row_labels
         assert columns["trained"][i].as_py() == sum(label != IGNORE_INDEX for label in row_labels)
+    assert (trained == flags).all()  # the caller's flags are not written into
+    assert columns["labels"].type.value_type == "int32" and columns["input_ids"].type.value_type == "int32"
+
+
+def test_tokenizing_in_several_processes_gives_the_rows_of_one(tok, tmp_path, monkeypatch):
+    """The map's workers get the tokenizer by inheritance (data/inherit.py), not pickled per job:
+    the same rows, ids and labels as in one process."""
+    from qlora_cli.data import pipeline
+
+    rows = [{**r, "output": f"{r['output']} {i}"} for i, r in enumerate(ROWS * 10)]
+    data = _data(_write(tmp_path / "d.jsonl", rows), num_proc=2)
+    one = build(data.model_copy(update={"num_proc": 1}), tok)
+    monkeypatch.setattr(pipeline, "ROWS_PER_PROCESS", 10)  # 40 rows: two workers
+    calls = []
+    import datasets
+
+    original = datasets.Dataset.map
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("num_proc"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", spy)
+    environ = os.environ
+    two = build(data, tok)
+    assert 2 in calls, calls
+    # datasets swaps in a copy of os.environ after starting its workers; rich's Console holds the real
+    # one (FORCE_COLOR set later went unseen: `qlora data` lost its colours in the tests that followed).
+    assert os.environ is environ
+    assert col(two.train) == col(one.train) and col(two.train, "labels") == col(one.train, "labels")
+    assert col(two.train, "row") == col(one.train, "row")
+
+
+def test_a_stand_in_is_the_object_itself_when_loaded(monkeypatch):
+    """Forked workers find the object under its key; a worker that was not forked loads the copy the
+    stand-in carries then; past the block, under fork, there is nothing to find, and it says so."""
+    import pickle
+
+    import multiprocess
+
+    from qlora_cli.data.inherit import inherited
+
+    obj = {"vocab": list(range(5))}
+    with inherited(obj) as shipped:
+        assert pickle.loads(pickle.dumps(shipped)) is obj  # inside the block (what a forked worker sees)
+        monkeypatch.setattr(multiprocess, "get_start_method", lambda *a, **k: "spawn")
+        carried = pickle.dumps(shipped)
+        monkeypatch.setattr(multiprocess, "get_start_method", lambda *a, **k: "fork")
+        forked = pickle.dumps(shipped)
+    assert pickle.loads(carried) == obj  # a spawned worker: its own copy
+    with pytest.raises(RuntimeError, match="num_proc: 1"):
+        pickle.loads(forked)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import gc
 import json
 import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -49,6 +50,7 @@ from qlora_cli.data.sources import (
     resolve_files,
     row_label,
 )
+from qlora_cli.data.inherit import inherited
 from qlora_cli.data.templates import Renderer, TemplateMismatch, system_notice
 from qlora_cli.data.tokenize import (
     IGNORE_INDEX,
@@ -59,6 +61,7 @@ from qlora_cli.data.tokenize import (
 )
 from qlora_cli.errors import Problem, UserError
 from qlora_cli.util.libraries import dataset_row_order
+from qlora_cli.util.memory import release_freed_memory
 
 MAX_REPORTED = 5  # bad rows shown in a message
 ROWS_PER_PROCESS = 2000  # below this, worker processes cost more than they save
@@ -139,16 +142,20 @@ class PreparedData:
         return self.train.select_columns(keep), self.val.select_columns(keep) if self.val is not None else None
 
 
-def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, use_cache: bool | None = None):
+def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, use_cache: bool | None = None,
+                   packing_figures: bool | None = None):
     """Load, convert, tokenize, mix and split every source. Raises UserError naming file and row on bad input.
 
-    `batch_size` (examples per step) is only used for the padding-efficiency statistics.
+    `batch_size` (examples per step) is only used for the padding-efficiency statistics. `packing_figures`:
+    also work out what packing would give (TRL's packing of every length: 0.3 s at 20,000 rows, 19 s at a
+    million), for `qlora data`'s comparison; by default only where the run packs (data.packing).
     """
     if any(s.format in ("preference", "unpaired") for s in [*data.sources, *data.val_sources]):
         from qlora_cli.data.preference import as_sft_prepared  # a DPO/ORPO/KTO run's rows, chosen replies scored
 
         return as_sft_prepared(data, tokenizer, template, seed, batch_size)
     use_cache = data.cache if use_cache is None else use_cache
+    packing_figures = data.packing if packing_figures is None else packing_figures
     renderer = Renderer(template, tokenizer) if template is not None else None
     key = None
     if use_cache:
@@ -158,8 +165,11 @@ def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, us
             train, val = _assemble(*hit[:2])
             stats = DataStats.from_dict(hit[2])
             stats.cache, stats.cache_key = "hit", key
-            if stats.batching.get("batch_size") != batch_size:  # batch size is not in the key: redo its figures
-                stats.batching = batching_efficiency(trained_lengths(train, data), data.max_seq_len, batch_size, seed)
+            # Neither the batch size nor packing is in the key: figures for others are worked out again.
+            if stats.batching.get("batch_size") != batch_size or (packing_figures and "packed_rows" not in stats.batching):
+                stats.batching = batching_efficiency(
+                    trained_lengths(train, data), data.max_seq_len, batch_size, seed, packing=packing_figures
+                )
             return PreparedData(train, val, stats)
 
     check_data_files(data)
@@ -180,7 +190,7 @@ def build_datasets(data, tokenizer, template, seed: int, batch_size: int = 8, us
         pool, val = split["train"], split["test"]
     train = _mix(pool, data.sources, stats.sources, seed)
 
-    _fill_totals(stats, train, val, data, batch_size, seed)
+    _fill_totals(stats, train, val, data, batch_size, seed, packing_figures)
     notice = system_notice(template) if template is not None else None
     stats.notes = [notice] if notice else []
     if use_cache:
@@ -312,21 +322,35 @@ def _tokenize_file(raw, source, where: str, name: str, data, renderer, tokenizer
     settings = {"fmt": source.format, "rename": rename, "roles": dict(source.roles),
                 "train_on_inputs": data.train_on_inputs, "max_seq_len": data.max_seq_len,
                 "on_too_long": data.on_too_long}
-    return raw.map(
-        _tokenize_batch,
-        batched=True,
-        batch_size=500,
-        num_proc=procs if procs > 1 else None,
-        remove_columns=raw.column_names,
-        features=features,
-        fn_kwargs={**settings, "renderer": renderer, "tokenizer": tokenizer},
-        load_from_cache_file=False,  # our own cache (cache.py) knows what invalidates a result
-        # Named here, or `datasets` names the output by dill-pickling the function's arguments, the
-        # tokenizer's whole vocabulary included: a second per file (1.0 CPU-s of 2.7 on 5,000 rows
-        # with Mistral's 32k tokenizer), more than the rest of the pipeline beside the tokenizer.
-        new_fingerprint=_map_fingerprint(raw, settings, renderer, tokenizer),
-        desc=f"Tokenizing {name}",
-    )
+    # Several processes: the workers inherit the tokenizer rather than each job carrying it pickled
+    # (inherit.py: dill took half a second a job for a 32k vocabulary, before the worker could start).
+    # datasets 5 replaces os.environ with a copy of itself after starting them; whatever holds the
+    # real one (rich's Console reads FORCE_COLOR, COLUMNS from it) would then miss every later change.
+    environ = os.environ
+    with inherited(tokenizer) as shipped, _restored_environ(environ):
+        return raw.map(
+            _tokenize_batch,
+            batched=True,
+            batch_size=500,
+            num_proc=procs if procs > 1 else None,
+            remove_columns=raw.column_names,
+            features=features,
+            fn_kwargs={**settings, "renderer": renderer, "tokenizer": shipped if procs > 1 else tokenizer},
+            load_from_cache_file=False,  # our own cache (cache.py) knows what invalidates a result
+            # Named here, or `datasets` names the output by dill-pickling the function's arguments, the
+            # tokenizer's whole vocabulary included: a second per file (1.0 CPU-s of 2.7 on 5,000 rows
+            # with Mistral's 32k tokenizer), more than the rest of the pipeline beside the tokenizer.
+            new_fingerprint=_map_fingerprint(raw, settings, renderer, tokenizer),
+            desc=f"Tokenizing {name}",
+        )
+
+
+@contextmanager
+def _restored_environ(environ):
+    try:
+        yield
+    finally:
+        os.environ = environ
 
 
 def _map_fingerprint(raw, settings: dict, renderer, tokenizer) -> str:
@@ -437,18 +461,24 @@ def _token_columns(ids, trained, lengths, max_seq_len: int, split: bool = False)
     them into max_seq_len blocks. Built as Arrow arrays straight from numpy: converting Python lists
     of ids to Arrow was a tenth of the whole pipeline's time.
     """
-    rows = np.repeat(np.arange(len(lengths)), lengths)  # the row of each token
-    position = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # its place in that row
-    keep = position < max_seq_len if not split else np.ones(len(ids), dtype=bool)
-    ids, trained, rows, position = ids[keep], trained[keep], rows[keep], position[keep]
+    kept = lengths if split else np.minimum(lengths, max_seq_len)
+    if not split and (lengths > max_seq_len).any():  # most batches have no row to cut: no per-token arrays
+        position = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # place in its row
+        keep = position < max_seq_len
+        ids, trained = ids[keep], trained[keep]
+    else:
+        trained = trained.copy()
+    offsets = np.concatenate([[0], np.cumsum(kept)])
     # Where a sequence starts (each example; under split, each block) its label is never a target:
     # it would be predicted from whatever precedes it in a packed row, another example's last token.
-    start = position % max_seq_len == 0 if split else position == 0
-    trained = trained & ~start
-    labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
-    counts = np.bincount(rows, weights=trained, minlength=len(lengths)).astype(np.int32)
-    kept = lengths if split else np.minimum(lengths, max_seq_len)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(kept)]).astype(np.int32))
+    if split:
+        trained[(np.arange(len(ids)) - np.repeat(offsets[:-1], kept)) % max_seq_len == 0] = False
+    else:
+        trained[offsets[:-1][kept > 0]] = False
+    labels = np.where(trained, ids, np.int32(IGNORE_INDEX))
+    total = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])  # trained tokens before each position
+    counts = (total[offsets[1:]] - total[offsets[:-1]]).astype(np.int32)
+    offsets = pa.array(offsets.astype(np.int32))
     return {
         "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
         "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
@@ -617,7 +647,7 @@ def _mix(pool, sources, stats: list[SourceStats], seed: int):
     return pool.select(order)
 
 
-def _fill_totals(stats: DataStats, train, val, data, batch_size: int, seed: int) -> None:
+def _fill_totals(stats: DataStats, train, val, data, batch_size: int, seed: int, packing: bool) -> None:
     all_sources = stats.sources + stats.val_sources
     stats.train_rows = len(train)
     stats.val_rows = len(val) if val is not None else 0
@@ -637,7 +667,7 @@ def _fill_totals(stats: DataStats, train, val, data, batch_size: int, seed: int)
     stats.split_rows = sum(s.split_rows for s in all_sources)
     stats.lengths = length_percentiles(lengths)
     stats.histogram = length_histogram(lengths, data.max_seq_len)
-    stats.batching = batching_efficiency(lengths, data.max_seq_len, batch_size, seed)
+    stats.batching = batching_efficiency(lengths, data.max_seq_len, batch_size, seed, packing=packing)
 
 
 def trained_lengths(train, data) -> np.ndarray:
@@ -680,17 +710,13 @@ def length_histogram(lengths, max_seq_len: int, bins: int = 8) -> list[list[int]
     return [[int(lo), int(hi) - 1, int(c)] for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
 
 
-def batching_efficiency(lengths, max_seq_len: int, batch_size: int, seed: int) -> dict:
-    """Fraction of real tokens in the padded batch tensors, with and without packing.
+def batching_efficiency(lengths, max_seq_len: int, batch_size: int, seed: int, packing: bool = True) -> dict:
+    """Fraction of real tokens in the padded batch tensors, without packing and (PACKING) with it.
 
     Without packing, each batch is padded to its longest example (batches drawn in a seeded random
     order, as the trainer does). With packing, TRL packs examples best-fit-decreasing into rows of
     max_seq_len, so the fraction is the packed rows' fill.
     """
-    import pyarrow as pa
-    from datasets import Dataset
-    from trl import pack_dataset
-
     if len(lengths) == 0:
         return {}
     # Batches of the shuffled lengths, each padded to its longest: one reduceat over the whole array
@@ -699,17 +725,26 @@ def batching_efficiency(lengths, max_seq_len: int, batch_size: int, seed: int) -
     starts = np.arange(0, len(shuffled), batch_size)
     longest = np.maximum.reduceat(shuffled, starts)
     padded = int((longest * np.diff(np.append(starts, len(shuffled)))).sum())
+    figures = {
+        "batch_size": batch_size,
+        "padding_efficiency": round(float(lengths.sum()) / padded, 4),
+        "batches_per_epoch": int(np.ceil(len(lengths) / batch_size)),
+    }
+    if not packing:
+        return figures
+    import pyarrow as pa
+    from datasets import Dataset
+    from trl import pack_dataset
+
     # TRL's packing looks only at the lengths, so it packs rows of the right lengths whose values are
     # nulls (Arrow stores no buffer for them) rather than copying every token id: same bins, in the
     # same order and map batches as the trainer will pack, for a fraction of the time.
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     shapes = pa.LargeListArray.from_arrays(pa.array(offsets), pa.nulls(int(offsets[-1])))
     packed = pack_dataset(Dataset(pa.table({"input_ids": shapes})), max_seq_len, "bfd")
-    pa.default_memory_pool().release_unused()  # the packing's freed buffers, back from pyarrow's allocator
+    release_freed_memory()  # the packing's freed buffers, back from pyarrow's allocator
     return {
-        "batch_size": batch_size,
-        "padding_efficiency": round(float(lengths.sum()) / padded, 4),
-        "batches_per_epoch": int(np.ceil(len(lengths) / batch_size)),
+        **figures,
         "packed_rows": len(packed),
         "packing_efficiency": round(float(lengths.sum()) / (len(packed) * max_seq_len), 4),
         "packed_batches_per_epoch": int(np.ceil(len(packed) / batch_size)),

@@ -185,7 +185,7 @@ def render_stats(stats, data):
         for lower, upper, count in stats.histogram:
             hist.append(f"  {lower:>6}-{upper:<6} {'#' * round(30 * count / peak):<30} {count}\n")
     b = stats.batching
-    if b:
+    if b.get("packed_rows") is not None:
         lines.append(
             f"padding efficiency (real tokens in padded batches of {b['batch_size']}): "
             f"{b['padding_efficiency']:.1%} without packing, {b['packing_efficiency']:.1%} with packing"
@@ -194,6 +194,9 @@ def render_stats(stats, data):
             f"batches per epoch: {b['batches_per_epoch']} without packing, {b['packed_batches_per_epoch']} "
             f"with packing ({b['packed_rows']} packed rows); packing is {'on' if data.packing else 'off'}"
         )
+    elif b:  # built without packing's figures (build_datasets' packing_figures)
+        lines.append(f"padding efficiency (real tokens in padded batches of {b['batch_size']}): "
+                     f"{b['padding_efficiency']:.1%}; batches per epoch: {b['batches_per_epoch']}")
     lines.append(f"cache: {stats.cache}")
     return Group(table, Text(""), Text("\n".join(lines)), Text("length histogram:"), hist)
 

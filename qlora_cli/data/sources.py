@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_cli.errors import UserError
+from qlora_cli.util.memory import release_freed_memory
 
 # File suffix -> `datasets` builder.
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -193,6 +194,7 @@ def load_file(path: Path, source, where: str):
     deep: dict[int, int] = {}
     if builder == "json":
         scan = _scan_json(path)
+        release_freed_memory()  # the scan's blocks, which glibc would otherwise keep under every later peak
         deep = scan.deep
         if deep and not scan.lines:
             # One array: the file cannot be read around the row, so it is refused (as when the
@@ -221,9 +223,7 @@ def load_file(path: Path, source, where: str):
         return _load_json_rows(path, where, deep)
     # The JSON reader's buffers are freed but stay with pyarrow's allocator (mimalloc) until asked:
     # hand them back, so that they do not sit under every later step's peak (30 MB at 20,000 rows).
-    import pyarrow
-
-    pyarrow.default_memory_pool().release_unused()
+    release_freed_memory()
     if len(ds) == 0:
         raise UserError.single(f"{where}.path", f"{path} has no rows")
     return ds.add_column(ROW_COLUMN, _row_numbers(path, len(ds)))

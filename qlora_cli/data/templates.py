@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from qlora_cli.data.formats import ALPACA_SYSTEM_NO_INPUT, BadRow
@@ -130,7 +131,7 @@ class Template:
     tools: bool | None = None
     folds_system: bool = False
 
-    @property
+    @cached_property  # asked for every row: the search over the template's text is done once
     def has_generation_blocks(self) -> bool:
         return bool(_GENERATION_TAG.search(self.jinja))
 
