@@ -40,6 +40,7 @@ from qlora_cli.data.formats import (
     UnmappedRole,
     to_canonical,
 )
+from qlora_cli.data.inherit import inherited
 from qlora_cli.data.sources import (
     BAD_COLUMN,
     JSON_COLUMN,
@@ -50,7 +51,6 @@ from qlora_cli.data.sources import (
     resolve_files,
     row_label,
 )
-from qlora_cli.data.inherit import inherited
 from qlora_cli.data.templates import Renderer, TemplateMismatch, system_notice
 from qlora_cli.data.tokenize import (
     IGNORE_INDEX,
@@ -324,10 +324,7 @@ def _tokenize_file(raw, source, where: str, name: str, data, renderer, tokenizer
                 "on_too_long": data.on_too_long}
     # Several processes: the workers inherit the tokenizer rather than each job carrying it pickled
     # (inherit.py: dill took half a second a job for a 32k vocabulary, before the worker could start).
-    # datasets 5 replaces os.environ with a copy of itself after starting them; whatever holds the
-    # real one (rich's Console reads FORCE_COLOR, COLUMNS from it) would then miss every later change.
-    environ = os.environ
-    with inherited(tokenizer) as shipped, _restored_environ(environ):
+    with inherited(tokenizer) as shipped, _keeping_os_environ():
         return raw.map(
             _tokenize_batch,
             batched=True,
@@ -346,7 +343,11 @@ def _tokenize_file(raw, source, where: str, name: str, data, renderer, tokenizer
 
 
 @contextmanager
-def _restored_environ(environ):
+def _keeping_os_environ():
+    """Put the real os.environ back: datasets 5 replaces it with a copy of itself after starting its
+    workers, and whatever holds the real one (rich's Console reads FORCE_COLOR and COLUMNS from it)
+    would miss every later change."""
+    environ = os.environ
     try:
         yield
     finally:
