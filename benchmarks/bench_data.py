@@ -23,7 +23,7 @@ a large tokenizer. Measured, with time.perf_counter around build_datasets only (
     number of tokens per row; the rows hold fewer distinct pairs than 32k, so the larger learns
     fewer: see "vocab");
   - the ceiling, for each of those tokenizers: rows/s of the tokenizer alone
-    (encode_batch with offsets, batches of 500 rows as the pipeline's map) on all --rows rows as the
+    (encode_batch with offsets, in batches of the pipeline map's MAP_BATCH rows) on all --rows rows as the
     pipeline renders them, in the same number of processes (forked, started before the clock), run
     alternately with the cold pipeline run; the pipeline's rows/s over it is the "ratio";
   - peak RSS of build_datasets as `qlora data` runs it (cache on, a miss: build and store, with the
@@ -54,7 +54,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TARGET_ROWS_PER_S, TARGET_HIT_S = 5000, 2.0
 TARGET_CEILING_RATIO, TARGET_RSS_RATIO = 0.7, 1.5
-MAP_BATCH = 500  # rows per encode_batch call, as the pipeline's map (pipeline._tokenize_file)
+from qlora_cli.data.pipeline import MAP_BATCH  # rows per encode_batch call, as the pipeline's map
 
 # Peak RSS of one cold build, as `qlora data` runs it (cache on: built, then stored), in a fresh
 # interpreter so nothing earlier in this process counts. The process's own peak is its VmHWM (kept
