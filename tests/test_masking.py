@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qlora_cli.recipe.schema import ModelSection
-from qlora_cli.data.formats import ALPACA_SYSTEM_NO_INPUT, ALPACA_SYSTEM_WITH_INPUT, to_canonical
+from qlora_cli.data.formats import ALPACA_SYSTEM_NO_INPUT, ALPACA_SYSTEM_WITH_INPUT, BadRow, to_canonical
 from qlora_cli.data.templates import BUILTINS, Renderer, Template, apply_template, resolve_template
 from qlora_cli.data.tokenize import IGNORE_INDEX, encode, encode_text
 from qlora_cli.model.load import load_tokenizer
@@ -187,6 +187,37 @@ def test_batched_masks_equal_transformers_assistant_masks(tokenizer_with, name):
         ex = tokenize_example({"messages": messages}, tok, train_on_inputs=False)
         assert ex["input_ids"] == list(ref["input_ids"])
         assert [int(label != IGNORE_INDEX) for label in ex["labels"]] == list(ref["assistant_masks"])
+
+
+@pytest.mark.parametrize("name", ["alpaca", "chatml", "llama3"])
+def test_rendering_a_batch_together_equals_rendering_each_row(tokenizer_with, name):
+    """Renderer.examples_many (the pipeline's path: one renderer call per batch) gives each row what
+    examples() gives it alone, refusals included; a row the template raises on is refused alone."""
+    from qlora_cli.data.templates import TemplateMismatch
+
+    tok = tokenizer_with(name)
+    raising = Template("raising", "{%- for m in messages %}{%- if m['content'] == 'boom' %}"
+                                  "{{ raise_exception('no boom') }}{%- endif %}{%- endfor %}" + BUILTINS[name].jinja)
+    assert raising.has_generation_blocks
+    rows = [
+        (MULTI_TURN, None),
+        (MULTI_TURN[1:3], None),
+        ([*MULTI_TURN[1:3], {"role": "user", "content": "more"}, {"role": "assistant", "content": "  "}], None),
+        ([{"role": "tool", "content": "42"}, *MULTI_TURN[1:3]], None),  # alpaca refuses a tool message
+        ([*MULTI_TURN[1:2], {"role": "user", "content": "boom"}, MULTI_TURN[2]], None),
+    ]
+    for template in (BUILTINS[name], raising):
+        renderer = Renderer(template, tok)
+        together = renderer.examples_many(rows)
+        for (messages, tools), got in zip(rows, together):
+            try:
+                alone = renderer.examples(messages, tools)
+            except (TemplateMismatch, BadRow) as exc:
+                assert type(got) is type(exc) and str(got) == str(exc)
+            else:
+                assert got == alone
+    # the raising template refused exactly the row that says boom, and rendered the others
+    assert isinstance(together[4], BadRow) and not isinstance(together[0], Exception)
 
 
 def _without_generation_blocks(jinja: str) -> str:

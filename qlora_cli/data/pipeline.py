@@ -391,28 +391,41 @@ def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inpu
     # conversation may become several: one per turn its template rewrites (Renderer.examples), or one
     # per reply where a token straddles an earlier reply's start (tokenize.encode).
     failed = []  # (row, status, reason)
-    texts, spans, text_rows = [], [], []
+
+    def fail(i: int, exc: Exception) -> None:
+        if isinstance(exc, UnmappedRole):
+            failed.append((i, UNMAPPED_ROLE, ",".join(exc.roles)))
+        elif isinstance(exc, TemplateMismatch):
+            failed.append((i, TEMPLATE, str(exc)))
+        else:
+            failed.append((i, BAD, str(exc)))
+
+    canonical = []  # (row, example)
     for i in range(len(batch[ROW_COLUMN])):
         try:
-            row = _row(batch, i, rename)
-            example = to_canonical(row, fmt, roles)
-            if "text" in example:
-                rendered = [(example["text"], None)]
-            else:
-                rendered = renderer.examples(example["messages"], example.get("tools"))
+            canonical.append((i, to_canonical(_row(batch, i, rename), fmt, roles)))
+        except (UnmappedRole, TemplateMismatch, BadRow) as exc:
+            fail(i, exc)
+    # The batch's conversations rendered together (Renderer.examples_many): one call to the renderer.
+    chats = [(i, ex) for i, ex in canonical if "text" not in ex]
+    rendered_of = dict(zip((i for i, _ in chats), renderer.examples_many(
+        [(ex["messages"], ex.get("tools")) for _, ex in chats]))) if chats else {}
+    texts, spans, text_rows = [], [], []
+    for i, example in canonical:
+        rendered = [(example["text"], None)] if "text" in example else rendered_of[i]
+        try:
+            if isinstance(rendered, Exception):
+                raise rendered
             for text, _ in rendered:
                 _check_encodable(text)
-        except UnmappedRole as exc:
-            failed.append((i, UNMAPPED_ROLE, ",".join(exc.roles)))
-        except TemplateMismatch as exc:
-            failed.append((i, TEMPLATE, str(exc)))
-        except BadRow as exc:
-            failed.append((i, BAD, str(exc)))
+        except (UnmappedRole, TemplateMismatch, BadRow) as exc:
+            fail(i, exc)
         else:
             for text, row_spans in rendered:
                 texts.append(text)
                 spans.append(row_spans)
                 text_rows.append(i)
+    failed.sort(key=lambda f: f[0])  # in row order, as the rows are read
 
     # A batch comes from one source, so its rows are all plain text or all conversations.
     if not texts:
