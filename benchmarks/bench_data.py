@@ -51,10 +51,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from qlora_cli.data.pipeline import MAP_BATCH  # rows per encode_batch call, as the pipeline's map (no `datasets` import)
+
 HERE = Path(__file__).resolve().parent
 TARGET_ROWS_PER_S, TARGET_HIT_S = 5000, 2.0
 TARGET_CEILING_RATIO, TARGET_RSS_RATIO = 0.7, 1.5
-from qlora_cli.data.pipeline import MAP_BATCH  # rows per encode_batch call, as the pipeline's map
 
 # Peak RSS of one cold build, as `qlora data` runs it (cache on: built, then stored), in a fresh
 # interpreter so nothing earlier in this process counts. The process's own peak is its VmHWM (kept

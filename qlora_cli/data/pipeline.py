@@ -404,7 +404,7 @@ def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inpu
     for i in range(len(batch[ROW_COLUMN])):
         try:
             canonical.append((i, to_canonical(_row(batch, i, rename), fmt, roles)))
-        except (UnmappedRole, TemplateMismatch, BadRow) as exc:
+        except (UnmappedRole, BadRow) as exc:
             fail(i, exc)
     # The batch's conversations rendered together (Renderer.examples_many): one call to the renderer.
     chats = [(i, ex) for i, ex in canonical if "text" not in ex]
@@ -413,18 +413,19 @@ def _tokenize_rows(batch, fmt, rename, roles, renderer, tokenizer, train_on_inpu
     texts, spans, text_rows = [], [], []
     for i, example in canonical:
         rendered = [(example["text"], None)] if "text" in example else rendered_of[i]
+        if isinstance(rendered, Exception):  # the row's TemplateMismatch or BadRow
+            fail(i, rendered)
+            continue
         try:
-            if isinstance(rendered, Exception):
-                raise rendered
             for text, _ in rendered:
                 _check_encodable(text)
-        except (UnmappedRole, TemplateMismatch, BadRow) as exc:
+        except BadRow as exc:
             fail(i, exc)
-        else:
-            for text, row_spans in rendered:
-                texts.append(text)
-                spans.append(row_spans)
-                text_rows.append(i)
+            continue
+        for text, row_spans in rendered:
+            texts.append(text)
+            spans.append(row_spans)
+            text_rows.append(i)
     failed.sort(key=lambda f: f[0])  # in row order, as the rows are read
 
     # A batch comes from one source, so its rows are all plain text or all conversations.
