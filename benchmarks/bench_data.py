@@ -11,9 +11,11 @@ a large tokenizer. Measured, with time.perf_counter around build_datasets only (
     0.3 s at 20,000 rows, for its with/without comparison). Target: >= 5,000 rows/s on 2 cores;
   - cold again at the most processes with a Mistral/Llama 2-style tokenizer (sentencepiece_style:
     "▁" normalizer, BPE with byte fallback, 32k entries) trained on the same rows: the same pipeline
-    with a tokenizer of the flagship recipe's family instead of the tiny byte-level one. This one
-    learns merges across the newline before each reply, so every row is tokenized a second time in
-    pieces at the seam (data/tokenize.py): a worst case, said with the count of such rows;
+    with a tokenizer of the flagship recipe's family instead of the tiny byte-level one, trained on
+    lines as SentencePiece trains (no entry holds a newline, as in Mistral's and Llama 2's);
+  - cold again with the same layout trained on whole rows, which learns merges across the newline
+    before each reply, so every row is tokenized a second time in pieces at the seam
+    (data/tokenize.py): the seam policy's worst case. Each tokenizer's count of such rows is printed;
   - cold again with a real tokenizer (--tokenizer, default ../shared/tokenizers/mistral-v1, Mistral
     v0.2's 32k SentencePiece vocabulary) where it exists;
   - cache miss: a cold run that also stores the result in the cache;
@@ -233,13 +235,19 @@ def _one_example(line: str, tokenizer, template):
     return Renderer(template, tokenizer).examples(to_canonical(json.loads(line), "alpaca", {})["messages"])[0]
 
 
-def sentencepiece_style(texts: list[str], out: Path, vocab: int = 32000) -> str:
+def sentencepiece_style(texts: list[str], out: Path, vocab: int = 32000, lines: bool = True) -> str:
     """A tokenizer laid out like Mistral's and Llama 2's (the flagship recipe's family), trained on texts.
 
     Their tokenizer.json: spaces become "▁" and one is prepended (a normalizer), no pre-tokenizer,
     a BPE with byte fallback, <unk>/<s>/</s>. The BPE is trained with a Metaspace pre-tokenizer (a
     word at a time, which is what SentencePiece learns too) and then used in that layout. Saved to
     `out` so it loads the way `qlora train` loads any tokenizer. Returns the directory.
+
+    lines=True trains on the texts' lines, as SentencePiece's trainer reads its corpus a sentence per
+    line: no entry then holds a newline, which becomes the byte token <0x0A> (Mistral v0.2's and
+    Llama 2's vocabularies hold no entry with a newline). lines=False trains on whole texts, which
+    learns merges across the newline before each reply ("\nThe"): not a real vocabulary's shape, but
+    the worst case of the seam policy (data/tokenize.py), which then tokenizes every row twice.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -247,7 +255,8 @@ def sentencepiece_style(texts: list[str], out: Path, vocab: int = 32000) -> str:
     special = ["<unk>", "<s>", "</s>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
+    corpus = (line for text in texts for line in text.split("\n")) if lines else texts
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=vocab, special_tokens=special, initial_alphabet=[f"<0x{i:02X}>" for i in range(256)],
         show_progress=False))
     tok.pre_tokenizer = None
@@ -391,9 +400,14 @@ def main() -> None:
         warm_up(sp_tokenizer, sp_template)
         results["cold_sentencepiece"] = cold([max(args.procs)], sp_tokenizer, sp_template)
         results["sentencepiece_straddled_rows"] = straddled_rows(rows_file, sp_tokenizer, sp_template)
-        # A real tokenizer of that family. The trained one above learns merges across the newline
-        # before each reply ("\nThe" as one token), so every row is tokenized again in pieces at the
-        # seam (data/tokenize.py); SentencePiece's real vocabularies keep "\n" a byte token, and do not.
+        # The seam policy's worst case: the same layout trained on whole texts, which learns merges
+        # across the newline before each reply ("\nThe" as one token), so every row is tokenized
+        # again in pieces at the seam (data/tokenize.py). No real SentencePiece vocabulary does this.
+        nl_tokenizer, nl_template = load(sentencepiece_style(texts, tmp / "newline_merging", lines=False))
+        warm_up(nl_tokenizer, nl_template)
+        results["cold_newline_merging"] = cold([max(args.procs)], nl_tokenizer, nl_template)
+        results["newline_merging_straddled_rows"] = straddled_rows(rows_file, nl_tokenizer, nl_template)
+        # A real tokenizer of that family.
         if args.tokenizer and Path(args.tokenizer, "tokenizer.json").exists():
             real_tokenizer, real_template = load(args.tokenizer)
             warm_up(real_tokenizer, real_template)
@@ -429,7 +443,8 @@ def main() -> None:
             fresh.append(report["seconds"])
         results["cache"] = {"procs": procs, "miss_s": summary(misses), "hit_s": summary(hits),
                             "fresh_hit_s": summary(fresh), "fresh_process_wall_s": summary(fresh_wall)}
-        results["tokenizer_alone"] = tokenizer_cost(texts, {"tiny": tokenizer, "sentencepiece_bpe_32000": sp_tokenizer})
+        results["tokenizer_alone"] = tokenizer_cost(texts, {"tiny": tokenizer, "sentencepiece_bpe_32000": sp_tokenizer,
+                                                            "newline_merging_32000": nl_tokenizer})
         # Peak memory at two sizes, each in a fresh process, cold (both caches emptied first).
         results["peak_rss"] = {}
         for n in args.rss_rows or []:
@@ -451,7 +466,7 @@ def main() -> None:
     print(f"{args.rows} rows of {args.data}; {m['cpu_count']} CPUs, {m['platform']}")
     print(f"datasets {m['datasets']}, tokenizers {m['tokenizers']}, transformers {m['transformers']}")
     print(f"\n{'cold, cache off':<26}{'median s':>10}{'rows/s':>10}{'ceiling':>10}{'ratio':>7}   all runs (s)")
-    colds = [("", "cold"), (", Mistral-style", "cold_sentencepiece")] + (
+    colds = [("", "cold"), (", Mistral-style", "cold_sentencepiece"), (", newline-merging", "cold_newline_merging")] + (
         [(", " + Path(results["cold_real"]["tokenizer"]).name, "cold_real")] if "cold_real" in results else [])
     for label, key in colds:
         for procs, s in results[key].items():
@@ -464,6 +479,10 @@ def main() -> None:
     print("in CPU seconds, tokenizer alone / pipeline: " + "; ".join(
         f"{key} {procs}: {s['tokenizer_alone_cpu_s']['median']:.2f} / {s['cpu_s']['median']:.2f} = {s['cpu_ratio']:.2f}"
         for _, key in colds for procs, s in results[key].items() if procs != "tokenizer"))
+    print("rows tokenized again in pieces at the seam: " + "; ".join(
+        f"{name} {results[key]}" for name, key in [("Mistral-style", "sentencepiece_straddled_rows"),
+                                                  ("newline-merging", "newline_merging_straddled_rows"),
+                                                  ("real", "real_straddled_rows")] if key in results))
     print("ceiling: the tokenizer alone on the same rendered rows in as many processes; tokenizer-alone runs (s): "
           + "; ".join(f"{key} {procs}: {s['tokenizer_alone_s']['values']}"
                       for _, key in colds for procs, s in results[key].items() if procs != "tokenizer"))

@@ -34,11 +34,15 @@ they averaged more than --max-foreign cores are left out of the medians when at 
 each kind are clean (all runs are in the JSON, with their foreign load).
 
 Even on an idle machine, one process can train the tiny recipe 10-20% slower than the next, for
-any of the programs, so 5 repeats resolve differences of about 10%, not 5%. Part of it is memory:
-each step allocates and frees tens of MB, and glibc's dynamic mmap threshold decides per process
-how much of it is mmapped afresh every step (about 3.7 M page faults and 8 s of system time per
-run). --malloc-mmap-threshold 268435456 fixes the threshold for all (MALLOC_MMAP_THRESHOLD_):
-about 1.1 M faults and 3 s, and about 20% less time in trainer.train() for each.
+any of the programs, so 5 repeats resolve differences of about 10%, not 5%. Much of it was memory:
+each step allocates and frees tens of MB, and glibc's dynamic mmap and trim thresholds decide per
+process how much of it is faulted in afresh every step (0.13 M to 1.2 M page faults a run, 1 to 4 s
+of system time). `qlora train` on the CPU now fixes both thresholds for its steps
+(util/memory.keep_freed_heap; summary.json's cpu_heap_kept says whether it did); the hand-written
+scripts keep glibc's defaults, as a user's script would. --same-heap gives all programs qlora's
+setting through the environment (qlora's own then stands down), so the ratio is of the loops alone.
+--malloc-mmap-threshold BYTES sets MALLOC_MMAP_THRESHOLD_ alone for all, which also pins the trim
+threshold at 128 KB: an earlier experiment's setting.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from qlora_cli.util.memory import MMAP_THRESHOLD_MAX
 
 ROOT = Path(__file__).resolve().parents[1]
 QLORA = Path(sys.executable).with_name("qlora")
@@ -104,7 +110,8 @@ def run_qlora(recipe: str, out: Path, env: dict, extra: list[str]) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     return {**t, "train_s": summary["runtime_s"], "tokens_seen": summary["tokens_seen"],
             "tokens_per_epoch": summary["data"]["train_tokens"], "trained_tokens_per_epoch": summary["data"]["trained_tokens"],
-            "first_eval_loss": summary["first_eval_loss"], "eval_loss": summary["eval_loss"]}
+            "first_eval_loss": summary["first_eval_loss"], "eval_loss": summary["eval_loss"],
+            "cpu_heap_kept": summary.get("cpu_heap_kept")}
 
 
 def run_baseline(script: Path, recipe: str, out: Path, env: dict) -> dict:
@@ -156,6 +163,8 @@ def main() -> None:
                         help="a run is clean when other processes used at most this many cores on average")
     parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
                         help="set MALLOC_MMAP_THRESHOLD_ for both (e.g. 268435456): a fixed glibc threshold")
+    parser.add_argument("--same-heap", action="store_true",
+                        help="give every program qlora's glibc heap setting (keep_freed_heap) through the environment")
     parser.add_argument("--baselines", nargs="+", choices=sorted(BASELINES), default=sorted(BASELINES),
                         help="which hand-written scripts to run beside qlora (default: both); one alone leaves "
                              "time for more repeats")
@@ -166,6 +175,9 @@ def main() -> None:
     env = {**os.environ, "QLORA_CACHE_DIR": str(work / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if args.malloc_mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    if args.same_heap:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD_MAX)
+        env["MALLOC_TRIM_THRESHOLD_"] = str(2 * MMAP_THRESHOLD_MAX)
     extra = ["--set", "data.cache=false"] if args.no_data_cache else []
     python_pass = [sys.executable, "-c", "pass"]
 
@@ -195,6 +207,8 @@ def main() -> None:
     met = {name: {k: s["ratio"][k] <= TARGET for k in ("wall", "train")} for name, s in against.items()}
     result = {"recipe": args.recipe, "repeats": args.repeats, "data_cache": not args.no_data_cache,
               "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_"),
+              "malloc_trim_threshold": env.get("MALLOC_TRIM_THRESHOLD_"),
+              "qlora_cpu_heap_kept": [r.get("cpu_heap_kept") for r in runs["qlora"]],
               "waited_for_idle_s": round(waited, 1), "against": against, "target_ratio": TARGET, "met": met,
               "tokens": tokens, "eval_loss": {name: r[0]["eval_loss"] for name, r in runs.items()},
               "runs": {**runs, "python_pass_s": interp}}

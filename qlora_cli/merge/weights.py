@@ -40,6 +40,7 @@ import torch
 
 from qlora_cli.errors import Problem, UserError
 from qlora_cli.util.dtypes import SAFETENSORS, SAFETENSORS_FLOAT
+from qlora_cli.util.memory import trim_heap
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -382,35 +383,13 @@ def merged_shard(plan: MergePlan, shard: str, base_mode: str):
             if key in copies:  # an untied copy starts from the same checkpoint tensor
                 yield copies[key], fold(plan, copies[key], tensor, base_mode)
             del tensor
-            release_freed_memory()
+            trim_heap()  # a tensor of a few MB each: about 200 MB off a 1 GB model's peak
 
 
 def merged_tensors(plan: MergePlan, base_mode: str):
     """Yield (name, merged tensor) for the whole checkpoint."""
     for shard in plan.base.shards:
         yield from merged_shard(plan, shard, base_mode)
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
-
-    Tensors of a few MB come from glibc's heap, which keeps freed chunks resident: measured on a
-    1 GB model, that alone added about 200 MB to the peak, and varied run to run. Trimming after
-    each tensor keeps the peak at what the merge holds (benchmarks/bench_merge.py).
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = lambda _pad: 0  # noqa: E731 - not glibc
-    _malloc_trim(0)
-
-
-_malloc_trim = None
 
 
 # --- The writer -----------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from qlora_cli.train import distributed
 from qlora_cli.train.preflight import preflight, with_output_dir
 from qlora_cli.train.progress import peak_memory
 from qlora_cli.util.libraries import library_versions
+from qlora_cli.util.memory import keep_freed_heap
 
 
 @dataclass
@@ -253,6 +254,9 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
     if setup.process_group is not None:
         setup.process_group.wait_for_everyone()  # the run directory exists before any rank writes a checkpoint
         _per_machine_checkpoints_unless_shared(run, trainer, checkpoint, overwrite, say)
+    # On the CPU every step's activations and gradients come from this process's heap: glibc then
+    # keeps them for the next step instead of faulting fresh pages in (util/memory.py).
+    heap_kept = not torch.cuda.is_available() and keep_freed_heap()
     started = time.perf_counter()
     stop.install()
     try:
@@ -329,6 +333,7 @@ def _train(recipe, output_dir, overwrite, resume, resume_command, console, displ
                 "global_batch": distributed.global_batch(recipe),  # per device x accumulation x processes
                 **replicas,
             }
+            summary["cpu_heap_kept"] = heap_kept  # whether keep_freed_heap set glibc's thresholds for the steps
             if checkpoint is not None:
                 summary["resumed_from"] = str(checkpoint)
             if recipe.train.method != "sft":
