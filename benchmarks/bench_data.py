@@ -487,7 +487,8 @@ def main() -> None:
           + "; ".join(f"{key} {procs}: {s['tokenizer_alone_s']['values']}"
                       for _, key in colds for procs, s in results[key].items() if procs != "tokenizer"))
     c = results["cache"]
-    print(f"\n{f'cache (num_proc={procs})':<26}{'median s':>10}{'':>10}   all runs (s)")
+    cache_label = f"cache (num_proc={c['procs']})"
+    print(f"\n{cache_label:<26}{'median s':>10}{'':>10}   all runs (s)")
     for label, name in [("miss (build + store)", "miss_s"), ("hit, same process", "hit_s"),
                         ("hit, fresh process", "fresh_hit_s"), ("fresh process, wall", "fresh_process_wall_s")]:
         flag = "" if name in ("miss_s", "fresh_process_wall_s") else (

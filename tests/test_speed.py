@@ -140,6 +140,36 @@ def test_the_plain_loss_path_trains_exactly_as_the_fused_one(tiny, tmp_path, acc
     assert any("mean_token_accuracy" in h for h in fused.state.log_history)
 
 
+def test_flops_are_transformers_count_with_the_parameters_counted_once(tiny, tmp_path, monkeypatch):
+    """total_flos is what transformers' own floating_point_ops sums, step by step; the model's
+    parameters are counted at the first step only, not walked again at every step."""
+    from transformers import PreTrainedModel, Trainer
+
+    from qlora_cli.outputs.run_dir import RunDir
+    from qlora_cli.recipe.load import validate_recipe
+    from qlora_cli.train.run import build_trainer
+
+    raw = tiny_recipe(tiny, tmp_path / "run")
+    raw["train"].update(max_steps=4, logging_steps=1, eval_steps=1000, save_steps=1000)
+    trainer = build_trainer(validate_recipe(raw), RunDir(tmp_path / "run")).trainer
+    counted, theirs = [], []
+    real_count = PreTrainedModel.num_parameters
+
+    def count(model, *args, **kwargs):
+        counted.append(1)
+        return real_count(model, *args, **kwargs)
+
+    def ours_and_theirs(inputs):
+        theirs.append(Trainer.floating_point_ops(trainer, inputs))
+        return type(trainer).floating_point_ops(trainer, inputs)
+
+    monkeypatch.setattr(PreTrainedModel, "num_parameters", count)
+    monkeypatch.setattr(trainer, "floating_point_ops", ours_and_theirs)
+    trainer.train()
+    assert len(theirs) == 4 and trainer.state.total_flos == pytest.approx(sum(theirs), rel=1e-9)
+    assert len(counted) == 4 + 1  # transformers' four (one a step) and ours, once
+
+
 def test_auto_takes_the_fused_head_only_where_its_kernel_runs(monkeypatch):
     import torch
 
