@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
+from qlora_cli.data import rendering
 from qlora_cli.data.formats import ALPACA_SYSTEM_NO_INPUT, BadRow
 from qlora_cli.errors import UserError
 
@@ -334,10 +335,12 @@ class Renderer:
     def examples_many(self, rows: list[tuple[list[dict], list[dict] | None]]) -> list:
         """examples() of each (messages, tools) in ROWS, or the TemplateMismatch or BadRow it raised.
 
-        The rows without tools of a template with generation blocks (every built-in) are rendered in one
-        call of transformers' renderer: its setup per call (the template's lookup, the special tokens
-        copied into plain data) was a quarter of the rendering's time. One row's template error fails
-        that call, and then each of its rows is rendered alone, so that only that row is refused.
+        The rows without tools of a template with generation blocks (every built-in) are rendered
+        together (_render_many): plain role/content rows straight through the compiled template
+        (rendering.py), the others in one call of transformers' renderer, whose setup per call (the
+        template's lookup, the special tokens copied into plain data) was a quarter of the rendering's
+        time. One row's template error fails the batch, and then each of its rows is rendered alone, so
+        that only that row is refused.
         """
         out: list = [None] * len(rows)
         together = []  # (index in rows, prepared messages)
@@ -391,6 +394,10 @@ class Renderer:
     def _render(self, messages, tools=None, add_generation_prompt=False, with_spans=False):
         from transformers.utils.chat_template_utils import render_jinja_template
 
+        direct = rendering.compiled(self.template.jinja) if tools is None and rendering.is_plain(messages) else None
+        if direct is not None:  # the same template, without transformers' setup per call (rendering.py)
+            text, spans = rendering.render(direct, messages, self.variables, add_generation_prompt)
+            return (text, spans) if with_spans else text
         rendered, indices = render_jinja_template(
             conversations=[messages],
             tools=tools,
@@ -405,13 +412,24 @@ class Renderer:
         """[(text, generation spans), ...] of conversations without tools, in one call."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
+        # Plain role/content rows (nearly every dataset's) through the same template without
+        # transformers' setup per conversation, which was half of the rendering (rendering.py); the
+        # others, if any, through transformers' renderer in one call.
+        direct = rendering.compiled(self.template.jinja)
+        out = [rendering.render(direct, m, self.variables) if direct is not None and rendering.is_plain(m) else None
+               for m in conversations]
+        rest = [k for k, done in enumerate(out) if done is None]
+        if not rest:
+            return out
         rendered, indices = render_jinja_template(
-            conversations=conversations,
+            conversations=[conversations[k] for k in rest],
             chat_template=self.template.jinja,
             return_assistant_tokens_mask=True,
             **self.variables,
         )
-        return [(text, list(spans)) for text, spans in zip(rendered, indices)]
+        for k, text, spans in zip(rest, rendered, indices):
+            out[k] = (text, list(spans))
+        return out
 
     def _examples(self, messages, tools):
         if self.template.has_generation_blocks:
