@@ -293,6 +293,36 @@ def test_bad_rows_are_skipped_counted_and_located_by_default(tok, tmp_path):
     ]
 
 
+def test_rows_read_by_datasets_keep_their_line_numbers_across_blank_lines(tok, tmp_path):
+    """A JSON lines file that `datasets` reads (valid JSON) with blank and whitespace-only lines: a bad
+    row is still named by its own line, and the scan found the blank lines that make row != line."""
+    from qlora_cli.data.sources import _scan_json
+
+    path = tmp_path / "gaps.jsonl"
+    lines = ["", json.dumps(ROWS[0]), "   ", json.dumps({"instruction": "x", "input": "", "output": ""}),
+             "\t", json.dumps(ROWS[1]), " "]
+    path.write_text("\n".join(lines))  # the last line is spaces without a line end
+    assert _scan_json(path).blank_line
+    p = build(_data(path), tok)
+    assert p.stats.train_rows == 2 and p.stats.bad_rows == 1
+    assert p.stats.bad_row_examples == [f"{path}: line 4: field 'output' is missing or empty"]
+
+
+@pytest.mark.parametrize("block, blank", [
+    (b'{"a": 1}\n{"a": 2}\n', False),
+    (b'{"a": 1}\n{"a": 2}', False),
+    (b'\n{"a": 1}\n', True),           # the first line
+    (b' \r\n{"a": 1}\n', True),        # whitespace alone, CRLF
+    (b'{"a": 1}\n\t\n{"a": 2}\n', True),
+    (b'{"a": 1}\n  ', True),           # the last line, without a line end
+    (b'{"a": " "}\n{"a": "\\n"}\n', False),
+])
+def test_blank_lines_are_found_in_a_block(block, blank):
+    from qlora_cli.data.sources import _has_blank_line
+
+    assert _has_blank_line(block) is blank
+
+
 def test_bad_rows_stop_the_run_with_on_bad_row_error(tok, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(BAD_JSONL)

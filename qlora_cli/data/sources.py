@@ -192,8 +192,10 @@ def load_file(path: Path, source, where: str):
     elif builder == "text":
         kwargs = {"sample_by": source.sample_by}
     deep: dict[int, int] = {}
+    blank_line = True  # unless the scan of a JSON file finds none
     if builder == "json":
         scan = _scan_json(path)
+        blank_line = scan.blank_line
         release_freed_memory()  # the scan's blocks, which glibc would otherwise keep under every later peak
         deep = scan.deep
         if deep and not scan.lines:
@@ -226,7 +228,7 @@ def load_file(path: Path, source, where: str):
     release_freed_memory()
     if len(ds) == 0:
         raise UserError.single(f"{where}.path", f"{path} has no rows")
-    return ds.add_column(ROW_COLUMN, _row_numbers(path, len(ds)))
+    return ds.add_column(ROW_COLUMN, _row_numbers(path, len(ds), blank_line))
 
 
 def load_hub(source, where: str):
@@ -328,6 +330,7 @@ class _JsonScan:
     deep: dict[int, int] = field(default_factory=dict)  # lines nested more than MAX_JSON_DEPTH deep
     utf8: bool = True
     lone_surrogate: bool = False  # an escape of half a UTF-16 surrogate pair (\ud800) without the other
+    blank_line: bool = False  # JSON lines with a line of whitespace alone, which readers skip (not a row)
 
 
 def _scan_json(path: Path) -> _JsonScan:
@@ -339,6 +342,7 @@ def _scan_json(path: Path) -> _JsonScan:
     for block in _line_blocks(path) if scan.lines else [path.read_bytes()]:
         if scan.lines:
             scan.deep.update((line + n, d) for n, d in deep_json_lines(block).items())
+            scan.blank_line = scan.blank_line or _has_blank_line(block)
         else:  # the array holding the rows is a level itself
             scan.deep = deep_json_lines(block, one_value=True, limit=MAX_JSON_DEPTH + 1)
         line += block.count(b"\n")
@@ -368,6 +372,19 @@ def _line_blocks(path: Path):
             rest = text[end:]
     if rest:
         yield rest
+
+
+# A line of whitespace alone (bytes.strip()'s whitespace) after a line end.
+_BLANK_AFTER_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
+
+
+def _has_blank_line(block: bytes) -> bool:
+    """Does a block of whole lines (as _line_blocks yields them) hold a line of whitespace alone?
+    One search in C: a per-line loop in Python took longer than the JSON reader's whole parse."""
+    first_end = block.find(b"\n") + 1 or len(block)
+    last = block[block.rfind(b"\n") + 1 :]  # empty when the block ends with a line end
+    return (not block[:first_end].strip() or bool(last) and not last.strip()
+            or _BLANK_AFTER_LINE.search(block) is not None)
 
 
 # Any \ud800-\udfff escape; a proper pair is a high one (d800-dbff) then a low one (dc00-dfff).
@@ -404,12 +421,13 @@ def _string_features(path: Path):
     return Features({name: Value("string") for name in names}) if names else None
 
 
-def _row_numbers(path: Path, n: int):
-    """Each row's 1-based number, as a numpy array (8 bytes a row, no Python object per row)."""
+def _row_numbers(path: Path, n: int, blank_line: bool = True):
+    """Each row's 1-based number, as a numpy array (8 bytes a row, no Python object per row).
+    BLANK_LINE: whether the file may hold a blank line (_JsonScan.blank_line says)."""
     import numpy as np
 
     # In a .jsonl file, blank lines are skipped by the reader, so row i is not always line i.
-    if path.suffix != ".jsonl":
+    if path.suffix != ".jsonl" or not blank_line:
         return np.arange(1, n + 1, dtype=np.int64)
     with path.open("rb") as f:
         lines = np.fromiter((i for i, line in enumerate(f, start=1) if line.strip()), dtype=np.int64)
