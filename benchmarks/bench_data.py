@@ -27,7 +27,8 @@ a large tokenizer. Measured, with time.perf_counter around build_datasets only (
   - the ceiling, for each of those tokenizers: rows/s of the tokenizer alone
     (encode_batch with offsets, in batches of the pipeline map's MAP_BATCH rows) on all --rows rows as the
     pipeline renders them, in the same number of processes (forked, started before the clock), run
-    alternately with the cold pipeline run; the pipeline's rows/s over it is the "ratio";
+    alternately with the cold pipeline run; the pipeline's rows/s over it is the "ratio" (of the
+    medians), and "paired" is the median of each run's ratio to the tokenizer-alone run right after it;
   - peak RSS of build_datasets as `qlora data` runs it (cache on, a miss: build and store, with the
     packing figures) in a fresh
     process, at each of --rss-rows (default 20,000 and 1,000,000): the process's own peak (VmHWM)
@@ -382,6 +383,9 @@ def main() -> None:
                 s["tokenizer_alone_s"] = summary(alone)
                 s["ceiling_rows_per_s"] = args.rows / s["tokenizer_alone_s"]["median"]
                 s["ratio"] = s["rows_per_s"] / s["ceiling_rows_per_s"]
+                # Each pipeline run over the tokenizer-alone run right after it, then their median: the
+                # machine's speed drifts by tens of percent within a run, and a pair is seconds apart.
+                s["paired_ratio"] = statistics.median(a / t for a, t in zip(alone, times))
                 # The same in CPU seconds, which load from other processes on a shared machine barely moves.
                 s["cpu_s"], s["tokenizer_alone_cpu_s"] = summary(cpu), summary(alone_cpu)
                 s["cpu_ratio"] = s["tokenizer_alone_cpu_s"]["median"] / s["cpu_s"]["median"]
@@ -465,7 +469,8 @@ def main() -> None:
     m = results["machine"]
     print(f"{args.rows} rows of {args.data}; {m['cpu_count']} CPUs, {m['platform']}")
     print(f"datasets {m['datasets']}, tokenizers {m['tokenizers']}, transformers {m['transformers']}")
-    print(f"\n{'cold, cache off':<26}{'median s':>10}{'rows/s':>10}{'ceiling':>10}{'ratio':>7}   all runs (s)")
+    print(f"\n{'cold, cache off':<26}{'median s':>10}{'rows/s':>10}{'ceiling':>10}{'ratio':>7}{'paired':>8}"
+          "   all runs (s)")
     colds = [("", "cold"), (", Mistral-style", "cold_sentencepiece"), (", newline-merging", "cold_newline_merging")] + (
         [(", " + Path(results["cold_real"]["tokenizer"]).name, "cold_real")] if "cold_real" in results else [])
     for label, key in colds:
@@ -475,7 +480,7 @@ def main() -> None:
             ok = "ok" if s["rows_per_s"] >= TARGET_ROWS_PER_S else f"below {TARGET_ROWS_PER_S}"
             ok += "; ratio " + ("ok" if s["ratio"] >= TARGET_CEILING_RATIO else f"below {TARGET_CEILING_RATIO}")
             print(f"{f'num_proc={procs}{label}':<26}{s['median']:>10.3f}{s['rows_per_s']:>10.0f}"
-                  f"{s['ceiling_rows_per_s']:>10.0f}{s['ratio']:>7.2f}   {s['values']} {ok}")
+                  f"{s['ceiling_rows_per_s']:>10.0f}{s['ratio']:>7.2f}{s['paired_ratio']:>8.2f}   {s['values']} {ok}")
     print("in CPU seconds, tokenizer alone / pipeline: " + "; ".join(
         f"{key} {procs}: {s['tokenizer_alone_cpu_s']['median']:.2f} / {s['cpu_s']['median']:.2f} = {s['cpu_ratio']:.2f}"
         for _, key in colds for procs, s in results[key].items() if procs != "tokenizer"))
